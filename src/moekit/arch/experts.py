@@ -1,0 +1,207 @@
+"""Per-expert access to expert weights, whatever the storage layout.
+
+Layouts (``EXPERT_LAYOUTS``):
+
+- ``stacked``: the transformers 5 experts class decorated with ``use_experts_implementation``
+  (and Llama-4's undecorated ``Llama4TextExperts``, which stores the same way). Tensors have the
+  expert index as dim 0: ``gate_up_proj [E, 2I, H]`` (or ``[E, H, 2I]`` when transposed), gate and
+  up either concatenated (rows ``[:I]`` / ``[I:]``) or interleaved (even / odd, GPT-OSS);
+  ``down_proj [E, H, I]`` (``[E, I, H]`` transposed); optional biases; ``up_proj`` alone when the
+  experts have no gate. Any other tensor of the module with leading dim E (FP8 ``*_scale_inv``)
+  is per-expert too and is sliced with the rest.
+- ``dbrx``: DBRX's ``mlp.w1`` (gate), ``mlp.v1`` (up), ``mlp.w2`` (down, transposed), each 2-D
+  ``[E*F, H]``.
+
+Canonical per-expert weights (``ExpertWeights``): gate ``[I, H]``, up ``[I, H]``, down ``[H, I]``,
+so that ``f(x) = down @ (act(gate @ x + b_g) * (up @ x + b_u)) + b_d`` for standard SwiGLU experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moekit.registry import Registry
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    gate: torch.Tensor | None  # [I, H]; None when the experts have no gate projection
+    up: torch.Tensor  # [I, H]
+    down: torch.Tensor  # [H, I]
+    gate_bias: torch.Tensor | None = None  # [I]
+    up_bias: torch.Tensor | None = None  # [I]
+    down_bias: torch.Tensor | None = None  # [H]
+
+
+class ExpertLayout:
+    """How one experts module stores its E experts."""
+
+    name = "abstract"
+
+    def num_experts(self, experts: nn.Module) -> int:
+        raise NotImplementedError
+
+    def intermediate_size(self, experts: nn.Module) -> int:
+        raise NotImplementedError
+
+    def expert_weights(self, experts: nn.Module, expert: int) -> ExpertWeights:
+        raise NotImplementedError
+
+    def keep_experts(self, experts: nn.Module, keep: torch.Tensor) -> None:
+        """Keep only the experts listed in ``keep`` (long ``[E']``), in that order, in place."""
+        raise NotImplementedError
+
+    def describe(self, experts: nn.Module) -> str:
+        return self.name
+
+
+EXPERT_LAYOUTS: Registry[ExpertLayout] = Registry("expert layout")
+
+
+def _replace_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    if name in module._parameters:
+        old = module._parameters[name]
+        assert old is not None
+        module._parameters[name] = nn.Parameter(value.contiguous(), requires_grad=old.requires_grad)
+    else:
+        module._buffers[name] = value.contiguous()
+
+
+def _set_count_attributes(module: nn.Module, num_experts: int) -> None:
+    for attr in ("num_experts", "num_local_experts", "moe_num_experts"):
+        if isinstance(getattr(module, attr, None), int):
+            setattr(module, attr, num_experts)
+
+
+@dataclass(frozen=True)
+class StackedLayout(ExpertLayout):
+    """Experts stacked on dim 0; flags as in ``use_experts_implementation``."""
+
+    has_gate: bool = True
+    is_transposed: bool = False
+    is_concatenated: bool = True
+    has_bias: bool = False
+    name: str = "stacked"  # type: ignore[misc]
+
+    @classmethod
+    def from_module(cls, experts: nn.Module) -> StackedLayout:
+        return cls(has_gate=bool(experts.has_gate), is_transposed=bool(experts.is_transposed),
+                   is_concatenated=bool(experts.is_concatenated), has_bias=bool(experts.has_bias))
+
+    def _first(self, experts: nn.Module) -> torch.Tensor:
+        return experts.gate_up_proj if self.has_gate else experts.up_proj
+
+    def num_experts(self, experts: nn.Module) -> int:
+        return int(self._first(experts).shape[0])
+
+    def intermediate_size(self, experts: nn.Module) -> int:
+        down = experts.down_proj
+        return int(down.shape[1] if self.is_transposed else down.shape[2])
+
+    def _split(self, fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Split a gate/up tensor along its last dim (already oriented [.., 2I])."""
+        if self.is_concatenated:
+            gate, up = fused.chunk(2, dim=-1)
+            return gate, up
+        return fused[..., ::2], fused[..., 1::2]
+
+    def expert_weights(self, experts: nn.Module, expert: int) -> ExpertWeights:
+        first = self._first(experts)[expert]
+        first = first if self.is_transposed else first.T  # [H, 2I] or [H, I]
+        down = experts.down_proj[expert]
+        down = down.T if self.is_transposed else down  # [H, I]
+        if self.has_gate:
+            gate, up = self._split(first)
+            gate, up = gate.T, up.T
+        else:
+            gate, up = None, first.T
+        gate_bias = up_bias = down_bias = None
+        if self.has_bias:
+            if self.has_gate:
+                gate_bias, up_bias = self._split(experts.gate_up_proj_bias[expert])
+            else:
+                up_bias = experts.up_proj_bias[expert]
+            down_bias = experts.down_proj_bias[expert]
+        return ExpertWeights(gate, up, down, gate_bias, up_bias, down_bias)
+
+    def keep_experts(self, experts: nn.Module, keep: torch.Tensor) -> None:
+        count = self.num_experts(experts)
+        for name, tensor in list(experts.named_parameters(recurse=False)) + list(
+            experts.named_buffers(recurse=False)
+        ):
+            if tensor.dim() >= 1 and tensor.shape[0] == count:
+                _replace_tensor(experts, name, tensor.detach().index_select(0, keep.to(tensor.device)))
+        _set_count_attributes(experts, int(keep.numel()))
+
+    def describe(self, experts: nn.Module) -> str:
+        flags = ["gate+up" if self.has_gate else "up only",
+                 "concatenated" if self.is_concatenated else "interleaved"]
+        if self.is_transposed:
+            flags.append("transposed")
+        if self.has_bias:
+            flags.append("bias")
+        return f"stacked [{', '.join(flags)}]"
+
+
+EXPERT_LAYOUTS.register("stacked")(StackedLayout())
+
+
+class DbrxLayout(ExpertLayout):
+    """DBRX: ``mlp.w1``/``mlp.v1``/``mlp.w2`` as 2-D ``[E*F, H]``."""
+
+    name = "dbrx"
+
+    def num_experts(self, experts: nn.Module) -> int:
+        return int(experts.mlp.w1.shape[0] // experts.mlp.ffn_hidden_size)
+
+    def intermediate_size(self, experts: nn.Module) -> int:
+        return int(experts.mlp.ffn_hidden_size)
+
+    def _view(self, tensor: torch.Tensor, ffn: int) -> torch.Tensor:
+        return tensor.view(-1, ffn, tensor.shape[-1])
+
+    def expert_weights(self, experts: nn.Module, expert: int) -> ExpertWeights:
+        ffn = experts.mlp.ffn_hidden_size
+        gate = self._view(experts.mlp.w1, ffn)[expert]
+        up = self._view(experts.mlp.v1, ffn)[expert]
+        down = self._view(experts.mlp.w2, ffn)[expert].T
+        return ExpertWeights(gate, up, down)
+
+    def keep_experts(self, experts: nn.Module, keep: torch.Tensor) -> None:
+        ffn = experts.mlp.ffn_hidden_size
+        for name in ("w1", "v1", "w2"):
+            tensor = getattr(experts.mlp, name).detach()
+            kept = self._view(tensor, ffn).index_select(0, keep.to(tensor.device))
+            _replace_tensor(experts.mlp, name, kept.reshape(-1, tensor.shape[-1]))
+        experts.mlp.moe_num_experts = int(keep.numel())
+        _set_count_attributes(experts, int(keep.numel()))
+
+
+EXPERT_LAYOUTS.register("dbrx")(DbrxLayout())
+
+# Experts classes that are not decorated but store experts the decorated way.
+UNDECORATED_STACKED: dict[str, StackedLayout] = {
+    "Llama4TextExperts": StackedLayout(has_gate=True, is_transposed=True, is_concatenated=True),
+}
+UNDECORATED_OTHER: dict[str, str] = {"DbrxExperts": "dbrx"}
+
+
+def layout_of(module: nn.Module) -> ExpertLayout | None:
+    """The layout of an experts module, or None if ``module`` is not an experts module."""
+    if all(hasattr(module, f) for f in ("has_gate", "is_transposed", "is_concatenated", "has_bias")) and (
+        hasattr(module, "gate_up_proj") or hasattr(module, "up_proj")
+    ):
+        return StackedLayout.from_module(module)
+    name = type(module).__name__
+    if name in UNDECORATED_STACKED:
+        return UNDECORATED_STACKED[name]
+    if name in UNDECORATED_OTHER:
+        return EXPERT_LAYOUTS.get(UNDECORATED_OTHER[name])
+    return None
+
+
+def expert_parameter_count(experts: nn.Module) -> int:
+    return sum(int(p.numel()) for p in experts.parameters())

@@ -1,0 +1,100 @@
+"""Tiny random MoE models of every supported family, built from stock transformers configs.
+
+For tests, examples and trying moekit without downloading anything:
+
+    model = build_tiny_model("qwen3_moe")            # 8 experts, top-2, 3 layers, hidden 64
+    save_tiny_model("qwen3_moe", "tiny-qwen3-moe")   # a checkpoint directory
+
+Routers are drawn with std 0.5 (and correction biases at random) so routing is far from
+uniform and pruning changes outputs measurably -- random init would route almost uniformly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PreTrainedModel
+
+# Model types we build and test (names as in CONFIG_MAPPING).
+TINY_FAMILIES = (
+    "mixtral", "minimax", "minimax_m2", "phimoe", "qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe_text",
+    "olmoe", "flex_olmo", "deepseek_v2", "deepseek_v3", "glm4_moe", "ernie4_5_moe", "hunyuan_v1_moe",
+    "gpt_oss", "granitemoe", "granitemoeshared", "jamba", "llama4_text", "dbrx",
+)
+
+_COMMON: dict[str, Any] = dict(
+    hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=256,
+    shared_expert_intermediate_size=48, moe_shared_expert_intermediate_size=48, q_lora_rank=32, kv_lora_rank=16,
+    qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, first_k_dense_replace=1, moe_layer_start_index=1,
+    moe_layer_end_index=2, n_group=1, topk_group=1, expert_layer_period=2, expert_layer_offset=1,
+    pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+)
+_EXTRA: dict[str, dict[str, Any]] = {
+    "jamba": dict(attn_layer_period=1, attn_layer_offset=0, use_mamba_kernels=False),
+    "qwen3_next": dict(layer_types=["full_attention"] * 3),
+    "qwen3_5_moe_text": dict(layer_types=["full_attention"] * 3),
+    "granitemoeshared": dict(shared_intermediate_size=48),
+    "deepseek_v2": dict(n_shared_experts=1),
+    "deepseek_v3": dict(n_shared_experts=1),
+    "glm4_moe": dict(n_shared_experts=1),
+    "ernie4_5_moe": dict(moe_num_shared_experts=1),
+}
+_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+_TOP_K_KEYS = ("num_experts_per_tok", "moe_k", "moe_topk")
+
+
+def tiny_config(model_type: str, num_experts: int = 8, top_k: int = 2, **overrides: Any) -> Any:
+    """A stock config of ``model_type`` shrunk to a few thousand parameters."""
+    if model_type == "dbrx":
+        return CONFIG_MAPPING["dbrx"](
+            d_model=64, n_heads=4, n_layers=3, max_seq_len=256, vocab_size=256, pad_token_id=0,
+            attn_config={"kv_n_heads": 2, "clip_qkv": 8.0, "rope_theta": 10000.0},
+            ffn_config={"ffn_hidden_size": 96, "moe_num_experts": num_experts, "moe_top_k": top_k,
+                        "hidden_size": 64},
+            **overrides,
+        )
+    present = CONFIG_MAPPING[model_type]().to_dict()
+    wanted = {**_COMMON, **_EXTRA.get(model_type, {})}
+    kwargs: dict[str, Any] = {}
+    for key, value in wanted.items():
+        if key == "head_dim" and "kv_lora_rank" in present:
+            continue  # MLA models derive their head dims
+        if key in present:
+            kwargs[key] = value
+    kwargs.update({key: num_experts for key in _EXPERT_KEYS if key in present})
+    kwargs.update({key: top_k for key in _TOP_K_KEYS if key in present})
+    kwargs.update(overrides)
+    # Built through the constructor so that derived fields (MLA head dims, layer types) follow.
+    return CONFIG_MAPPING[model_type](**kwargs)
+
+
+def _spread_routers(model: PreTrainedModel, seed: int) -> None:
+    from moekit.arch.view import MoEModelView
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in MoEModelView.from_model(model).layers:
+            weight = layer.router_weight
+            weight.copy_(torch.randn(weight.shape, generator=gen) * 0.5)
+            for bias in (layer.router_bias, layer.correction_bias):
+                if bias is not None:
+                    bias.copy_(torch.randn(bias.shape, generator=gen) * 0.1)
+
+
+def build_tiny_model(model_type: str, num_experts: int = 8, top_k: int = 2, seed: int = 0,
+                     **overrides: Any) -> PreTrainedModel:
+    """A tiny random float32 model of ``model_type`` with spread-out routers, in eval mode."""
+    torch.manual_seed(seed)
+    config = tiny_config(model_type, num_experts, top_k, **overrides)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _spread_routers(model, seed)
+    return model.eval()
+
+
+def save_tiny_model(model_type: str, out: str | Path, **kwargs: Any) -> Path:
+    out = Path(out)
+    build_tiny_model(model_type, **kwargs).save_pretrained(out)
+    return out
