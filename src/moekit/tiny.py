@@ -24,6 +24,9 @@ TINY_FAMILIES = (
     "gpt_oss", "granitemoe", "granitemoeshared", "jamba", "llama4_text", "dbrx",
 )
 
+# Families not in moekit's table that share a listed family's structure: recognised by probing.
+UNLISTED_TINY_FAMILIES = ("exaone_moe", "laguna", "nemotron_h")
+
 _COMMON: dict[str, Any] = dict(
     hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
     num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=256,
@@ -41,6 +44,8 @@ _EXTRA: dict[str, dict[str, Any]] = {
     "deepseek_v3": dict(n_shared_experts=1),
     "glm4_moe": dict(n_shared_experts=1),
     "ernie4_5_moe": dict(moe_num_shared_experts=1),
+    # its YaRN factor (32) must match max_position_embeddings / original_max_position_embeddings
+    "gpt_oss": dict(max_position_embeddings=131072),
 }
 _EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 _TOP_K_KEYS = ("num_experts_per_tok", "moe_k", "moe_topk")

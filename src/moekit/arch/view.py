@@ -49,7 +49,7 @@ class Routing:
     weights: torch.Tensor  # [T, k] final gate weights
 
 
-def _get(config: Any, dotted: str) -> Any:
+def config_value(config: Any, dotted: str) -> Any:
     obj = config
     for part in dotted.split("."):
         obj = getattr(obj, part, None)
@@ -79,12 +79,12 @@ class ConfigFields:
     @classmethod
     def from_config(cls, config: Any, num_experts: int, top_k: int, intermediate: int) -> ConfigFields:
         def matching(keys: tuple[str, ...], value: int) -> list[str]:
-            return [k for k in keys if _get(config, k) == value and not isinstance(_get(config, k), bool)]
+            return [k for k in keys if config_value(config, k) == value and not isinstance(config_value(config, k), bool)]
 
         inter_keys = ("moe_intermediate_size", "intermediate_size", "expert_ffn_hidden_size",
                       "ffn_config.ffn_hidden_size")
-        n_group = next((k for k in N_GROUP_KEYS if isinstance(_get(config, k), int)), None)
-        topk_group = next((k for k in TOPK_GROUP_KEYS if isinstance(_get(config, k), int)), None)
+        n_group = next((k for k in N_GROUP_KEYS if isinstance(config_value(config, k), int)), None)
+        topk_group = next((k for k in TOPK_GROUP_KEYS if isinstance(config_value(config, k), int)), None)
         return cls(matching(EXPERT_COUNT_KEYS, num_experts), matching(TOP_K_KEYS, top_k), n_group, topk_group,
                    matching(inter_keys, intermediate)[:1])
 
@@ -222,7 +222,7 @@ def _top_k(config: Any, router: nn.Module, block: nn.Module) -> int:
         if isinstance(value, int):
             return value
     for key in TOP_K_KEYS:
-        value = _get(config, key)
+        value = config_value(config, key)
         if isinstance(value, int):
             return value
     raise UnsupportedModelError("cannot find the number of experts per token (top-k)")
@@ -289,7 +289,7 @@ class MoEModelView:
         config = model.config
         model_type = str(getattr(config, "model_type", type(model).__name__))
         family: FamilySpec | None = FAMILIES.get(model_type)
-        hidden = int(_get(config, "hidden_size") or _get(config, "d_model") or 0)
+        hidden = int(config_value(config, "hidden_size") or config_value(config, "d_model") or 0)
         layers: list[MoELayer] = []
         for path, module in model.named_modules():
             layout = layout_of(module)
@@ -309,7 +309,9 @@ class MoEModelView:
                 routing=build(config, router, block, num_experts, top_k),
                 call=family.call if family else "tuple", shared=_find_shared(model, block_path),
             )
-            if family is None and probe_routing(layer, config) is None:
+            # Unlisted family: find its routing kind by probing (not possible on the meta device,
+            # where only the structure is loaded; validation is repeated once weights are in).
+            if family is None and not layer.router_weight.is_meta and probe_routing(layer, config) is None:
                 raise UnsupportedModelError(
                     f"model type {model_type!r} has MoE layers but its routing matches none of moekit's "
                     f"routing kinds; supported model types: {', '.join(supported_model_types())}. "

@@ -1,0 +1,217 @@
+"""The ``moekit`` command line: thin commands over the Python API."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+import moekit
+from moekit.arch.view import UnsupportedModelError
+from moekit.edit.checkpoint import OutputDirError
+from moekit.edit.keep import PlanError
+from moekit.model_io import ModelLoadError
+from moekit.registry import UnknownNameError
+
+app = typer.Typer(
+    name="moekit",
+    help="Measure, score, prune and explain the experts of Mixture-of-Experts language models.\n\n"
+    "MODEL is a Hugging Face model directory (or a hub id where the hub is reachable).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+USER_ERRORS = (PlanError, OutputDirError, ModelLoadError, UnsupportedModelError, UnknownNameError)
+
+
+def _fail(error: Exception) -> None:
+    err.print(f"[bold red]error:[/] {error}", highlight=False)
+    raise typer.Exit(2)
+
+
+def _quiet_transformers() -> None:
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+@app.callback(invoke_without_command=True)
+def _root(version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False) -> None:
+    if version:
+        out.print(f"moekit {moekit.__version__}")
+        raise typer.Exit()
+
+
+@app.command()
+def inspect(
+    model: Annotated[str, typer.Argument(help="Model directory or hub id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")] = False,
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="Load the weights and check that moekit's routing function reproduces the model's "
+        "own router on random inputs (slower; needed to recognise unlisted families).")] = False,
+) -> None:
+    """What moekit sees: MoE layers, experts, top-k, routing, shared experts, parameter counts.
+
+    Without --verify only the config is read (the model is built on the meta device), so this is
+    instant even for models larger than memory.
+
+    Example: moekit inspect ./tiny-qwen3-moe --json
+    """
+    from moekit.arch.view import MoEModelView, routing_mismatch
+    from moekit.model_io import load_model, load_structure
+    from moekit.summary import format_count, summarize
+
+    _quiet_transformers()
+    try:
+        loaded = load_model(model) if verify else load_structure(model)
+        view = MoEModelView.from_model(loaded)
+    except USER_ERRORS as error:
+        _fail(error)
+    summary = summarize(view)
+    result: dict[str, Any] = summary.to_dict()
+    result["model"] = model
+    if verify:
+        import torch
+
+        gen = torch.Generator().manual_seed(0)
+        mismatch = {}
+        for layer in view.layers:
+            weight = layer.router_weight
+            hidden = torch.randn(512, weight.shape[-1], generator=gen).to(weight.device, weight.dtype)
+            mismatch[layer.index] = routing_mismatch(layer, hidden)
+        result["routing_max_gate_difference"] = mismatch
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+
+    head = Table(title=f"{model}  ({summary.model_type}, {summary.architecture})", show_header=False)
+    head.add_row("layers", f"{summary.num_layers} ({len(summary.moe_layers)} MoE: {_ranges(summary.moe_layers)})")
+    head.add_row("experts per MoE layer", f"{summary.num_experts}, top-{summary.top_k} per token")
+    head.add_row("routing", escape(summary.layers[0].routing)
+                 + ("" if summary.family_known else "  (probed: unlisted family)"))
+    head.add_row("expert layout", escape(summary.layers[0].expert_layout)
+                 + f", intermediate size {summary.layers[0].intermediate_size}")
+    shared = summary.layers[0].shared_experts
+    head.add_row("shared experts", ", ".join(s.rsplit(".", 1)[-1] for s in shared) if shared else "none")
+    head.add_row("parameters", f"{format_count(summary.total_parameters)} total, "
+                 f"{format_count(summary.active_parameters)} active per token")
+    head.add_row("routed experts", f"{format_count(summary.routed_expert_parameters)} "
+                 f"({100 * summary.routed_share:.1f}% of all parameters)")
+    fields = summary.config_fields
+    head.add_row("config fields", "; ".join(
+        f"{label}: {' = '.join(keys) if isinstance(keys, list) else keys}"
+        for label, keys in (("experts", fields["expert_count"]), ("top-k", fields["top_k"]),
+                            ("groups", fields["n_group"]), ("intermediate", fields["intermediate_size"]))
+        if keys))
+    out.print(head)
+    table = Table(title="MoE layers")
+    for col in ("layer", "experts", "top-k", "router", "correction bias", "routed params", "shared params"):
+        table.add_column(col, justify="right" if col in ("layer", "experts", "top-k") else "left", overflow="fold")
+    if verify:
+        table.add_column("routing check")
+    for layer in summary.layers:
+        row = [str(layer.layer), str(layer.num_experts), str(layer.top_k), layer.router,
+               layer.correction_bias or "-", format_count(layer.routed_parameters),
+               format_count(layer.shared_parameters)]
+        if verify:
+            diff = result["routing_max_gate_difference"][layer.layer]
+            row.append("[green]exact[/]" if diff < 1e-5 else f"[red]max diff {diff:.2g}[/]")
+        table.add_row(*row)
+    out.print(table)
+
+
+def _ranges(indices: list[int]) -> str:
+    if not indices:
+        return "-"
+    parts, start, prev = [], indices[0], indices[0]
+    for i in indices[1:] + [None]:  # type: ignore[list-item]
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if i is not None:
+            start = prev = i
+    return ", ".join(parts)
+
+
+@app.command()
+def prune(
+    model: Annotated[str, typer.Argument(help="Model directory or hub id.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="New directory for the pruned checkpoint.")],
+    keep_json: Annotated[Path | None, typer.Option(
+        "--keep-json", help='JSON file {"<layer index>": [expert ids to keep], ...} covering every MoE layer, '
+        "or a moekit_plan.json written by an earlier run.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists (never the source).")] = False,
+    allow_regroup: Annotated[bool, typer.Option(
+        "--allow-regroup", help="Group-limited routers (DeepSeek-V3 style, n_group > 1) group experts by index "
+        "blocks: allow keeping unequal numbers per group, which re-forms the groups.")] = False,
+    dtype: Annotated[str, typer.Option(help="dtype to load and save in: auto (as stored), float32, bfloat16, ...")]
+    = "auto",
+) -> None:
+    """Remove experts and write a standard checkpoint that from_pretrained (and vLLM) loads.
+
+    Every MoE layer keeps the same number of experts (stock configs hold one expert count); which
+    experts may differ per layer. Everything is validated before a weight is loaded, and the output
+    is written atomically with a model card (README.md) and the plan (moekit_plan.json).
+
+    Example: moekit prune ./tiny-qwen3-moe --keep-json keep.json --out ./tiny-qwen3-moe-pruned
+    """
+    from moekit.edit import prune_to_checkpoint, read_keep_file
+    from moekit.summary import format_count
+
+    _quiet_transformers()
+    if keep_json is None:
+        _fail(PlanError("say which experts to keep with --keep-json FILE"))
+    try:
+        keep = read_keep_file(keep_json)  # type: ignore[arg-type]
+        result = prune_to_checkpoint(model, keep, out_dir, overwrite=overwrite, allow_regroup=allow_regroup,
+                                     dtype=dtype, details={"keep_file": str(keep_json)},
+                                     reproduce=" ".join(["moekit", *sys.argv[1:]]))
+    except USER_ERRORS as error:
+        _fail(error)
+    b, a = result.before, result.after
+    out.print(f"[green]wrote[/] {result.out}: {b.num_experts} -> {a.num_experts} experts in each of "
+              f"{len(a.moe_layers)} MoE layers; parameters {format_count(b.total_parameters)} -> "
+              f"{format_count(a.total_parameters)}, active per token {format_count(b.active_parameters)} -> "
+              f"{format_count(a.active_parameters)}")
+
+
+@app.command("tiny-model")
+def tiny_model(
+    model_type: Annotated[str, typer.Argument(help="A transformers model type, e.g. qwen3_moe, mixtral.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory to write the model to.")],
+    experts: Annotated[int, typer.Option(help="Routed experts per MoE layer.")] = 8,
+    top_k: Annotated[int, typer.Option("--top-k", help="Experts per token.")] = 2,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Write a tiny random MoE model (hidden 64, 3 layers) of a stock family, for trying moekit.
+
+    Example: moekit tiny-model qwen3_moe --out ./tiny-qwen3-moe
+    """
+    from moekit.edit.checkpoint import check_output_dir
+    from moekit.tiny import TINY_FAMILIES, save_tiny_model
+
+    _quiet_transformers()
+    if model_type not in TINY_FAMILIES:
+        _fail(UnknownNameError(f"no tiny config for {model_type!r}; choose one of: {', '.join(TINY_FAMILIES)}"))
+    try:
+        check_output_dir(out_dir, out_dir.parent / ".nonexistent-source", overwrite=False)
+    except OutputDirError as error:
+        _fail(error)
+    save_tiny_model(model_type, out_dir, num_experts=experts, top_k=top_k, seed=seed)
+    out.print(f"[green]wrote[/] {out_dir} ({model_type}, {experts} experts, top-{top_k})")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Which experts each MoE layer keeps: reading keep files and checking them against a model.
+
+A keep file maps every MoE layer index to the expert ids it keeps::
+
+    {"0": [0, 2, 5, 7], "1": [1, 2, 3, 6], ...}
+
+A moekit plan file (``moekit_plan.json``, written beside every pruned checkpoint) is accepted too:
+its ``layers.<i>.kept`` lists are read.
+
+Every stock config holds one global expert count, so every MoE layer must keep the same number
+of experts (which ones may differ per layer). Checks run before any weight is touched.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from moekit.arch.view import MoEModelView
+
+
+class PlanError(ValueError):
+    """A keep plan that cannot be applied to this model; the message says why and what to do."""
+
+
+KeepMap = dict[int, list[int]]
+
+
+def parse_keep(data: Any, origin: str = "keep plan") -> KeepMap:
+    """Turn ``{"<layer>": [ids...]}`` (or a moekit plan) into ``{layer: sorted ids}``."""
+    if isinstance(data, dict) and isinstance(data.get("layers"), dict) and "format" in data:
+        data = {k: v.get("kept") if isinstance(v, dict) else v for k, v in data["layers"].items()}
+    if not isinstance(data, dict) or not data:
+        raise PlanError(f"{origin} must be a JSON object mapping each MoE layer index to a list of expert ids, "
+                        'e.g. {"0": [0, 1, 4], "1": [2, 3, 5]}')
+    keep: KeepMap = {}
+    for key, ids in data.items():
+        try:
+            layer = int(key)
+        except (TypeError, ValueError):
+            raise PlanError(f"{origin}: layer key {key!r} is not an integer layer index") from None
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise PlanError(f"{origin}: layer {layer} must map to a list of integer expert ids, got {ids!r}")
+        if len(set(ids)) != len(ids):
+            dupes = sorted({i for i in ids if ids.count(i) > 1})
+            raise PlanError(f"{origin}: layer {layer} lists expert(s) {dupes} more than once")
+        keep[layer] = sorted(ids)
+    return keep
+
+
+def read_keep_file(path: str | Path) -> KeepMap:
+    path = Path(path)
+    if not path.is_file():
+        raise PlanError(f"keep file {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise PlanError(f"keep file {path} is not valid JSON ({err.msg} at line {err.lineno}, "
+                        f"column {err.colno})") from None
+    return parse_keep(data, origin=f"keep file {path}")
+
+
+def validate_keep(view: MoEModelView, keep: KeepMap, allow_regroup: bool = False) -> int:
+    """Check ``keep`` against the model; return the number of experts every layer keeps."""
+    moe_layers = [layer.index for layer in view.layers]
+    missing = [i for i in moe_layers if i not in keep]
+    extra = sorted(set(keep) - set(moe_layers))
+    if extra:
+        raise PlanError(f"layer(s) {extra} are not MoE layers of this model; its MoE layers are {moe_layers}")
+    if missing:
+        raise PlanError(f"the plan does not cover MoE layer(s) {missing}; list the experts to keep for every "
+                        f"MoE layer {moe_layers}")
+    counts = {i: len(keep[i]) for i in moe_layers}
+    if len(set(counts.values())) != 1:
+        raise PlanError(
+            f"every MoE layer must keep the same number of experts (stock configs hold one expert count); "
+            f"got {counts}. Keep the same count in every layer (the ids may differ)."
+        )
+    kept = next(iter(counts.values()))
+    for layer in view.layers:
+        bad = [e for e in keep[layer.index] if not 0 <= e < layer.num_experts]
+        if bad:
+            raise PlanError(f"layer {layer.index}: expert id(s) {bad} do not exist; valid ids are "
+                            f"0..{layer.num_experts - 1}")
+    layer = view.layers[0]
+    spec = layer.routing
+    if kept < spec.top_k:
+        raise PlanError(f"keeping {kept} experts per layer but the model routes each token to {spec.top_k} "
+                        f"(top-k); keep at least {spec.top_k}")
+    if spec.group_limited:
+        _validate_groups(view, keep, kept, allow_regroup)
+    return kept
+
+
+def _validate_groups(view: MoEModelView, keep: KeepMap, kept: int, allow_regroup: bool) -> None:
+    spec = view.layers[0].routing
+    n_group, topk_group, top_k = spec.n_group, spec.topk_group, spec.top_k
+    if kept % n_group:
+        raise PlanError(f"group-limited routing: the kept count {kept} must be divisible by n_group={n_group}")
+    per_group = kept // n_group
+    if spec.group_score == "top2_sum" and per_group < 2:
+        raise PlanError(f"group-limited routing scores each group by its top-2 experts: keep at least 2 per "
+                        f"group ({2 * n_group} in all), not {kept}")
+    if topk_group * per_group < top_k:
+        raise PlanError(f"group-limited routing picks {topk_group} of {n_group} groups of {per_group} experts, "
+                        f"fewer than top_k={top_k}; keep at least {-(-top_k // topk_group) * n_group}")
+    if allow_regroup:
+        return
+    size = view.layers[0].num_experts // n_group
+    for layer in view.layers:
+        per = [sum(1 for e in keep[layer.index] if e // size == g) for g in range(n_group)]
+        if len(set(per)) != 1:
+            raise PlanError(
+                f"layer {layer.index}: group-limited routing groups experts in blocks of {size}; the plan keeps "
+                f"{per} per group, which would re-form the groups and change routing beyond the removed "
+                f"experts. Keep the same number in every group, or allow it explicitly (--allow-regroup)."
+            )
