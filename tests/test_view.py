@@ -136,5 +136,5 @@ def test_dense_model_is_refused_with_the_supported_list():
 
     model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1, vocab_size=64))
-    with pytest.raises(UnsupportedModelError, match="no MoE layers.*supported model types:.*qwen3_moe"):
+    with pytest.raises(UnsupportedModelError, match=r"no MoE layers.*supported model types:.*qwen3_moe"):
         MoEModelView.from_model(model)

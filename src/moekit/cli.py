@@ -34,7 +34,7 @@ USER_ERRORS = (PlanError, OutputDirError, ModelLoadError, UnsupportedModelError,
 
 
 def _fail(error: Exception) -> None:
-    err.print(f"[bold red]error:[/] {error}", highlight=False)
+    err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -131,7 +131,7 @@ def _ranges(indices: list[int]) -> str:
     if not indices:
         return "-"
     parts, start, prev = [], indices[0], indices[0]
-    for i in indices[1:] + [None]:  # type: ignore[list-item]
+    for i in [*indices[1:], None]:
         if i is not None and i == prev + 1:
             prev = i
             continue
@@ -148,12 +148,13 @@ def prune(
     keep_json: Annotated[Path | None, typer.Option(
         "--keep-json", help='JSON file {"<layer index>": [expert ids to keep], ...} covering every MoE layer, '
         "or a moekit_plan.json written by an earlier run.")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists (never the source).")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace OUT if it exists (never the source).")] = False,
     allow_regroup: Annotated[bool, typer.Option(
         "--allow-regroup", help="Group-limited routers (DeepSeek-V3 style, n_group > 1) group experts by index "
         "blocks: allow keeping unequal numbers per group, which re-forms the groups.")] = False,
-    dtype: Annotated[str, typer.Option(help="dtype to load and save in: auto (as stored), float32, bfloat16, ...")]
-    = "auto",
+    dtype: Annotated[str, typer.Option(
+        help="dtype to load and save in: auto (as stored), float32, bfloat16, ...")] = "auto",
 ) -> None:
     """Remove experts and write a standard checkpoint that from_pretrained (and vLLM) loads.
 

@@ -67,7 +67,8 @@ def deepseek_v3(config: Any, router: nn.Module, block: nn.Module, num_experts: i
     norm = bool(_attr(router, "norm_topk_prob", default=_attr(config, "norm_topk_prob", default=True)))
     return RoutingSpec(
         "sigmoid_topk", top_k, num_experts, renormalize="sum" if norm else "none", norm_eps=1e-20,
-        scaling=float(_attr(router, "routed_scaling_factor", default=_attr(config, "routed_scaling_factor", default=1.0))),
+        scaling=float(_attr(router, "routed_scaling_factor",
+                            default=_attr(config, "routed_scaling_factor", default=1.0))),
         n_group=n_group, topk_group=int(_attr(router, "topk_group", default=_attr(config, "topk_group", default=1))),
         group_score="top2_sum", logits_fp32=True, weights_dtype="float32",
     )

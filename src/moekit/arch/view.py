@@ -79,7 +79,8 @@ class ConfigFields:
     @classmethod
     def from_config(cls, config: Any, num_experts: int, top_k: int, intermediate: int) -> ConfigFields:
         def matching(keys: tuple[str, ...], value: int) -> list[str]:
-            return [k for k in keys if config_value(config, k) == value and not isinstance(config_value(config, k), bool)]
+            values = {k: config_value(config, k) for k in keys}
+            return [k for k, v in values.items() if v == value and not isinstance(v, bool)]
 
         inter_keys = ("moe_intermediate_size", "intermediate_size", "expert_ffn_hidden_size",
                       "ffn_config.ffn_hidden_size")
@@ -269,7 +270,7 @@ def probe_routing(layer: MoELayer, config: Any, samples: int = 256, seed: int = 
         try:
             if routing_mismatch(layer, hidden) <= tol:
                 return layer.routing
-        except Exception:  # noqa: BLE001 - a candidate that cannot run is simply not the one
+        except Exception:  # a candidate that cannot run on this router is simply not the one
             continue
     return None
 

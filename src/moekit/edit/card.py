@@ -40,6 +40,15 @@ def prune_plan_record(source: str, before: ModelSummary, keep: dict[int, list[in
     }
 
 
+def _param_rows(before: ModelSummary, after: ModelSummary) -> str:
+    rows = []
+    for label, attr in (("parameters", "total_parameters"), ("active per token", "active_parameters"),
+                        ("routed-expert parameters", "routed_expert_parameters")):
+        a, b = getattr(before, attr), getattr(after, attr)
+        rows.append(f"| {label} | {format_count(a)} | {format_count(b)} | {100.0 * b / max(a, 1):.1f}% |")
+    return "\n".join(rows)
+
+
 def render_prune_card(name: str, source: str, before: ModelSummary, after: ModelSummary, plan: dict[str, Any],
                       reproduce: str) -> str:
     v = versions()
@@ -49,9 +58,6 @@ def render_prune_card(name: str, source: str, before: ModelSummary, after: Model
         for layer, entry in sorted(plan["layers"].items(), key=lambda kv: int(kv[0]))
     )
     removed = before.num_experts - after.num_experts
-
-    def ratio(a: int, b: int) -> str:
-        return f"{100.0 * a / max(b, 1):.1f}%"
 
     return f"""---
 library_name: transformers
@@ -64,18 +70,16 @@ tags:
 # {name}
 
 Expert-pruned from `{source}` ({before.model_type}, {before.architecture}) with
-[moekit](https://pypi.org/project/moekit/) {v['moekit']}: **{removed} of {before.num_experts} routed experts
+moekit {v['moekit']}: **{removed} of {before.num_experts} routed experts
 removed from each of the {len(before.moe_layers)} MoE layers** ({before.num_experts} -> {after.num_experts} experts,
 top-{after.top_k} routing unchanged). No weights were retrained: the kept experts, the routers' rows for them,
-and every other weight are the source's, bit for bit.
+and every other weight are the source's, unchanged (bit for bit unless a different dtype was asked for).
 
 It loads with plain `AutoModelForCausalLM.from_pretrained`.
 
 | | source | pruned | kept |
 |---|---|---|---|
-| parameters | {format_count(before.total_parameters)} | {format_count(after.total_parameters)} | {ratio(after.total_parameters, before.total_parameters)} |
-| active per token | {format_count(before.active_parameters)} | {format_count(after.active_parameters)} | {ratio(after.active_parameters, before.active_parameters)} |
-| routed-expert parameters | {format_count(before.routed_expert_parameters)} | {format_count(after.routed_expert_parameters)} | {ratio(after.routed_expert_parameters, before.routed_expert_parameters)} |
+{_param_rows(before, after)}
 
 ## How
 
