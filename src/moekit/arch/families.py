@@ -99,7 +99,7 @@ def llama4(config: Any, router: nn.Module, block: nn.Module, num_experts: int, t
 def dbrx(config: Any, router: nn.Module, block: nn.Module, num_experts: int, top_k: int) -> RoutingSpec:
     p = getattr(block, "moe_normalize_expert_weights", None)
     return RoutingSpec("softmax_topk", top_k, num_experts, renormalize="none" if p is None else "lp",
-                       lp_norm=float(p or 1.0))
+                       lp_norm=float(p or 1.0), probs_fp32=False)
 
 
 @dataclass(frozen=True)

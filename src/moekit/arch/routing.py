@@ -60,6 +60,7 @@ class RoutingSpec:
     norm_min: float = 0.0  # ERNIE clamps the renorm denominator from below
     jitter_eps: float = 0.0  # PhiMoE sparsemixer band
     logits_fp32: bool = False  # the family computes logits in float32
+    probs_fp32: bool = True  # softmax in float32 (DBRX takes it in the logits' dtype)
     weights_dtype: Literal["float32", "logits", "hidden"] = "logits"
     extra: dict[str, float] = field(default_factory=dict)
 
@@ -125,7 +126,8 @@ def _finish(spec: RoutingSpec, weights: torch.Tensor, logits: torch.Tensor) -> t
 @ROUTING_KINDS.register("softmax_topk")
 def softmax_topk(spec: RoutingSpec, logits: torch.Tensor, bias: torch.Tensor | None,
                  available: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    probs = torch.softmax(_mask_logits(logits, available), dim=-1, dtype=torch.float32)  # [T, E]
+    probs_dtype = torch.float32 if spec.probs_fp32 else logits.dtype
+    probs = torch.softmax(_mask_logits(logits, available), dim=-1, dtype=probs_dtype)  # [T, E]
     if spec.group_limited:
         probs = _group_mask(spec, probs, 0.0)
     weights, index = torch.topk(probs, spec.top_k, dim=-1)  # [T, k]
