@@ -97,7 +97,7 @@ def _expert_output(layer, expert: int, x: torch.Tensor) -> torch.Tensor:
 def _module_expert_output(layer, expert: int, x: torch.Tensor) -> torch.Tensor:
     """f_e(x) from the model's own experts module."""
     tokens = x.shape[0]
-    if layer.call == "llama4":  # input already scaled per expert; one block of tokens per expert
+    if layer.call.kind == "llama4":  # input already scaled per expert; one block of tokens per expert
         return layer.experts(x.repeat(layer.num_experts, 1)).view(layer.num_experts, tokens, -1)[expert]
     index = torch.full((tokens, 1), expert, dtype=torch.long)
     return layer.experts(x, index, torch.ones(tokens, 1)).reshape(tokens, -1)

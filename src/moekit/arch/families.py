@@ -20,11 +20,10 @@ from torch import nn
 
 from moekit.arch.routing import RoutingSpec
 
-# How the MoE block obtains its routing:
-#   "tuple":  router(hidden, [bias]) -> (logits, top_k_weights, top_k_index)     (almost all)
-#   "llama4": router(hidden) -> (scores [T, E] = sigmoid of the selected logits, logits)
-#   "dbrx":   router(hidden) -> logits; block.route_tokens_to_experts(logits) -> (weights, index)
-CallConvention = Literal["tuple", "llama4", "dbrx"]
+# How the MoE block obtains its routing is read off the router by a probe call
+# (moekit.arch.view.detect_call_convention); only Llama-4's (sigmoid scores [T, E], logits) cannot be
+# told apart from its outputs and is named here.
+CallConvention = Literal["tuple", "llama4"]
 
 SpecBuilder = Callable[[Any, nn.Module, nn.Module, int, int], RoutingSpec]
 
@@ -145,7 +144,7 @@ FAMILIES: dict[str, FamilySpec] = {
     "granitemoehybrid": _TOPK_SOFTMAX,
     "llama4_text": FamilySpec(llama4, call="llama4"),
     "llama4": FamilySpec(llama4, call="llama4"),
-    "dbrx": FamilySpec(dbrx, call="dbrx"),
+    "dbrx": FamilySpec(dbrx),
 }
 
 # Candidate routing builders tried, in order, for model types not in FAMILIES.

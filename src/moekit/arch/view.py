@@ -42,6 +42,23 @@ class UnsupportedModelError(ValueError):
     """The model is not an MoE model moekit knows how to read."""
 
 
+@dataclass(frozen=True)
+class CallConvention:
+    """How the MoE block obtains its routing (it changes between transformers releases).
+
+    - ``tuple``: ``router(hidden[, correction_bias])`` returns a tuple holding the logits, the
+      top-k weights and the top-k index in the order ``order``.
+    - ``block_routes``: the router returns logits only; ``block.route_tokens_to_experts([hidden,]
+      logits)`` returns the top-k weights and index in the order ``order``.
+    - ``llama4``: ``router(hidden)`` returns (sigmoid scores ``[T, E]``, logits).
+    """
+
+    kind: str = "tuple"
+    order: tuple[str, ...] = ("logits", "weights", "index")
+    passes_bias: bool = False
+    takes_hidden: bool = False
+
+
 @dataclass
 class Routing:
     logits: torch.Tensor  # [T, E] raw router logits, as the router computes them
@@ -114,7 +131,7 @@ class MoELayer:
     router_bias_name: str | None
     correction_bias_name: str | None  # relative to the block
     routing: RoutingSpec
-    call: str
+    call: CallConvention
     shared: dict[str, nn.Module] = field(default_factory=dict)  # name (relative to the model) -> module
 
     def _tensor(self, name: str | None) -> torch.Tensor | None:
@@ -229,20 +246,65 @@ def _top_k(config: Any, router: nn.Module, block: nn.Module) -> int:
     raise UnsupportedModelError("cannot find the number of experts per token (top-k)")
 
 
+def _name_outputs(outputs: Any, num_experts: int) -> tuple[str, ...] | None:
+    """Names ("logits", "weights", "index") of a routing tuple's items, told apart by dtype and shape."""
+    if not isinstance(outputs, tuple) or not all(isinstance(t, torch.Tensor) for t in outputs):
+        return None
+    names: list[str] = []
+    for tensor in outputs:
+        if not tensor.is_floating_point():
+            names.append("index")
+        elif tensor.shape[-1] == num_experts and "logits" not in names:
+            names.append("logits")
+        else:
+            names.append("weights")
+    if len(outputs) == 3 and sorted(names) == ["index", "logits", "weights"]:
+        return tuple(names)
+    if len(outputs) == 2 and sorted(names) in (["index", "weights"], ["index", "logits"]):
+        return tuple("weights" if n == "logits" else n for n in names)  # k == E: the float one is the weights
+    return None
+
+
+def detect_call_convention(block: nn.Module, router: nn.Module, weight: torch.Tensor, num_experts: int,
+                           correction_bias: torch.Tensor | None, default: str) -> CallConvention:
+    """Call the router (and the block's routing method) once on a probe and read what comes back."""
+    if default == "llama4":
+        return CallConvention("llama4", ("scores", "logits"))
+    probe = torch.zeros(4, weight.shape[-1], device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        try:
+            out, passes_bias = router(probe), False
+        except TypeError:  # MiniMax-M2 passes the block's correction bias to its router
+            out, passes_bias = router(probe, correction_bias), True
+        if isinstance(out, torch.Tensor) and hasattr(block, "route_tokens_to_experts"):
+            import inspect
+
+            takes_hidden = len(inspect.signature(block.route_tokens_to_experts).parameters) >= 2
+            routed = block.route_tokens_to_experts(*((probe, out) if takes_hidden else (out,)))
+            order = _name_outputs(routed, num_experts)
+            if order is not None:
+                return CallConvention("block_routes", order, takes_hidden=takes_hidden)
+        order = _name_outputs(out, num_experts)
+    if order is None:
+        raise UnsupportedModelError(f"cannot tell what the router of {type(block).__name__} returns; "
+                                    "add its family to moekit/arch/families.py")
+    return CallConvention("tuple", order, passes_bias=passes_bias)
+
+
 def _call_router(layer: MoELayer, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(index, weights) from the model's own router, for probing and verification."""
-    if layer.call == "llama4":
+    call = layer.call
+    if call.kind == "llama4":
         scores, _ = layer.router(hidden)
         weights, index = torch.topk(scores, layer.top_k, dim=-1)
         return index, weights
-    if layer.call == "dbrx":
-        weights, index = layer.block.route_tokens_to_experts(layer.router(hidden))
-        return index, weights
-    try:
-        out = layer.router(hidden)
-    except TypeError:  # MiniMax-M2 passes the block's correction bias to its router
-        out = layer.router(hidden, layer.correction_bias)
-    return out[2], out[1]
+    if call.kind == "block_routes":
+        logits = layer.router(hidden)
+        out = layer.block.route_tokens_to_experts(*((hidden, logits) if call.takes_hidden else (logits,)))
+    else:
+        out = layer.router(hidden, layer.correction_bias) if call.passes_bias else layer.router(hidden)
+    named = dict(zip(call.order, out, strict=True))
+    return named["index"], named["weights"]
 
 
 def routing_mismatch(layer: MoELayer, hidden: torch.Tensor) -> float:
@@ -308,8 +370,10 @@ class MoEModelView:
                 router_weight_name=weight_name, router_bias_name=bias_name,
                 correction_bias_name=_find_correction_bias(block, experts_name, num_experts),
                 routing=build(config, router, block, num_experts, top_k),
-                call=family.call if family else "tuple", shared=_find_shared(model, block_path),
+                call=CallConvention(), shared=_find_shared(model, block_path),
             )
+            layer.call = detect_call_convention(block, router, layer.router_weight, num_experts,
+                                                layer.correction_bias, family.call if family else "tuple")
             # Unlisted family: find its routing kind by probing (not possible on the meta device,
             # where only the structure is loaded; validation is repeated once weights are in).
             if family is None and not layer.router_weight.is_meta and probe_routing(layer, config) is None:
@@ -360,13 +424,14 @@ def routing_override(view: MoEModelView, available: dict[int, torch.Tensor]) -> 
     try:
         for layer in view.layers:
             mask = available.get(layer.index)
-            if layer.call == "dbrx":
-                def route_tokens(logits: torch.Tensor, layer: MoELayer = layer, mask: Any = mask) -> Any:
-                    r = layer.route_logits(logits, mask)
-                    return r.weights, r.index
+            if layer.call.kind == "block_routes":
+                def route_tokens(*args: Any, layer: MoELayer = layer, mask: Any = mask) -> Any:
+                    r = layer.route_logits(args[-1], mask, args[0].dtype if len(args) > 1 else None)
+                    named = {"weights": r.weights, "index": r.index}
+                    return tuple(named[n] for n in layer.call.order)
                 layer.block.route_tokens_to_experts = route_tokens  # type: ignore[method-assign]
                 patched.append((layer.block, "route_tokens_to_experts"))
-            elif layer.call == "llama4":
+            elif layer.call.kind == "llama4":
                 def llama4_router(hidden: torch.Tensor, layer: MoELayer = layer, mask: Any = mask) -> Any:
                     r = layer.route(hidden, mask)
                     scores = torch.zeros_like(r.logits).scatter_(1, r.index, r.weights.to(r.logits.dtype))
@@ -377,7 +442,8 @@ def routing_override(view: MoEModelView, available: dict[int, torch.Tensor]) -> 
                 def tuple_router(hidden: torch.Tensor, *args: Any, layer: MoELayer = layer, mask: Any = mask,
                                  **kwargs: Any) -> Any:
                     r = layer.route(hidden, mask)
-                    return r.logits, r.weights, r.index
+                    named = {"logits": r.logits, "weights": r.weights, "index": r.index}
+                    return tuple(named[n] for n in layer.call.order)
                 layer.router.forward = tuple_router  # type: ignore[method-assign]
                 patched.append((layer.router, "forward"))
         yield
