@@ -61,13 +61,16 @@ class ExpertLayout:
 EXPERT_LAYOUTS: Registry[ExpertLayout] = Registry("expert layout")
 
 
-def _replace_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
+def replace_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Swap a parameter or buffer of ``module`` for ``value`` (a new shape is fine)."""
     if name in module._parameters:
         old = module._parameters[name]
         assert old is not None
         module._parameters[name] = nn.Parameter(value.contiguous(), requires_grad=old.requires_grad)
-    else:
+    elif name in module._buffers:
         module._buffers[name] = value.contiguous()
+    else:
+        raise AttributeError(f"{type(module).__name__}.{name} is neither a parameter nor a buffer")
 
 
 def _set_count_attributes(module: nn.Module, num_experts: int) -> None:
@@ -133,7 +136,7 @@ class StackedLayout(ExpertLayout):
             experts.named_buffers(recurse=False)
         ):
             if tensor.dim() >= 1 and tensor.shape[0] == count:
-                _replace_tensor(experts, name, tensor.detach().index_select(0, keep.to(tensor.device)))
+                replace_tensor(experts, name, tensor.detach().index_select(0, keep.to(tensor.device)))
         _set_count_attributes(experts, int(keep.numel()))
 
     def describe(self, experts: nn.Module) -> str:
@@ -175,7 +178,7 @@ class DbrxLayout(ExpertLayout):
         for name in ("w1", "v1", "w2"):
             tensor = getattr(experts.mlp, name).detach()
             kept = self._view(tensor, ffn).index_select(0, keep.to(tensor.device))
-            _replace_tensor(experts.mlp, name, kept.reshape(-1, tensor.shape[-1]))
+            replace_tensor(experts.mlp, name, kept.reshape(-1, tensor.shape[-1]))
         experts.mlp.moe_num_experts = int(keep.numel())
         _set_count_attributes(experts, int(keep.numel()))
 

@@ -10,21 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moekit.arch.experts import replace_tensor
 from moekit.arch.view import MoELayer, MoEModelView
 from moekit.edit.keep import KeepMap, validate_keep
 
 _COUNT_ATTRS = ("num_experts", "num_local_experts", "moe_num_experts", "n_routed_experts")
-
-
-def _replace(owner: nn.Module, attr: str, value: torch.Tensor) -> None:
-    if attr in owner._parameters:
-        old = owner._parameters[attr]
-        assert old is not None
-        owner._parameters[attr] = nn.Parameter(value.contiguous(), requires_grad=old.requires_grad)
-    elif attr in owner._buffers:
-        owner._buffers[attr] = value.contiguous()
-    else:
-        raise AttributeError(f"{type(owner).__name__}.{attr} is neither a parameter nor a buffer")
 
 
 def _slice(layer: MoELayer, name: str | None, keep: torch.Tensor, dim: int) -> None:
@@ -33,7 +23,7 @@ def _slice(layer: MoELayer, name: str | None, keep: torch.Tensor, dim: int) -> N
     owner_name, _, attr = name.rpartition(".")
     owner = layer.block.get_submodule(owner_name) if owner_name else layer.block
     tensor = getattr(owner, attr).detach()
-    _replace(owner, attr, tensor.index_select(dim, keep.to(tensor.device)))
+    replace_tensor(owner, attr, tensor.index_select(dim, keep.to(tensor.device)))
 
 
 def prune_layer(layer: MoELayer, keep: list[int]) -> None:
