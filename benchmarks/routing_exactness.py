@@ -22,7 +22,7 @@ import transformers
 from transformers import CONFIG_MAPPING
 
 from moekit.arch import MoEModelView, routing_override
-from moekit.arch.view import _call_router
+from moekit.arch.view import model_routing
 from moekit.tiny import TINY_FAMILIES, UNLISTED_TINY_FAMILIES, build_tiny_model
 
 
@@ -34,7 +34,7 @@ def measure(family: str, dtype: torch.dtype, device: str) -> dict:
     for layer in view.layers:
         hidden = torch.randn(4096, layer.router_weight.shape[-1], generator=gen).to(device, dtype)
         with torch.no_grad():
-            index, weights = _call_router(layer, hidden)
+            index, weights = model_routing(layer, hidden)
             mine = layer.route(hidden)
         a, b = index.sort(-1), mine.index.sort(-1)
         same = (a.values == b.values).all(-1)

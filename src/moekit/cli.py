@@ -203,7 +203,7 @@ def tiny_model(
     if model_type not in TINY_FAMILIES:
         _fail(UnknownNameError(f"no tiny config for {model_type!r}; choose one of: {', '.join(TINY_FAMILIES)}"))
     try:
-        check_output_dir(out_dir, out_dir.parent / ".nonexistent-source", overwrite=False)
+        check_output_dir(out_dir, None, overwrite=False)
     except OutputDirError as error:
         _fail(error)
     save_tiny_model(model_type, out_dir, num_experts=experts, top_k=top_k, seed=seed)

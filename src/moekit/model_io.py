@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +20,10 @@ def describe_source(source: str | Path) -> str:
 
 def load_config(source: str | Path) -> Any:
     path = Path(source)
-    if path.exists() and not (path / "config.json").is_file():
-        raise ModelLoadError(f"{path} has no config.json: MODEL must be a Hugging Face model directory or hub id")
     if path.is_file():
         raise ModelLoadError(f"{path} is a file: MODEL must be a Hugging Face model directory or hub id")
+    if path.exists() and not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json: MODEL must be a Hugging Face model directory or hub id")
     if path.exists():
         try:
             json.loads((path / "config.json").read_text())
@@ -40,14 +39,11 @@ def load_config(source: str | Path) -> Any:
 def load_structure(source: str | Path) -> PreTrainedModel:
     """The model built from its config on the meta device: every module, no weights, no memory."""
     config = load_config(source)
-    previous = logging.getLogger("transformers").level
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except ValueError as err:
         raise ModelLoadError(f"{source!r} is not a causal language model transformers can build: {err}") from None
-    finally:
-        logging.getLogger("transformers").setLevel(previous)
     return model.eval()
 
 

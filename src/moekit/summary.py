@@ -50,20 +50,10 @@ class ModelSummary:
         return out
 
 
-def _count_unique(model: Any) -> int:
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += int(p.numel())
-    return total
-
-
 def summarize(view: MoEModelView) -> ModelSummary:
     model = view.model
     config = model.config
-    total = _count_unique(model)
+    total = sum(int(p.numel()) for p in model.parameters())  # tied weights counted once
     routed = 0
     active_routed = 0
     layers = []

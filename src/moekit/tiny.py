@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PreTrainedModel
 
+from moekit.arch.view import EXPERT_COUNT_KEYS, TOP_K_KEYS, MoEModelView
+
 # Model types we build and test (names as in CONFIG_MAPPING).
 TINY_FAMILIES = (
     "mixtral", "minimax", "minimax_m2", "phimoe", "qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe_text",
@@ -47,8 +49,6 @@ _EXTRA: dict[str, dict[str, Any]] = {
     # its YaRN factor (32) must match max_position_embeddings / original_max_position_embeddings
     "gpt_oss": dict(max_position_embeddings=131072),
 }
-_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-_TOP_K_KEYS = ("num_experts_per_tok", "moe_k", "moe_topk")
 
 
 def tiny_config(model_type: str, num_experts: int = 8, top_k: int = 2, **overrides: Any) -> Any:
@@ -69,16 +69,14 @@ def tiny_config(model_type: str, num_experts: int = 8, top_k: int = 2, **overrid
             continue  # MLA models derive their head dims
         if key in present:
             kwargs[key] = value
-    kwargs.update({key: num_experts for key in _EXPERT_KEYS if key in present})
-    kwargs.update({key: top_k for key in _TOP_K_KEYS if key in present})
+    kwargs.update({key: num_experts for key in EXPERT_COUNT_KEYS if key in present})
+    kwargs.update({key: top_k for key in TOP_K_KEYS if key in present})
     kwargs.update(overrides)
     # Built through the constructor so that derived fields (MLA head dims, layer types) follow.
     return CONFIG_MAPPING[model_type](**kwargs)
 
 
 def _spread_routers(model: PreTrainedModel, seed: int) -> None:
-    from moekit.arch.view import MoEModelView
-
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in MoEModelView.from_model(model).layers:

@@ -73,9 +73,14 @@ def replace_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
         raise AttributeError(f"{type(module).__name__}.{name} is neither a parameter nor a buffer")
 
 
-def _set_count_attributes(module: nn.Module, num_experts: int) -> None:
-    for attr in ("num_experts", "num_local_experts", "moe_num_experts"):
-        if isinstance(getattr(module, attr, None), int):
+COUNT_ATTRIBUTES = ("num_experts", "num_local_experts", "moe_num_experts", "n_routed_experts")
+
+
+def set_count_attributes(module: nn.Module, num_experts: int) -> None:
+    """Set every integer expert-count attribute a module keeps (its forward reads them)."""
+    for attr in COUNT_ATTRIBUTES:
+        value = getattr(module, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool):
             setattr(module, attr, num_experts)
 
 
@@ -137,7 +142,7 @@ class StackedLayout(ExpertLayout):
         ):
             if tensor.dim() >= 1 and tensor.shape[0] == count:
                 replace_tensor(experts, name, tensor.detach().index_select(0, keep.to(tensor.device)))
-        _set_count_attributes(experts, int(keep.numel()))
+        set_count_attributes(experts, int(keep.numel()))
 
     def describe(self, experts: nn.Module) -> str:
         flags = ["gate+up" if self.has_gate else "up only",
@@ -180,7 +185,7 @@ class DbrxLayout(ExpertLayout):
             kept = self._view(tensor, ffn).index_select(0, keep.to(tensor.device))
             replace_tensor(experts.mlp, name, kept.reshape(-1, tensor.shape[-1]))
         experts.mlp.moe_num_experts = int(keep.numel())
-        _set_count_attributes(experts, int(keep.numel()))
+        set_count_attributes(experts, int(keep.numel()))
 
 
 EXPERT_LAYOUTS.register("dbrx")(DbrxLayout())

@@ -23,7 +23,7 @@ from moekit.arch.routing import RoutingSpec
 # How the MoE block obtains its routing is read off the router by a probe call
 # (moekit.arch.view.detect_call_convention); only Llama-4's (sigmoid scores [T, E], logits) cannot be
 # told apart from its outputs and is named here.
-CallConvention = Literal["tuple", "llama4"]
+RouterCall = Literal["tuple", "llama4"]
 
 SpecBuilder = Callable[[Any, nn.Module, nn.Module, int, int], RoutingSpec]
 
@@ -104,10 +104,7 @@ def dbrx(config: Any, router: nn.Module, block: nn.Module, num_experts: int, top
 @dataclass(frozen=True)
 class FamilySpec:
     routing: SpecBuilder
-    call: CallConvention = "tuple"
-    # True where masking experts out of routing is exactly what pruning them does (see routing.py);
-    # group-limited routers are exact only when every group loses the same number of experts.
-    note: str = ""
+    call: RouterCall = "tuple"
 
 
 _QWEN_LIKE = FamilySpec(softmax_topk())
@@ -118,7 +115,7 @@ FAMILIES: dict[str, FamilySpec] = {
     "mixtral": FamilySpec(softmax_topk(True, weights_dtype="float32")),
     "minimax": FamilySpec(softmax_topk(True, weights_dtype="float32")),
     "minimax_m2": FamilySpec(minimax_m2),
-    "phimoe": FamilySpec(phimoe, note="sparsemixer is hard-wired to two experts per token"),
+    "phimoe": FamilySpec(phimoe),  # sparsemixer is hard-wired to two experts per token
     "qwen2_moe": _QWEN_LIKE,
     "qwen3_moe": _QWEN_LIKE,
     "qwen3_next": _QWEN_LIKE,

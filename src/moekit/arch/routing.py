@@ -28,7 +28,7 @@ Kinds (``RoutingSpec.kind``):
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -62,7 +62,6 @@ class RoutingSpec:
     logits_fp32: bool = False  # the family computes logits in float32
     probs_fp32: bool = True  # softmax in float32 (DBRX takes it in the logits' dtype)
     weights_dtype: Literal["float32", "logits", "hidden"] = "logits"
-    extra: dict[str, float] = field(default_factory=dict)
 
     @property
     def group_limited(self) -> bool:
@@ -117,10 +116,8 @@ def _renormalize(spec: RoutingSpec, weights: torch.Tensor) -> torch.Tensor:
     return weights
 
 
-def _finish(spec: RoutingSpec, weights: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    if spec.scaling != 1.0:
-        weights = weights * spec.scaling
-    return weights
+def _scale(spec: RoutingSpec, weights: torch.Tensor) -> torch.Tensor:
+    return weights * spec.scaling if spec.scaling != 1.0 else weights
 
 
 @ROUTING_KINDS.register("softmax_topk")
@@ -131,7 +128,7 @@ def softmax_topk(spec: RoutingSpec, logits: torch.Tensor, bias: torch.Tensor | N
     if spec.group_limited:
         probs = _group_mask(spec, probs, 0.0)
     weights, index = torch.topk(probs, spec.top_k, dim=-1)  # [T, k]
-    return index, _finish(spec, _renormalize(spec, weights), logits)
+    return index, _scale(spec, _renormalize(spec, weights))
 
 
 @ROUTING_KINDS.register("topk_softmax")
@@ -139,7 +136,7 @@ def topk_softmax(spec: RoutingSpec, logits: torch.Tensor, bias: torch.Tensor | N
                  available: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     top_logits, index = torch.topk(_mask_logits(logits, available), spec.top_k, dim=-1)  # [T, k]
     weights = torch.softmax(top_logits.float(), dim=-1)
-    return index, _finish(spec, weights, logits)
+    return index, _scale(spec, weights)
 
 
 @ROUTING_KINDS.register("sigmoid_topk")
@@ -152,7 +149,7 @@ def sigmoid_topk(spec: RoutingSpec, logits: torch.Tensor, bias: torch.Tensor | N
         choice = _group_mask(spec, choice, NEG_INF)
     index = torch.topk(choice, k=spec.top_k, dim=-1, sorted=False)[1]  # [T, k]
     weights = scores.gather(1, index)
-    return index, _finish(spec, _renormalize(spec, weights), logits)
+    return index, _scale(spec, _renormalize(spec, weights))
 
 
 @ROUTING_KINDS.register("softmax_biased_topk")
@@ -163,7 +160,7 @@ def softmax_biased_topk(spec: RoutingSpec, logits: torch.Tensor, bias: torch.Ten
     index = torch.topk(_mask_choice(choice, available), spec.top_k, dim=-1)[1]
     weights = probs.gather(-1, index)
     weights = weights / torch.clamp(weights.sum(dim=-1, keepdim=True), min=spec.norm_min)
-    return index, _finish(spec, weights, logits)
+    return index, _scale(spec, weights)
 
 
 def _sparsemixer_step(scores: torch.Tensor, masked_scores: torch.Tensor, jitter_eps: float
@@ -185,7 +182,7 @@ def sparsemixer(spec: RoutingSpec, logits: torch.Tensor, bias: torch.Tensor | No
                                          spec.jitter_eps)
     index = torch.cat((first, second), dim=-1)
     weights = torch.cat((w_first, w_second), dim=-1)
-    return index, _finish(spec, weights, logits)
+    return index, _scale(spec, weights)
 
 
 @ROUTING_KINDS.register("topk_sigmoid")
@@ -193,7 +190,7 @@ def topk_sigmoid(spec: RoutingSpec, logits: torch.Tensor, bias: torch.Tensor | N
                  available: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     top_logits, index = torch.topk(_mask_logits(logits, available), spec.top_k, dim=-1)
     weights = torch.sigmoid(top_logits.float())
-    return index, _finish(spec, weights, logits)
+    return index, _scale(spec, weights)
 
 
 def compute_router_logits(spec: RoutingSpec, hidden: torch.Tensor, weight: torch.Tensor,

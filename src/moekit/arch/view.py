@@ -14,6 +14,7 @@ shared experts) plus the family table for the routing maths (``moekit.arch.famil
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from moekit.arch.experts import ExpertLayout, ExpertWeights, expert_parameter_count, layout_of
-from moekit.arch.families import FAMILIES, PROBE_CANDIDATES, FamilySpec, supported_model_types
+from moekit.arch.families import FAMILIES, PROBE_CANDIDATES, FamilySpec, RouterCall, supported_model_types
 from moekit.arch.routing import RoutingSpec, compute_router_logits, select_experts
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|blocks|h)\.(\d+)(?:\.|$)")
@@ -266,7 +267,7 @@ def _name_outputs(outputs: Any, num_experts: int) -> tuple[str, ...] | None:
 
 
 def detect_call_convention(block: nn.Module, router: nn.Module, weight: torch.Tensor, num_experts: int,
-                           correction_bias: torch.Tensor | None, default: str) -> CallConvention:
+                           correction_bias: torch.Tensor | None, default: RouterCall) -> CallConvention:
     """Call the router (and the block's routing method) once on a probe and read what comes back."""
     if default == "llama4":
         return CallConvention("llama4", ("scores", "logits"))
@@ -277,8 +278,6 @@ def detect_call_convention(block: nn.Module, router: nn.Module, weight: torch.Te
         except TypeError:  # MiniMax-M2 passes the block's correction bias to its router
             out, passes_bias = router(probe, correction_bias), True
         if isinstance(out, torch.Tensor) and hasattr(block, "route_tokens_to_experts"):
-            import inspect
-
             takes_hidden = len(inspect.signature(block.route_tokens_to_experts).parameters) >= 2
             routed = block.route_tokens_to_experts(*((probe, out) if takes_hidden else (out,)))
             order = _name_outputs(routed, num_experts)
@@ -291,7 +290,7 @@ def detect_call_convention(block: nn.Module, router: nn.Module, weight: torch.Te
     return CallConvention("tuple", order, passes_bias=passes_bias)
 
 
-def _call_router(layer: MoELayer, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def model_routing(layer: MoELayer, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(index, weights) from the model's own router, for probing and verification."""
     call = layer.call
     if call.kind == "llama4":
@@ -311,7 +310,7 @@ def routing_mismatch(layer: MoELayer, hidden: torch.Tensor) -> float:
     """Largest gate difference between the view's routing and the model's own router on ``hidden``
     (``inf`` if they select different experts)."""
     with torch.no_grad():
-        index, weights = _call_router(layer, hidden)
+        index, weights = model_routing(layer, hidden)
         mine = layer.route(hidden)
     order_a, order_b = index.sort(dim=-1), mine.index.sort(dim=-1)
     if not torch.equal(order_a.values, order_b.values):

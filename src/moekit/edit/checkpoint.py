@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +22,11 @@ class OutputDirError(ValueError):
     """The output directory cannot be written as asked."""
 
 
-def check_output_dir(out: str | Path, source: str | Path, overwrite: bool) -> Path:
+def check_output_dir(out: str | Path, source: str | Path | None, overwrite: bool) -> Path:
     """Refuse an output that is, or contains, the source; refuse an existing one unless ``overwrite``."""
     out_path = Path(out).resolve()
-    src = Path(source)
-    if src.exists():
+    src = Path(source) if source is not None else None
+    if src is not None and src.exists():
         src = src.resolve()
         if out_path == src:
             raise OutputDirError(f"output directory {out_path} is the source model; choose a new directory")
@@ -70,7 +69,6 @@ def write_checkpoint(
     card: str,
     overwrite: bool = False,
     config_aliases: dict[str, Any] | None = None,
-    extra_writer: Callable[[Path], None] | None = None,
 ) -> Path:
     """Save ``model`` with plan and card to ``out`` atomically. Nothing is left behind on failure."""
     out_path = check_output_dir(out, source, overwrite)
@@ -83,8 +81,6 @@ def write_checkpoint(
         _copy_side_files(Path(source), tmp)
         (tmp / PLAN_FILE).write_text(json.dumps(plan, indent=2, sort_keys=True) + "\n")
         (tmp / CARD_FILE).write_text(card)
-        if extra_writer is not None:
-            extra_writer(tmp)
         if out_path.exists():
             old = out_path.parent / f".{out_path.name}.moekit-old-{uuid.uuid4().hex[:8]}"
             out_path.rename(old)

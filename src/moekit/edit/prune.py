@@ -10,11 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moekit.arch.experts import replace_tensor
+from moekit.arch.experts import replace_tensor, set_count_attributes
 from moekit.arch.view import MoELayer, MoEModelView
 from moekit.edit.keep import KeepMap, validate_keep
-
-_COUNT_ATTRS = ("num_experts", "num_local_experts", "moe_num_experts", "n_routed_experts")
 
 
 def _slice(layer: MoELayer, name: str | None, keep: torch.Tensor, dim: int) -> None:
@@ -37,9 +35,7 @@ def prune_layer(layer: MoELayer, keep: list[int]) -> None:
     for module in [layer.block, *layer.block.modules()]:
         if module is layer.experts or any(module is m for m in layer.shared.values()):
             continue
-        for attr in _COUNT_ATTRS:
-            if isinstance(getattr(module, attr, None), int) and not isinstance(getattr(module, attr), bool):
-                setattr(module, attr, new_count)
+        set_count_attributes(module, new_count)
         if isinstance(module, nn.Linear) and module.weight is layer.router_weight:
             module.out_features = new_count
     layer.routing = layer.routing.with_experts(new_count)
@@ -53,7 +49,5 @@ def prune_experts(view: MoEModelView, keep: KeepMap, allow_regroup: bool = False
             prune_layer(layer, keep[layer.index])
     model = view.model
     view.config_fields.set_expert_count(model.config, kept)
-    for attr in _COUNT_ATTRS:  # e.g. MixtralForCausalLM.num_experts feeds the aux loss
-        if isinstance(getattr(model, attr, None), int):
-            setattr(model, attr, kept)
+    set_count_attributes(model, kept)  # e.g. MixtralForCausalLM.num_experts feeds the aux loss
     return kept
