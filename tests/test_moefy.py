@@ -16,9 +16,9 @@ runner = CliRunner()
 
 def dense_llama(**overrides) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=272, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-                         tie_word_embeddings=False, **overrides)
+    fields = dict(vocab_size=272, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=256, tie_word_embeddings=False)
+    config = LlamaConfig(**{**fields, **overrides})
     return LlamaForCausalLM(config).eval()
 
 

@@ -735,6 +735,60 @@ def moefy(
     out.print(f"[green]wrote[/] {path}: {experts} experts per layer, top-{top_k}, router {router}", soft_wrap=True)
 
 
+@app.command()
+def recover(
+    model: Annotated[str, typer.Argument(help="An MoE checkpoint (from moekit moefy or moekit prune, or any).")],
+    data: Annotated[list[str], typer.Option(
+        "--data", help="Training text, NAME=PATH (repeat for several; pooled). PATH as for moekit profile: a text "
+        "file, a directory, .jsonl, .parquet or a datasets.save_to_disk directory.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="New directory for the trained checkpoint.")],
+    teacher: Annotated[str | None, typer.Option(
+        help="The dense or unpruned original (same tokenizer): train to match its next-token distributions "
+        "(distillation). Without it: plain next-token loss.")] = None,
+    train: Annotated[str, typer.Option(
+        help="router (only the routers learn; experts keep their weights) or all (every weight).")] = "all",
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 200,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per step.")] = 8,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per packed sequence.")] = 1024,
+    max_tokens: Annotated[int, typer.Option(
+        "--max-tokens", help="Token budget per --data set (documents shuffled with --seed, then packed).")] = 4_194_304,
+    lr: Annotated[float | None, typer.Option(
+        help="Peak learning rate [default: 1e-3 for --train router, 1e-4 for all].")] = None,
+    warmup: Annotated[int, typer.Option(help="Linear warm-up steps (then cosine decay to 10%).")] = 20,
+    balance_coef: Annotated[float, typer.Option(
+        "--balance-coef", help="Weight of the family's load-balancing loss, where it has one (0: off).")] = 0.01,
+    seed: Annotated[int, typer.Option(help="Seed for the document order and the batches.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N (bf16 autocast on CUDA).")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="dtype to save in: auto (the source's), bfloat16, float32.")] = "auto",
+    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer directory, if not the model's.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Recover quality after moefy or pruning with a short training on real text.
+
+    Trains the routers only, or every weight, for --steps steps; with --teacher it distils the
+    original's next-token distributions (KL), which recovers faster than the plain language-model
+    loss. The output is a standard checkpoint with the training record (and the source's own moefy
+    or prune record) in moekit_plan.json and the loss curve in recovery_loss.png. Use a GPU.
+
+    Example: moekit moefy ./dense --experts 16 --top-k 4 --out ./moe && moekit recover ./moe --teacher ./dense
+    --data web=./text --steps 400 --device cuda --out ./moe-recovered
+    """
+    from moekit.recover import RecoveryError, RecoverySettings, recover_to_checkpoint
+
+    _quiet_transformers()
+    settings = RecoverySettings(train=train, steps=steps, batch_size=batch_size, lr=lr,  # type: ignore[arg-type]
+                                warmup=warmup, balance_coef=balance_coef, seed=seed)
+    try:
+        path = recover_to_checkpoint(model, data, out_dir, settings=settings, teacher=teacher, seq_len=seq_len,
+                                     max_tokens=max_tokens, device=device, dtype=dtype, tokenizer=tokenizer,
+                                     overwrite=overwrite)
+    except (*USER_ERRORS, RecoveryError) as error:
+        _fail(error)
+    record = json.loads((path / "moekit_plan.json").read_text())
+    out.print(f"[green]wrote[/] {path}: {record['tokens_seen']:,} tokens, loss {record['loss_curve'][0]['loss']:.4f}"
+              f" -> {record['loss_curve'][-1]['loss']:.4f} ({record['objective']})", soft_wrap=True)
+
+
 @app.command("tiny-model")
 def tiny_model(
     model_type: Annotated[str, typer.Argument(help="A transformers model type, e.g. qwen3_moe, mixtral.")],

@@ -69,8 +69,10 @@ def write_checkpoint(
     card: str,
     overwrite: bool = False,
     config_aliases: dict[str, Any] | None = None,
+    extra_files: dict[str, bytes] | None = None,
 ) -> Path:
-    """Save ``model`` with plan and card to ``out`` atomically. Nothing is left behind on failure."""
+    """Save ``model`` with plan, card and ``extra_files`` (name -> bytes) to ``out`` atomically. Nothing is
+    left behind on failure."""
     out_path = check_output_dir(out, source, overwrite)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.parent / f".{out_path.name}.moekit-tmp-{uuid.uuid4().hex[:8]}"
@@ -81,6 +83,8 @@ def write_checkpoint(
         _copy_side_files(Path(source), tmp)
         (tmp / PLAN_FILE).write_text(json.dumps(plan, indent=2, sort_keys=True) + "\n")
         (tmp / CARD_FILE).write_text(card)
+        for name, content in (extra_files or {}).items():
+            (tmp / name).write_bytes(content)
         if out_path.exists():
             old = out_path.parent / f".{out_path.name}.moekit-old-{uuid.uuid4().hex[:8]}"
             out_path.rename(old)
