@@ -111,8 +111,8 @@ def moefy_model(dense: Any, experts: int, top_k: int, router: RouterInit = "cent
     if router not in ("centroid", "zero"):
         raise MoefyError(f"unknown router initialisation {router!r}; valid: centroid, zero")
     config = moe_config(dense.config, experts, top_k)
-    dtype = next(dense.parameters()).dtype
-    moe = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    first = next(dense.parameters())
+    moe = AutoModelForCausalLM.from_config(config, dtype=first.dtype).to(first.device)  # where the dense model is
     dense_state = dense.state_dict()
     moe_state = moe.state_dict()
     partitions = []
