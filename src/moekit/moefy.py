@@ -25,7 +25,7 @@ multiplied by K, so selected experts contribute K * w_e * f_e ~ f_e. Routers (``
   selected is nearly uniform: K * w_e stays ~1, and the MoE computes about the sum of the selected
   experts' outputs, MoEfication's approximation. (Unscaled, the softmax concentrates on one expert
   and K * w_e amplifies it up to K times: SmolLM2 with 16 experts, top-8, reached perplexity 4e9.)
-  Recovery training (router only, or all weights) is the next step and is not part of this function.
+  Recovery training (routers only, or all weights) is the next step: ``moekit.recover`` / ``moekit recover``.
 """
 
 from __future__ import annotations
@@ -149,5 +149,6 @@ def moefy_to_checkpoint(source: str | Path, out: str | Path, experts: int, top_k
     card = (f"# {Path(out).name}\n\nConverted by `moekit moefy` from the dense `{describe_source(source)}`: every FFN "
             f"split into {experts} experts of {moe.config.intermediate_size} neurons (balanced k-means of neuron "
             f"weights), top-{top_k} routing, router initialised `{router}`, experts' down projections scaled by "
-            f"{top_k}. Attention, norms and embeddings are the dense model's. No recovery training yet.\n")
+            f"{top_k}. Attention, norms and embeddings are the dense model's. Not trained yet: recover quality with "
+            f"`moekit recover {Path(out).name} --teacher <the dense model> --data NAME=PATH`.\n")
     return write_checkpoint(moe, out, source, record, card, overwrite=overwrite)
