@@ -48,3 +48,19 @@ def test_training_script_runs_a_few_steps(tmp_path, monkeypatch) -> None:
     assert (tmp_path / "out" / "tiny-test" / "loss.png").is_file()
     saved = json.loads((tmp_path / "out" / "tiny-test" / "training.json").read_text())
     assert saved["loss_curve"][0]["step"] == 0
+
+
+def test_corpus_subset_cuts_training_text_and_keeps_the_rest(tmp_path) -> None:
+    subset = pytest.importorskip("subset")
+    corpus = tiny_corpus(tmp_path / "corpus")
+    manifest = subset.write_subset(corpus, tmp_path / "small", train_tokens=450)
+    assert shards.verify_corpus(tmp_path / "small") == []
+    train = shards.load_split(tmp_path / "small", "code", "train")
+    full = shards.load_split(corpus, "code", "train")
+    assert train.n_docs == 2 and np.array_equal(train.tokens, full.tokens[:400])  # whole documents only
+    assert manifest["domains"]["prose"]["splits"]["train"]["tokens"] == 400
+    for split in ("calibration", "heldout"):
+        assert np.array_equal(shards.load_split(tmp_path / "small", "prose", split).tokens,
+                              shards.load_split(corpus, "prose", split).tokens)
+    with pytest.raises(FileExistsError):
+        subset.write_subset(corpus, tmp_path / "small", train_tokens=450)
