@@ -768,10 +768,12 @@ def recover(
     Trains the routers only, or every weight, for --steps steps; with --teacher it distils the
     original's next-token distributions (KL), which recovers faster than the plain language-model
     loss. The output is a standard checkpoint with the training record (and the source's own moefy
-    or prune record) in moekit_plan.json and the loss curve in recovery_loss.png. Use a GPU.
+    or prune record) in moekit_plan.json and the loss curve in recovery_loss.png. Use a GPU. After
+    moefy, train all weights: on SmolLM2-135M with 16 experts, routers alone recovered little
+    (benchmarks/results/smollm2_moe16x4.md).
 
-    Example: moekit moefy ./dense --experts 16 --top-k 4 --out ./moe && moekit recover ./moe --teacher ./dense
-    --data web=./text --steps 400 --device cuda --out ./moe-recovered
+    Example: moekit moefy ./dense --experts 16 --top-k 8 --out ./moe && moekit recover ./moe --teacher ./dense
+    --data web=./text --steps 600 --batch-size 16 --device cuda --out ./moe-recovered
     """
     from moekit.recover import RecoveryError, RecoverySettings, recover_to_checkpoint
 
