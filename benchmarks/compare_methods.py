@@ -146,7 +146,7 @@ def compare(testbed: Path, corpus: Path, seq_len: int, calibration_tokens: int, 
                              "retention": result["retention"][domain],
                              "general_retention": general["retention"][domain]})
     extra: dict[str, Any] = {}
-    if tasks and original_tasks is not None:
+    if original_tasks is not None:
         extra.update({"task_names": list(tasks), "task_limit": task_limit, "original_tasks": original_tasks["tasks"],
                       "original_task_seconds": original_tasks["task_seconds"]})
     if not targeted:

@@ -53,14 +53,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "corpus"))
 sys.path.insert(0, str(ROOT))
+from compare_methods import task_scores  # noqa: E402
 from shards import load_manifest  # noqa: E402
 from train_moe import heldout_perplexity, stream_tokens  # noqa: E402
 
 from moekit.data import CalibrationSet  # noqa: E402
 from moekit.edit.checkpoint import write_checkpoint  # noqa: E402
-from moekit.eval import evaluate  # noqa: E402
-from moekit.moefy import moefy_model  # noqa: E402
-from moekit.recover import RecoverySettings, recover_training  # noqa: E402
+from moekit.moefy import moefy_model, moefy_record  # noqa: E402
+from moekit.recover import RecoverySettings, plot_loss_curves, recover_training, recovery_record  # noqa: E402
 
 TOKENIZER = ROOT / "corpus" / "smollm2_tokenizer"
 TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "lambada_openai")
@@ -71,9 +71,7 @@ def measure(model: Any, tokenizer: Any, corpus: Path, domains: list[str], limit:
             seq_len: int) -> dict[str, Any]:
     """Task metrics and per-domain held-out perplexity of one model."""
     start = time.perf_counter()
-    scores = evaluate(model, tokenizer, list(TASKS), limit=limit, batch_size=32, progress=False)
-    tasks = {f"{task}/{metric}": value for task, entry in scores["tasks"].items()
-             for metric, value in entry["metrics"].items() if not metric.endswith("_stderr")}
+    tasks = task_scores(model, tokenizer, list(TASKS), limit)["tasks"]
     ppl = heldout_perplexity(model, corpus, domains, seq_len, eval_tokens)
     return {"tasks": tasks, "heldout_perplexity": ppl, "eval_seconds": round(time.perf_counter() - start, 1)}
 
@@ -146,40 +144,20 @@ def write_testbed(model: Any, partitions: list, recovery: dict[str, Any], args: 
                   name: str) -> None:
     """The recovered model as a bf16 Mixtral checkpoint with its moefy and recovery record."""
     out = args.out / name.replace("_", "-")
-    plan = {"format": "moekit.recover/1", "source": args.gguf.name, **recovery,
-            "previous": {"format": "moekit.moefy/1", "experts": args.experts, "top_k": args.top_k,
-                         "router": "centroid", "seed": args.seed, "down_proj_scale": args.top_k,
-                         "partitions": {str(i): groups for i, groups in enumerate(partitions)}}}
+    plan = recovery_record(args.gguf.name, args.gguf.name, recovery,
+                           moefy_record(args.gguf.name, args.experts, args.top_k, "centroid", args.seed, partitions))
     card = (f"# {out.name}\n\nSmolLM2-135M-Instruct converted by moekit moefy to {args.experts} experts, top-"
             f"{args.top_k}, then recovered by distillation from the dense model ({args.steps} steps). Made by "
             "benchmarks/smollm2_moe_testbed.py.\n")
-    model = model.to(torch.bfloat16)
-    write_checkpoint(model, out, TOKENIZER, plan, card, overwrite=True)
-    model.to(torch.float32)
+    write_checkpoint(model.to(torch.bfloat16), out, TOKENIZER, plan, card, overwrite=True)  # model not used after
     print("wrote", out, flush=True)
 
 
 def plot_curves(record: dict[str, Any], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.4))
-    for stage in ("router", "all"):
-        curve = record["stages"].get(stage, {}).get("recovery", {}).get("loss_curve")
-        if curve:
-            ax.plot([h["step"] for h in curve], [h["loss"] for h in curve],
-                    label="routers only" if stage == "router" else "all weights")
-    ax.set_xlabel("step")
-    ax.set_ylabel("KL(dense || MoE), nats/token")
-    ax.set_yscale("log")
-    ax.set_title(f"{title}: recovery by distillation")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    labels = {"router": "routers only", "all": "all weights"}
+    curves = {labels[stage]: record["stages"][stage]["recovery"]["loss_curve"] for stage in labels
+              if record["stages"].get(stage, {}).get("recovery", {}).get("loss_curve")}
+    plot_loss_curves(curves, path, f"{title}: recovery by distillation", ylabel="KL(dense || MoE), nats/token")
 
 
 def markdown(record: dict[str, Any]) -> str:

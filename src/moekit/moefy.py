@@ -133,6 +133,14 @@ def moefy_model(dense: Any, experts: int, top_k: int, router: RouterInit = "cent
     return moe.eval(), partitions
 
 
+def moefy_record(source: str, experts: int, top_k: int, router: str, seed: int,
+                 partitions: list[list[list[int]]]) -> dict[str, Any]:
+    """The ``moekit_plan.json`` record of a conversion: its settings and every layer's partition."""
+    return {"format": "moekit.moefy/1", "source": source, "experts": experts, "top_k": top_k, "router": router,
+            "seed": seed, "down_proj_scale": top_k,
+            "partitions": {str(i): groups for i, groups in enumerate(partitions)}}
+
+
 def moefy_to_checkpoint(source: str | Path, out: str | Path, experts: int, top_k: int,
                         router: RouterInit = "centroid", seed: int = 0, overwrite: bool = False,
                         dtype: str = "auto") -> Path:
@@ -143,9 +151,7 @@ def moefy_to_checkpoint(source: str | Path, out: str | Path, experts: int, top_k
     moe_config(load_config(source), experts, top_k)  # errors before any weight loads
     dense = load_model(source, dtype=dtype)
     moe, partitions = moefy_model(dense, experts, top_k, router, seed)
-    record = {"format": "moekit.moefy/1", "source": describe_source(source), "experts": experts, "top_k": top_k,
-              "router": router, "seed": seed, "down_proj_scale": top_k,
-              "partitions": {str(i): groups for i, groups in enumerate(partitions)}}
+    record = moefy_record(describe_source(source), experts, top_k, router, seed, partitions)
     card = (f"# {Path(out).name}\n\nConverted by `moekit moefy` from the dense `{describe_source(source)}`: every FFN "
             f"split into {experts} experts of {moe.config.intermediate_size} neurons (balanced k-means of neuron "
             f"weights), top-{top_k} routing, router initialised `{router}`, experts' down projections scaled by "

@@ -211,23 +211,35 @@ def recover_training(model: nn.Module, sets: Sequence[CalibrationSet], settings:
             "loss_curve": history}
 
 
-def plot_loss_curve(history: Sequence[dict[str, float]], path: str | Path, title: str) -> None:
-    """The training-loss curve of a recovery run as a PNG."""
+def plot_loss_curves(curves: dict[str, Sequence[dict[str, float]]], path: str | Path, title: str,
+                     ylabel: str = "loss (nats/token)") -> None:
+    """Training-loss curves of recovery runs (label -> loss curve) as one PNG, log scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.2))
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history])
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for label, history in curves.items():
+        ax.plot([h["step"] for h in history], [h["loss"] for h in history], label=label)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel(ylabel)
     ax.set_yscale("log")
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    if len(curves) > 1:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def recovery_record(source: str, teacher: str | None, run: dict[str, Any], previous: dict[str, Any] | None,
+                    **details: Any) -> dict[str, Any]:
+    """The ``moekit_plan.json`` record of a recovered checkpoint: ``run`` (from ``recover_training``), where the
+    model and teacher came from, any ``details``, and the source's own record under ``previous``."""
+    return {"format": "moekit.recover/1", "source": source, "teacher": teacher, **details, **run,
+            "previous": previous}
 
 
 def recover_to_checkpoint(source: str | Path, data: Sequence[str | DataSpec], out: str | Path, *,
@@ -253,8 +265,9 @@ def recover_to_checkpoint(source: str | Path, data: Sequence[str | DataSpec], ou
     specs = [d if isinstance(d, DataSpec) else DataSpec.parse(d) for d in data]
     if not specs:
         raise DataError("no training text: pass --data NAME=PATH (one or more)")
-    config = load_config(source)
-    MoEModelView.from_model(load_structure(source))  # refuses a model without MoE layers, with the reason
+    structure = load_structure(source)
+    MoEModelView.from_model(structure)  # refuses a model without MoE layers, with the reason
+    config = structure.config
     limit = max_positions(config)
     if seq_len < 2 or (limit is not None and seq_len > limit):
         raise DataError(f"--seq-len {seq_len} is outside what the model handles (2 to {limit} positions)")
@@ -267,15 +280,14 @@ def recover_to_checkpoint(source: str | Path, data: Sequence[str | DataSpec], ou
     sets = [load_calibration_set(spec, tok, seq_len, max_tokens, settings.seed) for spec in specs]
     compute = "float32" if device.startswith("cuda") else dtype  # master weights in fp32 under bf16 autocast
     model = load_model(source, dtype=compute, device=device)
-    save_dtype = saved_dtype(source, dtype)
+    save_dtype = saved_dtype(config, dtype)
     teacher_model = load_model(teacher, dtype=compute, device=device) if teacher is not None else None
     record = recover_training(model, sets, settings, teacher_model, progress)
     del teacher_model
     previous_plan = Path(source) / PLAN_FILE
-    record = {"format": "moekit.recover/1", "source": describe_source(source),
-              "teacher": describe_source(teacher) if teacher is not None else None,
-              "seq_len": seq_len, "max_tokens": max_tokens, "device": device, "versions": versions(), **record,
-              "previous": json.loads(previous_plan.read_text()) if previous_plan.is_file() else None}
+    record = recovery_record(describe_source(source), describe_source(teacher) if teacher is not None else None,
+                             record, json.loads(previous_plan.read_text()) if previous_plan.is_file() else None,
+                             seq_len=seq_len, max_tokens=max_tokens, device=device, versions=versions())
     model.to(save_dtype)
     final = record["loss_curve"][-1]["loss"]
     card = (f"# {Path(out).name}\n\nRecovered by `moekit recover` from `{describe_source(source)}`: "
@@ -288,15 +300,15 @@ def recover_to_checkpoint(source: str | Path, data: Sequence[str | DataSpec], ou
             "recovery_loss.png.\n")
     with tempfile.TemporaryDirectory() as tmp:
         png = Path(tmp) / "recovery_loss.png"
-        plot_loss_curve(record["loss_curve"], png, f"moekit recover ({settings.train}): {Path(out).name}")
+        plot_loss_curves({settings.train: record["loss_curve"]}, png,
+                         f"moekit recover ({settings.train}): {Path(out).name}")
         return write_checkpoint(model, out, source, record, card, overwrite=overwrite,
                                 extra_files={"recovery_loss.png": png.read_bytes()})
 
 
-def saved_dtype(source: str | Path, dtype: str) -> torch.dtype:
-    """The dtype to save in: ``dtype`` unless auto, else the one the source's config records (float32 if none)."""
+def saved_dtype(config: Any, dtype: str) -> torch.dtype:
+    """The dtype to save in: ``dtype`` unless auto, else the one ``config`` records (float32 if none)."""
     if dtype != "auto":
         return getattr(torch, dtype)
-    config = load_config(source)
     stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     return getattr(torch, str(stored).replace("torch.", "")) if stored is not None else torch.float32
