@@ -53,7 +53,10 @@ def test_prune_then_inspect(tiny_checkpoint, tmp_path):
     assert json.loads(run("inspect", out, "--json").stdout)["num_experts"] == 4
     # an existing output is replaced only on request
     assert run("prune", tiny_checkpoint("olmoe"), "--keep-json", keep, "--out", out).exit_code == 2
-    again = run("prune", tiny_checkpoint("olmoe"), "--keep-json", out / "moekit_plan.json", "--out", out, "--overwrite")
+    inside = run("prune", tiny_checkpoint("olmoe"), "--keep-json", out / "moekit_plan.json", "--out", out,
+                 "--overwrite")  # replacing OUT would delete the input that lies inside it
+    assert inside.exit_code == 2 and "contains the input" in inside.output
+    again = run("prune", tiny_checkpoint("olmoe"), "--keep-json", keep, "--out", out, "--overwrite")
     assert again.exit_code == 0, again.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.json", "pruned"]  # no temp dirs left
 

@@ -11,6 +11,7 @@ from profile_reference import reference_profile
 
 from moekit.arch.view import MoEModelView
 from moekit.data import CalibrationSet
+from moekit.outputs import OutputError
 from moekit.profile import Profile, ProfileError, capturing, collect_profile, merge_profiles
 from moekit.profile.profile_file import META_FILE, TENSOR_FILE
 from moekit.tiny import build_tiny_model
@@ -134,7 +135,7 @@ def test_profile_saves_loads_and_checks_the_model(tmp_path) -> None:
         loaded.check_model(MoEModelView.from_model(other))
     with pytest.raises(ProfileError, match="collected on another model"):
         loaded.check_model(MoEModelView.from_model(build_tiny_model("olmoe", num_hidden_layers=4)))
-    with pytest.raises(ProfileError, match="already exists"):
+    with pytest.raises(OutputError, match="already exists"):
         profile.save(tmp_path / "prof")
 
 

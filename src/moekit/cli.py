@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -15,44 +19,132 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 import moekit
-from moekit.arch.view import UnsupportedModelError
-from moekit.data.sources import DataError
-from moekit.edit.checkpoint import OutputDirError
-from moekit.edit.keep import PlanError
-from moekit.eval.errors import EvalError
-from moekit.model_io import ModelLoadError
-from moekit.profile.profile_file import ProfileError
+from moekit.errors import UserError
 from moekit.registry import UnknownNameError
-from moekit.report.errors import ReportError
+
+# What an operating-system error means for the user, and what to do (the rest are bugs to report).
+_OS_ERRORS = {
+    errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied", errno.EPERM: "not permitted",
+    errno.ENOENT: "no such file or directory", errno.EISDIR: "is a directory", errno.ENOTDIR: "not a directory",
+    errno.ENAMETOOLONG: "file name too long", errno.EIO: "input/output error",
+}
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGHUP arrived: unwind (temporaries are removed on the way) and exit."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _ErrorBoundary(TyperGroup):
+    """The one place errors become messages: a user's mistake (``UserError``) or an operating-system failure
+    (disk full, permissions) is one line and exit 2; Ctrl-C or a termination signal is one line and exit
+    130/128+N; anything else is a bug in moekit, shown with its traceback and exit 1. Every writer is atomic
+    (``moekit.outputs``), so in each case nothing half-written is left at the output."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except UserError as error:
+            _fail(error)
+        except OSError as error:
+            if error.errno not in _OS_ERRORS:
+                _report_bug()
+            where = f": {error.filename}" if error.filename else ""
+            _fail(f"{_OS_ERRORS[error.errno]}{where} ({error.strerror or error}). Nothing was written at the "
+                  "output; fix this (free space, permissions, the path) and run again")
+        except KeyboardInterrupt:
+            err.print("interrupted: nothing half-written was left at the output", markup=False, highlight=False)
+            raise typer.Exit(130) from None
+        except Interrupted as stop:
+            err.print(f"stopped by signal {signal.Signals(stop.signum).name}: nothing half-written was left at the "
+                      "output", markup=False, highlight=False)
+            raise typer.Exit(128 + stop.signum) from None
+        except Exception:
+            _report_bug()
+
+
+def _report_bug() -> None:
+    err.print(traceback.format_exc(), markup=False, highlight=False, soft_wrap=True)
+    err.print("this is a bug in moekit, not in your input: please report it with the command you ran and the "
+              "traceback above", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
 
 app = typer.Typer(
     name="moekit",
+    cls=_ErrorBoundary,
     help="Measure, score, prune and explain the experts of Mixture-of-Experts language models.\n\n"
-    "MODEL is a Hugging Face model directory (or a hub id where the hub is reachable).",
+    "MODEL is a Hugging Face model directory (or a hub id where the hub is reachable). No code shipped with a "
+    "checkpoint runs unless you pass --trust-remote-code.\n\n"
+    "Outputs are written atomically: while a command runs, its output is a hidden .NAME.moekit-tmp-XXXXXXXX "
+    "beside the target, renamed onto it when complete; one left by a killed run is removed the next time the "
+    "same target is written. An output never replaces a source or an input, and --overwrite only replaces "
+    "an earlier moekit output of the same kind.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True)
-USER_ERRORS = (PlanError, OutputDirError, ModelLoadError, UnsupportedModelError, UnknownNameError, DataError,
-               ProfileError, EvalError, ReportError)
+# emoji codes (":b:") and markup in user-given text must print as typed: user text is escaped or printed
+# without markup, and emoji replacement is off everywhere
+out = Console(emoji=False, highlight=False)
+err = Console(stderr=True, emoji=False, highlight=False)
 
 
-def _fail(error: Exception) -> None:
-    err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+def _fail(error: Exception | str) -> None:
+    err.print(f"[bold red]error:[/] {escape(str(error))}", soft_wrap=True)
     raise typer.Exit(2)
+
+
+def _wrote(text: str) -> None:
+    """``wrote <text>`` on stdout; ``text`` (paths, set names) is printed as it is."""
+    out.print(f"[green]wrote[/] {escape(text)}", soft_wrap=True)
+
+
+def _read_text_input(path: Path, what: str) -> str:
+    """The UTF-8 text of a small input file, or a clear error."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not UTF-8 text") from None
 
 
 def _quiet_transformers() -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
+class _WarningsToConsole(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        err.print(f"[yellow]warning:[/] {escape(record.getMessage())}", soft_wrap=True)
+
+
+_MOEKIT_LOG = logging.getLogger("moekit")
+if not any(isinstance(h, _WarningsToConsole) for h in _MOEKIT_LOG.handlers):
+    _MOEKIT_LOG.addHandler(_WarningsToConsole(logging.WARNING))
+    _MOEKIT_LOG.propagate = False
+
+
 @app.callback(invoke_without_command=True)
-def _root(version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False) -> None:
+def _root(
+    ctx: typer.Context,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option(
+        "--trust-remote-code", help="Allow checkpoints to run their own Python code (configuration_*.py, "
+        "modeling_*.py) when loaded. Off by default: such code could do anything on this machine; moekit's "
+        "supported families never need it.")] = False,
+) -> None:
     if version:
         out.print(f"moekit {moekit.__version__}")
         raise typer.Exit()
+    if trust_remote_code:
+        from moekit.model_io import trusting_remote_code
+
+        ctx.with_resource(trusting_remote_code())
 
 
 @app.command()
@@ -75,11 +167,8 @@ def inspect(
     from moekit.summary import format_count, summarize
 
     _quiet_transformers()
-    try:
-        loaded = load_model(model) if verify else load_structure(model)
-        view = MoEModelView.from_model(loaded)
-    except USER_ERRORS as error:
-        _fail(error)
+    loaded = load_model(model) if verify else load_structure(model)
+    view = MoEModelView.from_model(loaded)
     summary = summarize(view)
     result: dict[str, Any] = summary.to_dict()
     result["model"] = model
@@ -208,7 +297,9 @@ def prune(
       moekit prune ./model --profile prof --method reap --ratio 0.5 --out ./model-reap50
       moekit prune ./model --profile prof --method frequency --keep 6 --plan-only --out plan.json
     """
-    from moekit.edit import prune_to_checkpoint, read_keep_file
+    from moekit.data import DataSpec
+    from moekit.edit import PlanError, prune_to_checkpoint, read_keep_file
+    from moekit.outputs import check_output
     from moekit.pipeline import plan_from_profile, prune_with_plan, write_plan
     from moekit.plan import PlanRequest, parse_protect
     from moekit.profile import Profile
@@ -216,45 +307,43 @@ def prune(
 
     _quiet_transformers()
     reproduce = " ".join(["moekit", *sys.argv[1:]])
-    try:
-        if keep_json is not None:
-            if profile is not None:
-                raise PlanError("give either --profile (moekit scores the experts) or --keep-json (you list them)")
-            if plan_only:
-                raise PlanError("--plan-only needs --profile; a --keep-json file already is a plan")
-            result = prune_to_checkpoint(model, read_keep_file(keep_json), out_dir, overwrite=overwrite,
-                                         allow_regroup=allow_regroup, dtype=dtype, top_k=top_k,
-                                         details={"keep_file": str(keep_json)}, reproduce=reproduce)
-        elif profile is None and method != "naee":
-            raise PlanError("say which experts to remove: --profile PROFILE with --method and --ratio (or --keep), "
-                            "--method naee with --data, or --keep-json FILE")
-        elif method == "naee" and profile is not None:
-            raise PlanError("--method naee runs the model on --data and takes no --profile")
-        else:
-            from moekit.edit.checkpoint import check_output_dir
-            from moekit.pipeline import naee_plan_from_data
+    protect_file = Path(protect) if protect and Path(protect).is_file() else None
+    inputs = [profile, keep_json, protect_file, *(DataSpec.parse(d).path for d in data or [])]
+    check_output(out_dir, kind="file" if plan_only else "checkpoint", overwrite=overwrite, sources=[model],
+                 inputs=inputs)
+    if keep_json is not None:
+        if profile is not None:
+            raise PlanError("give either --profile (moekit scores the experts) or --keep-json (you list them)")
+        if plan_only:
+            raise PlanError("--plan-only needs --profile; a --keep-json file already is a plan")
+        result = prune_to_checkpoint(model, read_keep_file(keep_json), out_dir, overwrite=overwrite,
+                                     allow_regroup=allow_regroup, dtype=dtype, top_k=top_k,
+                                     details={"keep_file": str(keep_json)}, reproduce=reproduce)
+    elif profile is None and method != "naee":
+        raise PlanError("say which experts to remove: --profile PROFILE with --method and --ratio (or --keep), "
+                        "--method naee with --data, or --keep-json FILE")
+    elif method == "naee" and profile is not None:
+        raise PlanError("--method naee runs the model on --data and takes no --profile")
+    else:
+        from moekit.pipeline import naee_plan_from_data
 
-            protect_text = Path(protect).read_text() if protect and Path(protect).is_file() else protect
-            loaded = Profile.load(profile) if profile is not None else None
-            request = PlanRequest(method=method, ratio=ratio, keep=keep, protect_super=not no_protect_super,
-                                  protect=parse_protect(protect_text),
-                                  set_weights=parse_set_weights(set_weights, loaded.set_names) if loaded else None,
-                                  seed=seed, top_k=top_k, allow_regroup=allow_regroup)
-            check_output_dir(out_dir, model, overwrite)
-            if loaded is None:
-                plan = naee_plan_from_data(model, data or [], request, seed=seed, device=device, dtype=dtype,
-                                           search=naee_search, progressive=progressive, naee_tokens=naee_tokens)
-            else:
-                plan = plan_from_profile(model, loaded, request, profile_path=profile)
-            if plan_only:
-                write_plan(plan, out_dir, overwrite=overwrite)
-                out.print(f"[green]wrote[/] plan {out_dir}: keep {plan['num_experts']['after']} of "
-                          f"{plan['num_experts']['before']} experts per layer ({method}); apply it with "
-                          f"moekit apply {model} {out_dir} --out DIR", soft_wrap=True)
-                return
-            result = prune_with_plan(model, plan, out_dir, overwrite=overwrite, dtype=dtype, reproduce=reproduce)
-    except USER_ERRORS as error:
-        _fail(error)
+        protect_text = _read_text_input(protect_file, "--protect file") if protect_file else protect
+        loaded = Profile.load(profile) if profile is not None else None
+        request = PlanRequest(method=method, ratio=ratio, keep=keep, protect_super=not no_protect_super,
+                              protect=parse_protect(protect_text),
+                              set_weights=parse_set_weights(set_weights, loaded.set_names) if loaded else None,
+                              seed=seed, top_k=top_k, allow_regroup=allow_regroup)
+        if loaded is None:
+            plan = naee_plan_from_data(model, data or [], request, seed=seed, device=device, dtype=dtype,
+                                       search=naee_search, progressive=progressive, naee_tokens=naee_tokens)
+        else:
+            plan = plan_from_profile(model, loaded, request, profile_path=profile)
+        if plan_only:
+            write_plan(plan, out_dir, overwrite=overwrite, sources=[model], inputs=inputs)
+            _wrote(f"plan {out_dir}: keep {plan['num_experts']['after']} of {plan['num_experts']['before']} experts "
+                   f"per layer ({method}); apply it with moekit apply {model} {out_dir} --out DIR")
+            return
+        result = prune_with_plan(model, plan, out_dir, overwrite=overwrite, dtype=dtype, reproduce=reproduce)
     _print_pruned(result)
 
 
@@ -263,10 +352,10 @@ def _print_pruned(result: Any) -> None:
 
     b, a = result.before, result.after
     top_k = f", top-{b.top_k} -> top-{a.top_k}" if a.top_k != b.top_k else ""
-    out.print(f"[green]wrote[/] {result.out}: {b.num_experts} -> {a.num_experts} experts in each of "
+    _wrote(f"{result.out}: {b.num_experts} -> {a.num_experts} experts in each of "
               f"{len(a.moe_layers)} MoE layers{top_k}; parameters {format_count(b.total_parameters)} -> "
               f"{format_count(a.total_parameters)}, active per token {format_count(b.active_parameters)} -> "
-              f"{format_count(a.active_parameters)}", soft_wrap=True)
+              f"{format_count(a.active_parameters)}")
 
 
 @app.command()
@@ -283,14 +372,13 @@ def apply(
 
     Example: moekit apply ./model plan.json --out ./model-pruned
     """
+    from moekit.outputs import check_output
     from moekit.pipeline import prune_with_plan, read_plan
 
     _quiet_transformers()
-    try:
-        result = prune_with_plan(model, read_plan(plan), out_dir, overwrite=overwrite, dtype=dtype,
-                                 reproduce=" ".join(["moekit", *sys.argv[1:]]))
-    except USER_ERRORS as error:
-        _fail(error)
+    check_output(out_dir, kind="checkpoint", overwrite=overwrite, sources=[model], inputs=[plan])
+    result = prune_with_plan(model, read_plan(plan), out_dir, overwrite=overwrite, dtype=dtype,
+                             reproduce=" ".join(["moekit", *sys.argv[1:]]))
     _print_pruned(result)
 
 
@@ -347,16 +435,13 @@ def profile_collect(
     from moekit.profile import profile_model
 
     _quiet_transformers()
-    try:
-        result = profile_model(model, data, out_dir, seq_len=seq_len, max_tokens=max_tokens, seed=seed,
-                               batch_size=batch_size, device=device, dtype=dtype, neuron_stats=neuron_stats,
-                               overwrite=overwrite, tokenizer=tokenizer)
-    except USER_ERRORS as error:
-        _fail(error)
+    result = profile_model(model, data, out_dir, seq_len=seq_len, max_tokens=max_tokens, seed=seed,
+                           batch_size=batch_size, device=device, dtype=dtype, neuron_stats=neuron_stats,
+                           overwrite=overwrite, tokenizer=tokenizer)
     timing = result.meta["timing"]
     sets = ", ".join(f"{s['name']} {s['tokens']:,} tokens" for s in result.meta["sets"])
-    out.print(f"[green]wrote[/] {out_dir}: {sets}; {timing['seconds']:.1f} s, "
-              f"{timing['tokens_per_second']:,.0f} tokens/s", soft_wrap=True)
+    _wrote(f"{out_dir}: {sets}; {timing['seconds']:.1f} s, "
+              f"{timing['tokens_per_second']:,.0f} tokens/s")
 
 
 @profile_app.command("merge")
@@ -371,19 +456,20 @@ def profile_merge(
 
     Example: moekit profile merge prof-part1 prof-part2 --out prof
     """
-    from moekit.profile import Profile, merge_profiles
+    from moekit.outputs import check_output
+    from moekit.profile import Profile, ProfileError, merge_profiles
 
-    try:
-        if len(profiles) < 2:
-            raise ProfileError("give at least two profiles to merge")
-        merged = Profile.load(profiles[0])
-        for path in profiles[1:]:
-            merged = merge_profiles(merged, Profile.load(path))
-        merged.save(out_dir, overwrite=overwrite)
-    except USER_ERRORS as error:
-        _fail(error)
+    if len(profiles) < 2:
+        raise ProfileError("give at least two profiles to merge")
+    check_output(out_dir, kind="profile", overwrite=overwrite, inputs=profiles)
+    loaded = [Profile.load(path) for path in profiles]
+    models = [p.meta["model"].get("source") for p in loaded]  # never written into the profiled model
+    merged = loaded[0]
+    for other in loaded[1:]:
+        merged = merge_profiles(merged, other)
+    merged.save(out_dir, overwrite=overwrite, sources=models, inputs=profiles)
     sets = ", ".join(f"{s['name']} {s['tokens']:,} tokens" for s in merged.meta["sets"])
-    out.print(f"[green]wrote[/] {out_dir}: {sets}", soft_wrap=True)
+    _wrote(f"{out_dir}: {sets}")
 
 
 @app.command()
@@ -406,13 +492,10 @@ def analyze(
     from moekit.profile import Profile
     from moekit.profile.analyze import analyze_profile
 
-    try:
-        loaded = Profile.load(profile)
-        for name in sets or []:
-            loaded.set_index(name)
-        report = analyze_profile(loaded, sets or None)
-    except USER_ERRORS as error:
-        _fail(error)
+    loaded = Profile.load(profile)
+    for name in sets or []:
+        loaded.set_index(name)
+    report = analyze_profile(loaded, sets or None)
     if as_json:
         out.print_json(json.dumps(report))
         return
@@ -474,26 +557,32 @@ def run_recipe_command(
       prune: {method: reap, ratio: 0.5}
       eval: {text: {code: ./held_out_code}, prompts: ["def add("]}
     """
-    from moekit.recipe import RecipeError, read_recipe, resolved_yaml, run_recipe  # pydantic only here
+    from moekit.recipe import read_recipe, resolved_yaml, run_recipe  # pydantic only here
 
     _quiet_transformers()
-    try:
-        loaded = read_recipe(recipe)
-        if check:
-            out.print(resolved_yaml(loaded), highlight=False, soft_wrap=True)
-            return
-        written = run_recipe(loaded, overwrite=overwrite)
-    except (*USER_ERRORS, RecipeError) as error:
-        _fail(error)
+    loaded = read_recipe(recipe)
+    if check:
+        out.print(resolved_yaml(loaded), highlight=False, soft_wrap=True)
+        return
+    written = run_recipe(loaded, overwrite=overwrite, recipe_file=recipe)
     out.print("[green]wrote[/] " + ", ".join(f"{k}: {v}" for k, v in written.items()), soft_wrap=True)
 
 
+def _check_json_out(path: Path | None, overwrite: bool, sources: list[Any], inputs: list[Any]) -> None:
+    """Check a --json output before the work starts (not after an hour of evaluation)."""
+    from moekit.outputs import check_output
+
+    if path is not None:
+        check_output(path, kind="file", overwrite=overwrite, sources=sources, inputs=inputs)
+
+
 def _write_json(path: Path | None, data: Any) -> None:
+    from moekit.outputs import write_json_file
+
     if path is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    out.print(f"[green]wrote[/] {path}", soft_wrap=True)
+    write_json_file(path, data)
+    _wrote(f"{path}")
 
 
 @app.command("eval")
@@ -520,6 +609,7 @@ def eval_command(
     prompt: Annotated[list[str] | None, typer.Option(
         "--prompt", help="A fixed prompt to complete greedily (generation sample; repeatable).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results (JSON) to this file.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the --json file if it exists.")] = False,
     data_dir: Annotated[Path | None, typer.Option(
         "--data-dir", help="Folder of the benchmark files [default: $MOEKIT_EVAL_DATA or ../shared/data/eval].")]
     = None,
@@ -532,13 +622,12 @@ def eval_command(
     from moekit.pipeline import evaluate_model
 
     _quiet_transformers()
-    try:
-        specs = [DataSpec.parse(t) for t in text or []]
-        results = evaluate_model(model, task, {spec.name: spec.path for spec in specs}, limit=limit,
-                                 num_fewshot=num_fewshot, max_length=max_length, batch_size=batch_size,
-                                 device=device, dtype=dtype, data_dir=data_dir, prompts=prompt, stride=stride)
-    except USER_ERRORS as error:
-        _fail(error)
+    specs = [DataSpec.parse(t) for t in text or []]
+    task_files = [Path(t) for t in task or [] if t.endswith((".yaml", ".yml"))]
+    _check_json_out(json_out, overwrite, [model], [*(s.path for s in specs), *task_files, data_dir])
+    results = evaluate_model(model, task, {spec.name: spec.path for spec in specs}, limit=limit,
+                             num_fewshot=num_fewshot, max_length=max_length, batch_size=batch_size,
+                             device=device, dtype=dtype, data_dir=data_dir, prompts=prompt, stride=stride)
     table = Table(title=f"{model}")
     for col in ("task", "metric", "value", "stderr", "n"):
         table.add_column(col, justify="left" if col in ("task", "metric") else "right")
@@ -567,6 +656,7 @@ def speed(
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="auto (as stored), bfloat16, float32.")] = "auto",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results (JSON) to this file.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the --json file if it exists.")] = False,
 ) -> None:
     """Memory and speed of the original and compressed models, in one run, on the same prompts and batch.
 
@@ -583,12 +673,10 @@ def speed(
         name, sep, path = item.partition("=")
         name, path = (name, path) if sep else (Path(item).name or item, item)
         named[name if name not in named else f"{name}-{len(named)}"] = path
-    try:
-        result = measure_footprint_and_speed(named, batch_size=batch_size, prompt_tokens=prompt_tokens,
-                                             new_tokens=new_tokens, repeats=repeats, warmup=warmup, device=device,
-                                             dtype=dtype, progress=True)
-    except USER_ERRORS as error:
-        _fail(error)
+    _check_json_out(json_out, overwrite, list(named.values()), [])
+    result = measure_footprint_and_speed(named, batch_size=batch_size, prompt_tokens=prompt_tokens,
+                                         new_tokens=new_tokens, repeats=repeats, warmup=warmup, device=device,
+                                         dtype=dtype, progress=True)
     out.print(format_speed_table(result), soft_wrap=True, highlight=False)
     _write_json(json_out, result)
 
@@ -609,6 +697,8 @@ def report(
     demo_dir: Annotated[Path | None, typer.Option(
         "--demo", help="Everything from a moekit demo output directory.")] = None,
     title: Annotated[str, typer.Option(help="Report title.")] = "moekit report",
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace OUT if it holds an earlier moekit report.")] = False,
 ) -> None:
     """Write a report: markdown plus a self-contained HTML page with figures.
 
@@ -619,33 +709,33 @@ def report(
     Example:
       moekit report --profile prof --plan pruned/ --result orig:original:0=o.json --result r:reap:0.5=r.json --out r
     """
-    from moekit.report import build_report, report_inputs_from_demo, result_point
+    from moekit.report import ReportError, build_report, report_inputs_from_demo, result_point
+    from moekit.report.inputs import read_json
 
-    try:
-        inputs: dict[str, Any] = report_inputs_from_demo(demo_dir) if demo_dir else {}
-        if profile is not None:
-            inputs["profile"] = profile
-        if plan:
-            inputs["plans"] = [*inputs.get("plans", []), *plan]
-        for item in result or []:
-            spec, sep, path = item.partition("=")
-            parts = spec.split(":")
-            if not sep or len(parts) != 3:
-                raise ReportError(f"--result {item!r}: expected LABEL:METHOD:RATIO=EVAL.json")
-            try:
-                ratio = float(parts[2])
-            except ValueError:
-                raise ReportError(f"--result {item!r}: RATIO must be a number (fraction of experts removed)") from None
-            inputs["results"] = [*inputs.get("results", []), result_point(parts[0], parts[1], ratio, path)]
-        if speed_json is not None:
-            if not speed_json.is_file():
-                raise ReportError(f"speed results {speed_json} do not exist (moekit speed --json writes them)")
-            inputs["speed"] = json.loads(speed_json.read_text())
-        inputs["title"] = title if title != "moekit report" else inputs.get("title", title)
-        md, html = build_report(out_dir, **inputs)
-    except USER_ERRORS as error:
-        _fail(error)
-    out.print(f"[green]wrote[/] {md} and {html}", soft_wrap=True)
+    inputs: dict[str, Any] = report_inputs_from_demo(demo_dir) if demo_dir else {}
+    read: list[Any] = [demo_dir, speed_json]
+    if profile is not None:
+        inputs["profile"] = profile
+    if plan:
+        inputs["plans"] = [*inputs.get("plans", []), *plan]
+    for item in result or []:
+        spec, sep, path = item.partition("=")
+        parts = spec.split(":")
+        if not sep or len(parts) != 3:
+            raise ReportError(f"--result {item!r}: expected LABEL:METHOD:RATIO=EVAL.json")
+        try:
+            ratio = float(parts[2])
+        except ValueError:
+            raise ReportError(f"--result {item!r}: RATIO must be a number (fraction of experts removed)") from None
+        inputs["results"] = [*inputs.get("results", []), result_point(parts[0], parts[1], ratio, path)]
+        read.append(path)
+    if speed_json is not None:
+        if not speed_json.is_file():
+            raise ReportError(f"speed results {speed_json} do not exist (moekit speed --json writes them)")
+        inputs["speed"] = read_json(speed_json, "speed results file")
+    inputs["title"] = title if title != "moekit report" else inputs.get("title", title)
+    md, html = build_report(out_dir, **inputs, overwrite=overwrite, inputs=read)
+    _wrote(f"{md} and {html}")
 
 
 @app.command()
@@ -658,10 +748,7 @@ def compare(
     """
     from moekit.report import compare_results
 
-    try:
-        columns, rows = compare_results(results)
-    except USER_ERRORS as error:
-        _fail(error)
+    columns, rows = compare_results(results)
     table = Table()
     table.add_column("metric")
     for column in columns:
@@ -687,10 +774,7 @@ def demo(
     from moekit.demo import VARIANTS, run_demo
 
     _quiet_transformers()
-    try:
-        results = run_demo(out_dir, overwrite=overwrite, say=lambda text: out.print(text, soft_wrap=True))
-    except USER_ERRORS as error:
-        _fail(error)
+    results = run_demo(out_dir, overwrite=overwrite, say=lambda text: out.print(text, soft_wrap=True))
     table = Table(title="perplexity on held-out text (lower is better)")
     table.add_column("model")
     table.add_column("parameters", justify="right")
@@ -701,7 +785,7 @@ def demo(
         row = results["perplexity"][variant.name]
         table.add_row(variant.label, f"{results['parameters'][variant.name]:,}", *(f"{row[d]:.2f}" for d in domains))
     out.print(table)
-    out.print(f"[green]wrote[/] {out_dir}/report.md, the profile and the pruned checkpoints", soft_wrap=True)
+    _wrote(f"{out_dir}/report.md, the profile and the pruned checkpoints")
 
 
 @app.command()
@@ -724,15 +808,12 @@ def moefy(
 
     Example: moekit moefy ./dense-llama --experts 16 --top-k 4 --out ./llama-moe
     """
-    from moekit.moefy import MoefyError, moefy_to_checkpoint
+    from moekit.moefy import moefy_to_checkpoint
 
     _quiet_transformers()
-    try:
-        path = moefy_to_checkpoint(model, out_dir, experts, top_k, router, seed,  # type: ignore[arg-type]
-                                   overwrite=overwrite, dtype=dtype)
-    except (*USER_ERRORS, MoefyError) as error:
-        _fail(error)
-    out.print(f"[green]wrote[/] {path}: {experts} experts per layer, top-{top_k}, router {router}", soft_wrap=True)
+    path = moefy_to_checkpoint(model, out_dir, experts, top_k, router, seed,  # type: ignore[arg-type]
+                               overwrite=overwrite, dtype=dtype)
+    _wrote(f"{path}: {experts} experts per layer, top-{top_k}, router {router}")
 
 
 @app.command()
@@ -775,20 +856,17 @@ def recover(
     Example: moekit moefy ./dense --experts 16 --top-k 8 --out ./moe && moekit recover ./moe --teacher ./dense
     --data web=./text --steps 600 --batch-size 16 --device cuda --out ./moe-recovered
     """
-    from moekit.recover import RecoveryError, RecoverySettings, recover_to_checkpoint
+    from moekit.recover import RecoverySettings, recover_to_checkpoint
 
     _quiet_transformers()
     settings = RecoverySettings(train=train, steps=steps, batch_size=batch_size, lr=lr,  # type: ignore[arg-type]
                                 warmup=warmup, balance_coef=balance_coef, seed=seed)
-    try:
-        path = recover_to_checkpoint(model, data, out_dir, settings=settings, teacher=teacher, seq_len=seq_len,
-                                     max_tokens=max_tokens, device=device, dtype=dtype, tokenizer=tokenizer,
-                                     overwrite=overwrite)
-    except (*USER_ERRORS, RecoveryError) as error:
-        _fail(error)
+    path = recover_to_checkpoint(model, data, out_dir, settings=settings, teacher=teacher, seq_len=seq_len,
+                                 max_tokens=max_tokens, device=device, dtype=dtype, tokenizer=tokenizer,
+                                 overwrite=overwrite)
     record = json.loads((path / "moekit_plan.json").read_text())
-    out.print(f"[green]wrote[/] {path}: {record['tokens_seen']:,} tokens, loss {record['loss_curve'][0]['loss']:.4f}"
-              f" -> {record['loss_curve'][-1]['loss']:.4f} ({record['objective']})", soft_wrap=True)
+    _wrote(f"{path}: {record['tokens_seen']:,} tokens, loss {record['loss_curve'][0]['loss']:.4f}"
+              f" -> {record['loss_curve'][-1]['loss']:.4f} ({record['objective']})")
 
 
 @app.command("tiny-model")
@@ -803,21 +881,25 @@ def tiny_model(
 
     Example: moekit tiny-model qwen3_moe --out ./tiny-qwen3-moe
     """
-    from moekit.edit.checkpoint import check_output_dir
+    from moekit.outputs import check_output, writing_directory
     from moekit.tiny import TINY_FAMILIES, save_tiny_model
 
     _quiet_transformers()
     if model_type not in TINY_FAMILIES:
-        _fail(UnknownNameError(f"no tiny config for {model_type!r}; choose one of: {', '.join(TINY_FAMILIES)}"))
-    try:
-        check_output_dir(out_dir, None, overwrite=False)
-    except OutputDirError as error:
-        _fail(error)
-    save_tiny_model(model_type, out_dir, num_experts=experts, top_k=top_k, seed=seed)
-    out.print(f"[green]wrote[/] {out_dir} ({model_type}, {experts} experts, top-{top_k})")
+        raise UnknownNameError(f"no tiny config for {model_type!r}; choose one of: {', '.join(TINY_FAMILIES)}")
+    path = check_output(out_dir, kind="checkpoint")
+    with writing_directory(path, "checkpoint") as tmp:
+        save_tiny_model(model_type, tmp, num_experts=experts, top_k=top_k, seed=seed)
+    _wrote(f"{out_dir} ({model_type}, {experts} experts, top-{top_k})")
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
 
 
 def main() -> None:
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _on_signal)
     app()
 
 

@@ -1,26 +1,112 @@
-"""Loading models: the structure alone (no weights, for validation) or the full model."""
+"""Loading models: the structure alone (no weights, for validation) or the full model.
+
+No code from a checkpoint ever runs unless asked: every load passes ``trust_remote_code`` explicitly
+(False, so transformers neither prompts nor imports a checkpoint's ``configuration_*.py`` /
+``modeling_*.py``), unless the caller runs inside :func:`trusting_remote_code` (the CLI's
+``moekit --trust-remote-code``). Local checkpoints are checked before loading: config, dtype and
+device named correctly, every shard the index names present and inside the model directory.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from moekit.errors import UserError
 
-class ModelLoadError(ValueError):
+
+class ModelLoadError(UserError):
     """The model could not be found or read."""
+
+
+_REMOTE_CODE: ContextVar[bool] = ContextVar("moekit_trust_remote_code", default=False)
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
+
+
+@contextmanager
+def trusting_remote_code() -> Iterator[None]:
+    """Inside this block, loads may run code shipped with a checkpoint (``trust_remote_code=True``)."""
+    token = _REMOTE_CODE.set(True)
+    try:
+        yield
+    finally:
+        _REMOTE_CODE.reset(token)
+
+
+def remote_code_trusted() -> bool:
+    """Whether loads may run a checkpoint's own code now (only inside :func:`trusting_remote_code`)."""
+    return _REMOTE_CODE.get()
 
 
 def describe_source(source: str | Path) -> str:
     return str(Path(source).resolve()) if Path(source).exists() else str(source)
 
 
+def check_dtype(dtype: str | torch.dtype) -> None:
+    """Refuse a dtype name torch does not have, before anything loads."""
+    if isinstance(dtype, torch.dtype) or dtype in DTYPES:
+        return
+    raise ModelLoadError(f"--dtype {dtype!r} is not a dtype moekit loads; choose one of: {', '.join(DTYPES)}")
+
+
+def check_device(device: str) -> None:
+    """Refuse a device this machine does not have (``cuda`` without a GPU, ``cuda:3`` on a 2-GPU host)."""
+    if device in ("cpu", "meta"):
+        return
+    if device == "auto" or device == "cuda" or re.fullmatch(r"cuda:\d+", device):
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"--device {device}: no CUDA GPU is available on this machine; use --device cpu")
+        if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
+            raise ModelLoadError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return
+    raise ModelLoadError(f"--device {device!r} is not a device moekit knows; use cpu, cuda, cuda:N or auto")
+
+
+def _missing_local(source: str | Path) -> bool:
+    """A path that does not exist and cannot be a hub id (so it is a mistyped local path)."""
+    text = str(source)
+    if Path(text).exists():
+        return False
+    first = Path(text).parts[0] if Path(text).parts else text
+    return (not _HUB_ID.fullmatch(text) or text.startswith((".", "~")) or Path(text).is_absolute()
+            or (first != text and Path(first).exists()))
+
+
+def check_weight_files(path: Path) -> None:
+    """Every shard a local checkpoint's index names exists, is a regular file and lies inside ``path``."""
+    for index in sorted(path.glob("*.index.json")):
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map")
+        except (OSError, ValueError, AttributeError) as err:
+            raise ModelLoadError(f"{index} is not a valid shard index: {err}") from None
+        if not isinstance(weight_map, dict):
+            raise ModelLoadError(f"{index} has no weight_map object; the checkpoint is incomplete")
+        root = path.resolve()
+        for shard in sorted({str(v) for v in weight_map.values()}):
+            target = (path / shard).resolve()
+            if not target.is_relative_to(root) or Path(shard).is_absolute():
+                raise ModelLoadError(f"{index} names the shard {shard!r}, outside the model directory; moekit only "
+                                     "reads weights inside it")
+            if not target.is_file():
+                raise ModelLoadError(f"{index} names the shard {shard!r}, which is missing: the checkpoint is "
+                                     "incomplete (download or copy it again)")
+
+
 def load_config(source: str | Path) -> Any:
     path = Path(source)
+    if _missing_local(source):
+        raise ModelLoadError(f"{source} does not exist: MODEL must be a Hugging Face model directory or hub id")
     if path.is_file():
         raise ModelLoadError(f"{path} is a file: MODEL must be a Hugging Face model directory or hub id")
     if path.exists() and not (path / "config.json").is_file():
@@ -28,11 +114,11 @@ def load_config(source: str | Path) -> Any:
     if path.exists():
         try:
             json.loads((path / "config.json").read_text())
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ModelLoadError(f"{path / 'config.json'} is not valid JSON: {err}") from None
     try:
-        return AutoConfig.from_pretrained(str(source))
-    except (OSError, ValueError) as err:
+        return AutoConfig.from_pretrained(str(source), trust_remote_code=remote_code_trusted())
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
         where = "local directory" if path.exists() else "directory or hub id (is the hub reachable?)"
         raise ModelLoadError(f"cannot read the config of {source!r} as a {where}: {err}") from None
 
@@ -42,8 +128,8 @@ def load_structure(source: str | Path) -> PreTrainedModel:
     config = load_config(source)
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-    except ValueError as err:
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=remote_code_trusted())
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as err:
         raise ModelLoadError(f"{source!r} is not a causal language model transformers can build: {err}") from None
     return model.eval()
 
@@ -84,10 +170,18 @@ def check_fits(source: str | Path, dtype: str | torch.dtype, device: str) -> Non
 
 def load_model(source: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu") -> PreTrainedModel:
     """The full model, in its stored dtype by default, in eval mode; a clear error if it cannot fit."""
+    check_dtype(dtype)
+    check_device(device)
     load_config(source)  # clear errors first
+    if Path(source).is_dir():
+        check_weight_files(Path(source))
     check_fits(source, dtype, device)
-    kwargs: dict[str, Any] = {"dtype": dtype}
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": remote_code_trusted()}
     if device not in ("cpu", "meta"):
         kwargs["device_map"] = device
-    model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
+        raise ModelLoadError(f"cannot load the weights of {source}: {err}. The checkpoint is incomplete or corrupt, "
+                             "or its config does not match its weights") from None
     return model.eval()

@@ -37,6 +37,7 @@ import torch
 from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
 
 from moekit.edit.checkpoint import check_output_dir, write_checkpoint
+from moekit.errors import UserError
 from moekit.model_io import describe_source, load_model
 
 # Dense model type -> the stock MoE family that shares its blocks.
@@ -45,7 +46,7 @@ RouterInit = Literal["centroid", "zero"]
 CENTROID_SCALE = 1e-3  # keeps the centroid router's order, makes its top-K weights nearly equal
 
 
-class MoefyError(ValueError):
+class MoefyError(UserError):
     """A dense model or setting moefy cannot convert; the message says why."""
 
 

@@ -10,9 +10,8 @@ the budget, protections, group and top-k constraints, the output path).
 
 from __future__ import annotations
 
-import json
 import shlex
-import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from moekit.edit import PruneResult, prune_to_checkpoint
 from moekit.edit.checkpoint import check_output_dir
 from moekit.edit.keep import PlanError, read_json_plan
 from moekit.model_io import describe_source, load_structure
+from moekit.outputs import check_output, write_json_file
 from moekit.plan import PlanRequest, make_prune_plan, plan_keep_map, plan_top_k
 from moekit.profile import Profile
 from moekit.profile.profile_file import config_sha256
@@ -38,18 +38,11 @@ def plan_from_profile(source: str | Path, profile: str | Path | Profile, request
     return make_prune_plan(view, loaded, request, profile_path=path, source=describe_source(source))
 
 
-def write_plan(plan: dict[str, Any], path: str | Path, overwrite: bool = False) -> Path:
-    """Write a plan as JSON (sorted keys: same plan, same bytes), atomically."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise PlanError(f"{path} already exists; choose a new file or pass --overwrite")
-    if path.exists() and path.is_dir():
-        raise PlanError(f"{path} is a directory; --plan-only writes a JSON file")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(json.dumps(plan, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-    return path
+def write_plan(plan: dict[str, Any], path: str | Path, overwrite: bool = False,
+               sources: Sequence[str | Path | None] = (), inputs: Sequence[str | Path | None] = ()) -> Path:
+    """Write a plan as JSON (sorted keys: same plan, same bytes), atomically (``moekit.outputs`` rules)."""
+    checked = check_output(path, kind="file", overwrite=overwrite, sources=sources, inputs=inputs)
+    return write_json_file(checked, plan, indent=2, sort_keys=True)
 
 
 def read_plan(path: str | Path) -> dict[str, Any]:

@@ -29,9 +29,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 import moekit
+from moekit.errors import UserError
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError):
     """A recipe file that cannot be read or is not valid."""
 
 
@@ -169,16 +170,96 @@ def resolved_yaml(recipe: Recipe) -> str:
     return yaml.safe_dump(data, sort_keys=False)
 
 
-def run_recipe(recipe: Recipe, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run the recipe's steps into ``recipe.out``; return what was written."""
-    from moekit.edit.checkpoint import check_output_dir
-    from moekit.pipeline import naee_plan_from_data, plan_from_profile, prune_with_plan
+def check_recipe_inputs(recipe: Recipe) -> None:
+    """Everything every step will need, checked before the first step runs (nothing is loaded but configs,
+    the tokenizer and an existing profile): the model is a supported MoE, data and text paths exist, dtypes
+    and devices exist, the budget, protections, top-k and set weights fit the model, tasks resolve."""
+    from moekit.arch.view import MoEModelView
+    from moekit.data import DataError, DataSpec
+    from moekit.eval import resolve_task
+    from moekit.model_io import check_device, check_dtype, load_structure
+    from moekit.plan import kept_count
+    from moekit.profile import Profile
+    from moekit.score import parse_set_weights
+
+    view = MoEModelView.from_model(load_structure(recipe.model))
+    step = recipe.profile
+    for name, path in step.data.items():
+        DataSpec.parse(f"{name}={path}")
+        if not Path(path).exists():
+            raise DataError(f"profile.data.{name}: {path} does not exist")
+    for dtype, device in ((step.dtype, step.device), *(((s.dtype, s.device),) if (s := recipe.eval) else ()),
+                          *(((recipe.prune.dtype, "cpu"),) if recipe.prune else ())):
+        check_dtype(dtype)
+        check_device(device)
+    prune = recipe.prune
+    if prune is not None:
+        request = _plan_request(recipe)
+        kept_count(view.num_experts, request)
+        if prune.top_k is not None and prune.top_k > kept_count(view.num_experts, request):
+            raise RecipeError(f"prune.top_k {prune.top_k} is more than the experts kept per layer")
+        for layer, expert in request.protect:
+            if layer not in [entry.index for entry in view.layers] or not 0 <= expert < view.num_experts:
+                raise RecipeError(f"prune.protect {layer}:{expert} is not an expert of an MoE layer of the model")
+        if prune.method == "naee" and not step.data:
+            raise RecipeError("prune.method naee runs the model on calibration text: give profile.data")
+        if prune.set_weights:
+            names = Profile.load(step.path).set_names if step.path else list(step.data)
+            parse_set_weights(",".join(f"{k}={v}" for k, v in prune.set_weights.items()), names)
+    if step.path:
+        Profile.load(step.path).check_model(view)
+    if recipe.eval is not None:
+        for name, path in recipe.eval.text.items():
+            if not Path(path).exists():
+                raise DataError(f"eval.text.{name}: {path} does not exist")
+        for task in recipe.eval.tasks:
+            resolve_task(task, num_fewshot=recipe.eval.num_fewshot, limit=1)
+
+
+def _plan_request(recipe: Recipe) -> Any:
     from moekit.plan import PlanRequest, parse_protect
+
+    prune = recipe.prune
+    assert prune is not None
+    return PlanRequest(method=prune.method, ratio=prune.ratio, keep=prune.keep,
+                       protect_super=prune.protect_super, protect=parse_protect(",".join(prune.protect)),
+                       seed=recipe.seed, top_k=prune.top_k, allow_regroup=prune.allow_regroup)
+
+
+def recipe_paths(recipe: Recipe) -> tuple[list[str | None], list[str | None]]:
+    """(sources, inputs) of a recipe, in the sense of ``moekit.outputs.check_output``."""
+    step = recipe.profile
+    inputs: list[str | None] = [*step.data.values(), step.path, step.tokenizer]
+    if recipe.eval is not None:
+        inputs += [*recipe.eval.text.values(), *(t for t in recipe.eval.tasks if t.endswith((".yaml", ".yml")))]
+    return [recipe.model], inputs
+
+
+def run_recipe(recipe: Recipe, overwrite: bool = False, progress: bool = True,
+               recipe_file: str | Path | None = None) -> dict[str, Any]:
+    """Run the recipe's steps into ``recipe.out``; return what was written.
+
+    Every step's inputs are checked first (:func:`check_recipe_inputs`); the steps then write into a
+    temporary directory that becomes ``recipe.out`` only when every step has finished, so a failed or
+    interrupted run leaves nothing behind (``moekit.outputs``). ``recipe_file`` (the YAML read) is never
+    replaced."""
+    from moekit.outputs import check_output, writing_directory
+
+    sources, inputs = recipe_paths(recipe)
+    out = check_output(recipe.out, kind="run", overwrite=overwrite, sources=sources, inputs=[*inputs, recipe_file])
+    check_recipe_inputs(recipe)
+    with writing_directory(out, "run") as tmp:
+        written = _run_steps(recipe, tmp, out, progress)
+    return {key: value.replace(str(tmp), str(out)) if isinstance(value, str) else value
+            for key, value in written.items()}
+
+
+def _run_steps(recipe: Recipe, out: Path, final: Path, progress: bool) -> dict[str, Any]:
+    """The steps, written into ``out`` (a temporary directory that becomes ``final``)."""
+    from moekit.pipeline import naee_plan_from_data, plan_from_profile, prune_with_plan
     from moekit.profile import Profile, profile_model
     from moekit.score import parse_set_weights
 
-    out = check_output_dir(recipe.out, recipe.model, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.resolved.yaml").write_text(resolved_yaml(recipe))
     written: dict[str, Any] = {"out": str(out), "recipe": str(out / "recipe.resolved.yaml")}
     step = recipe.profile
@@ -188,14 +269,11 @@ def run_recipe(recipe: Recipe, overwrite: bool = False, progress: bool = True) -
     if not step.path and (prune is None or prune.method != "naee"):
         profile_model(recipe.model, data, profile_path, seq_len=step.seq_len, max_tokens=step.max_tokens,
                       seed=recipe.seed, batch_size=step.batch_size, device=step.device, dtype=step.dtype,
-                      neuron_stats=step.neuron_stats, overwrite=overwrite, tokenizer=step.tokenizer,
-                      progress=progress)
+                      neuron_stats=step.neuron_stats, tokenizer=step.tokenizer, progress=progress)
         written["profile"] = str(profile_path)
     if prune is None:
         return written
-    request = PlanRequest(method=prune.method, ratio=prune.ratio, keep=prune.keep,
-                          protect_super=prune.protect_super, protect=parse_protect(",".join(prune.protect)),
-                          seed=recipe.seed, top_k=prune.top_k, allow_regroup=prune.allow_regroup)
+    request = _plan_request(recipe)
     if prune.method == "naee":
         plan = naee_plan_from_data(recipe.model, data, request, seq_len=step.seq_len, max_tokens=step.max_tokens,
                                    seed=recipe.seed, batch_size=step.batch_size, device=step.device,
@@ -206,9 +284,10 @@ def run_recipe(recipe: Recipe, overwrite: bool = False, progress: bool = True) -
         if prune.set_weights:
             text = ",".join(f"{k}={v}" for k, v in prune.set_weights.items())
             request = replace(request, set_weights=parse_set_weights(text, loaded.set_names))
-        plan = plan_from_profile(recipe.model, loaded, request, profile_path=profile_path)
-    result = prune_with_plan(recipe.model, plan, out / "model", overwrite=overwrite, dtype=prune.dtype,
-                             reproduce=f"moekit run {out / 'recipe.resolved.yaml'}")
+        recorded = Path(step.path) if step.path else final / "profile"
+        plan = plan_from_profile(recipe.model, loaded, request, profile_path=recorded)
+    result = prune_with_plan(recipe.model, plan, out / "model", dtype=prune.dtype,
+                             reproduce=f"moekit run {final / 'recipe.resolved.yaml'}")
     written["model"] = str(result.out)
     if recipe.eval is not None:
         written.update(_evaluate_and_report(recipe, out, plan, profile_path if profile_path.exists() else None,

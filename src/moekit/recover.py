@@ -37,6 +37,7 @@ from torch import nn
 from moekit.arch import MoEModelView
 from moekit.data import CalibrationSet, DataError, DataSpec, load_calibration_set
 from moekit.environment import versions
+from moekit.errors import UserError
 from moekit.model_io import describe_source, load_config, load_model, load_structure
 
 Trainable = Literal["router", "all"]
@@ -44,7 +45,7 @@ TRAINABLE = ("router", "all")
 DEFAULT_LR = {"router": 1e-3, "all": 1e-4}
 
 
-class RecoveryError(ValueError):
+class RecoveryError(UserError):
     """A recovery run that cannot start as asked; the message says why and what to change."""
 
 
@@ -261,8 +262,8 @@ def recover_to_checkpoint(source: str | Path, data: Sequence[str | DataSpec], ou
     from moekit.profile.collect import load_tokenizer, max_positions
 
     settings = settings.checked()
-    check_output_dir(out, source, overwrite)
     specs = [d if isinstance(d, DataSpec) else DataSpec.parse(d) for d in data]
+    check_output_dir(out, source, overwrite, sources=[teacher], inputs=[tokenizer, *(spec.path for spec in specs)])
     if not specs:
         raise DataError("no training text: pass --data NAME=PATH (one or more)")
     structure = load_structure(source)

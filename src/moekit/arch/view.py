@@ -27,6 +27,7 @@ from torch import nn
 from moekit.arch.experts import ExpertLayout, ExpertWeights, expert_parameter_count, layout_of
 from moekit.arch.families import FAMILIES, PROBE_CANDIDATES, FamilySpec, RouterCall, supported_model_types
 from moekit.arch.routing import RoutingSpec, compute_router_logits, select_experts
+from moekit.errors import UserError
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|blocks|h)\.(\d+)(?:\.|$)")
 ROUTER_NAMES = ("gate", "router")
@@ -39,7 +40,7 @@ N_GROUP_KEYS = ("n_group", "num_expert_group")
 TOPK_GROUP_KEYS = ("topk_group",)
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserError):
     """The model is not an MoE model moekit knows how to read."""
 
 

@@ -22,10 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moekit.errors import UserError
+
 RenderChat = Callable[[list[dict[str, Any]]], str]
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Calibration data is missing, unreadable or not in a form moekit reads."""
 
 

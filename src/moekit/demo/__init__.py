@@ -55,11 +55,23 @@ def read_texts(name: str, split: str) -> list[str]:
 
 def run_demo(out: str | Path, overwrite: bool = False, progress: bool = True, ratio: float = 0.5,
              say: Any = print) -> dict[str, Any]:
-    """Run every step into ``out``; return the results (also saved as ``results.json``)."""
+    """Run every step into ``out``; return the results (also saved as ``results.json``).
+
+    Everything is written into a temporary directory that becomes ``out`` only when the demo has
+    finished (``moekit.outputs``); an existing ``out`` is replaced only with ``overwrite`` and only if it
+    holds an earlier demo."""
+    from moekit.outputs import check_output, writing_directory
+
+    out = check_output(out, kind="demo", overwrite=overwrite, sources=[MODEL_DIR, TEXTS_DIR])
+    with writing_directory(out, "demo") as tmp:
+        results = _run_demo_into(tmp, progress, ratio, say)
+    return results
+
+
+def _run_demo_into(out: Path, progress: bool, ratio: float, say: Any) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from moekit.arch.view import MoEModelView
-    from moekit.edit.checkpoint import check_output_dir
     from moekit.eval import perplexity
     from moekit.model_io import load_model, load_structure
     from moekit.pipeline import plan_from_profile, prune_with_plan
@@ -68,16 +80,13 @@ def run_demo(out: str | Path, overwrite: bool = False, progress: bool = True, ra
     from moekit.profile.analyze import analyze_profile
     from moekit.summary import format_count, summarize
 
-    out = check_output_dir(out, MODEL_DIR, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
     summary = summarize(MoEModelView.from_model(load_structure(MODEL_DIR)))
     say(f"1/4 inspect: {summary.model_type}, {len(summary.moe_layers)} MoE layers x {summary.num_experts} experts, "
         f"top-{summary.top_k}; {format_count(summary.total_parameters)} parameters, "
         f"{format_count(summary.active_parameters)} active per token")
 
     data = [f"{name}={TEXTS_DIR / f'{name}-calibration.jsonl'}" for name in CALIBRATION_SETS]
-    profile = profile_model(MODEL_DIR, data, out / "profile", seq_len=SEQ_LEN, max_tokens=None,
-                            overwrite=overwrite, progress=progress)
+    profile = profile_model(MODEL_DIR, data, out / "profile", seq_len=SEQ_LEN, max_tokens=None, progress=progress)
     analysis = analyze_profile(profile)
     overlap = analysis["specialisation"]["overlap"]["code|prose"]["mean_jaccard"]
     sets = ", ".join(f"{s['name']} {s['tokens']:,} tokens" for s in profile.meta["sets"])
@@ -89,7 +98,7 @@ def run_demo(out: str | Path, overwrite: bool = False, progress: bool = True, ra
     for variant in VARIANTS[1:]:
         request = PlanRequest(variant.method or "", ratio=ratio, set_weights=variant.set_weights)
         plan = plan_from_profile(MODEL_DIR, profile, request)
-        result = prune_with_plan(MODEL_DIR, plan, out / variant.name, overwrite=overwrite)
+        result = prune_with_plan(MODEL_DIR, plan, out / variant.name)
         paths[variant.name] = result.out
         sizes[variant.name] = result.after.total_parameters
     names = ", ".join(v.name for v in VARIANTS[1:])
@@ -106,7 +115,10 @@ def run_demo(out: str | Path, overwrite: bool = False, progress: bool = True, ra
                "parameters": sizes, "variants": [v.__dict__ for v in VARIANTS], "analysis": analysis,
                "versions": profile.meta["versions"]}
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
-    from moekit.report import build_report, report_inputs_from_demo
+    from moekit.report import report_inputs_from_demo
+    from moekit.report.build import report_sections, write_report_files
 
-    build_report(out, **report_inputs_from_demo(out))
+    inputs = report_inputs_from_demo(out)
+    title = inputs.pop("title")
+    write_report_files(out, title, report_sections(**inputs))
     return results

@@ -1,15 +1,20 @@
-"""Writing edited checkpoints: atomically (temp dir, rename on success), never over the source,
-with the source's tokenizer files, a model card and the plan beside the weights."""
+"""Writing edited checkpoints: atomically (temp dir, rename on success), never over the source
+(``moekit.outputs``), with the source's tokenizer files, a model card and the plan beside the weights."""
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
-import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedModel
+
+from moekit.outputs import OutputError, check_output, writing_directory
+
+log = logging.getLogger("moekit")
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 NOT_COPIED = {"config.json", "README.md", "moekit_plan.json", "model.safetensors.index.json",
@@ -18,39 +23,38 @@ PLAN_FILE = "moekit_plan.json"
 CARD_FILE = "README.md"
 
 
-class OutputDirError(ValueError):
-    """The output directory cannot be written as asked."""
+OutputDirError = OutputError  # the name earlier versions exported
 
 
-def check_output_dir(out: str | Path, source: str | Path | None, overwrite: bool) -> Path:
-    """Refuse an output that is, or contains, the source; refuse an existing one unless ``overwrite``."""
-    out_path = Path(out).resolve()
-    src = Path(source) if source is not None else None
-    if src is not None and src.exists():
-        src = src.resolve()
-        if out_path == src:
-            raise OutputDirError(f"output directory {out_path} is the source model; choose a new directory")
-        if src.is_relative_to(out_path):
-            raise OutputDirError(f"output directory {out_path} contains the source model {src}; choose a "
-                                 "directory outside it")
-    if out_path.exists() and not overwrite:
-        raise OutputDirError(f"output directory {out_path} already exists; choose a new one or pass --overwrite")
-    if out_path.exists() and not out_path.is_dir():
-        raise OutputDirError(f"output path {out_path} exists and is not a directory")
-    return out_path
+def check_output_dir(out: str | Path, source: str | Path | None, overwrite: bool,
+                     sources: Iterable[str | Path | None] = (), inputs: Iterable[str | Path | None] = ()) -> Path:
+    """The checks of :func:`moekit.outputs.check_output` for a checkpoint directory made from ``source``."""
+    return check_output(out, kind="checkpoint", overwrite=overwrite, sources=[source, *sources], inputs=inputs)
 
 
-def _copy_side_files(source: Path, dest: Path) -> list[str]:
-    copied = []
+def _copy_side_files(source: Path, dest: Path) -> tuple[list[str], list[str]]:
+    """Copy the source's tokenizer and other small files; return (copied, skipped links).
+
+    Only regular files directly inside the source are copied: a symbolic link is skipped (and named),
+    so a link to a private file elsewhere never puts that file's content into the new checkpoint."""
+    copied: list[str] = []
+    skipped: list[str] = []
     if not source.is_dir():
-        return copied
+        return copied, skipped
     for item in sorted(source.iterdir()):
-        if (not item.is_file() or item.name.startswith(".") or item.name in NOT_COPIED
-                or item.name.endswith(WEIGHT_SUFFIXES) or (dest / item.name).exists()):
+        if item.name.startswith(".") or item.name in NOT_COPIED or item.name.endswith(WEIGHT_SUFFIXES):
+            continue
+        if item.is_symlink():
+            skipped.append(item.name)
+            continue
+        if not item.is_file() or (dest / item.name).exists():
             continue
         shutil.copy2(item, dest / item.name)
         copied.append(item.name)
-    return copied
+    if skipped:
+        log.warning("not copied from %s (symbolic links; copy the files themselves if they belong with the model): "
+                    "%s", source, ", ".join(skipped))
+    return copied, skipped
 
 
 def _write_config_aliases(dest: Path, aliases: dict[str, Any]) -> None:
@@ -74,9 +78,7 @@ def write_checkpoint(
     """Save ``model`` with plan, card and ``extra_files`` (name -> bytes) to ``out`` atomically. Nothing is
     left behind on failure."""
     out_path = check_output_dir(out, source, overwrite)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.parent / f".{out_path.name}.moekit-tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with writing_directory(out_path, "checkpoint") as tmp:
         model.save_pretrained(tmp)
         if config_aliases:
             _write_config_aliases(tmp, config_aliases)
@@ -85,14 +87,4 @@ def write_checkpoint(
         (tmp / CARD_FILE).write_text(card)
         for name, content in (extra_files or {}).items():
             (tmp / name).write_bytes(content)
-        if out_path.exists():
-            old = out_path.parent / f".{out_path.name}.moekit-old-{uuid.uuid4().hex[:8]}"
-            out_path.rename(old)
-            tmp.rename(out_path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_path

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from moekit.arch.view import MoEModelView
+from moekit.errors import UserError
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
     """A keep plan that cannot be applied to this model; the message says why and what to do."""
 
 

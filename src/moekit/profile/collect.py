@@ -23,9 +23,10 @@ from transformers import AutoTokenizer, PreTrainedModel
 from moekit.arch.view import MoEModelView, config_value
 from moekit.data import CalibrationSet, DataError, DataSpec, load_calibration_set
 from moekit.environment import versions
-from moekit.model_io import describe_source, load_config, load_model
+from moekit.model_io import check_device, check_dtype, describe_source, load_config, load_model
+from moekit.outputs import check_output
 from moekit.profile.capture import capturing
-from moekit.profile.profile_file import Profile, ProfileError, new_meta
+from moekit.profile.profile_file import Profile, new_meta
 
 MAX_POSITION_KEYS = ("max_position_embeddings", "max_seq_len", "n_positions", "seq_length")
 
@@ -145,10 +146,11 @@ def profile_model(source: str | Path, data: Sequence[str | DataSpec], out: str |
     data (read, tokenised and packed first), sequence length against the model's maximum.
     ``seq_len`` defaults to 2048 or the model's maximum, whichever is smaller.
     """
-    out_path = Path(out).resolve()
-    if out_path.exists() and not overwrite:
-        raise ProfileError(f"{out_path} already exists; choose a new directory or pass --overwrite")
     specs = [d if isinstance(d, DataSpec) else DataSpec.parse(d) for d in data]
+    sources, inputs = [source], [tokenizer, *(spec.path for spec in specs)]
+    out_path = check_output(out, kind="profile", overwrite=overwrite, sources=sources, inputs=inputs)
+    check_dtype(dtype)
+    check_device(device)
     if not specs:
         raise DataError("no calibration data: pass --data NAME=PATH (one or more)")
     names = [s.name for s in specs]
@@ -168,5 +170,5 @@ def profile_model(source: str | Path, data: Sequence[str | DataSpec], out: str |
     options = {"seq_len": seq_len, "max_tokens": max_tokens, "seed": seed, "dtype": dtype, "device": device,
                "tokenizer": describe_source(tokenizer or source)}
     profile = collect_profile(model, sets, batch_size, neuron_stats, progress, describe_source(source), options)
-    profile.save(out_path, overwrite=overwrite)
+    profile.save(out_path, overwrite=overwrite, sources=sources, inputs=inputs)
     return profile

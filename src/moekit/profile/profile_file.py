@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from moekit.arch.view import MoEModelView
+from moekit.errors import UserError
+from moekit.outputs import check_output, writing_directory
 from moekit.profile.stats import CHUNK_SIZES, NEURON_STATS, STATS, reduction
 
 FORMAT = "moekit-profile"
@@ -33,7 +34,7 @@ TENSOR_FILE = "statistics.safetensors"
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "dtype", "torch_dtype", "use_cache", "output_router_logits"}
 
 
-class ProfileError(ValueError):
+class ProfileError(UserError):
     """A profile cannot be read, merged or used with this model."""
 
 
@@ -102,27 +103,17 @@ class Profile:
             raise ProfileError(f"the profile was collected on another model ({self.meta['model'].get('source')}): "
                                f"{details}. Profile this model first (moekit profile MODEL --data ...)")
 
-    def save(self, out: str | Path, overwrite: bool = False) -> Path:
-        out = Path(out).resolve()
-        if out.exists() and not overwrite:
-            raise ProfileError(f"{out} already exists; choose a new directory or pass --overwrite")
-        if out.exists() and not out.is_dir():
-            raise ProfileError(f"{out} exists and is not a directory")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            tensors = {f"layers.{i}.{name}": t.contiguous() for i, stats in self.layers.items()
-                       for name, t in stats.items()}
+    def save(self, out: str | Path, overwrite: bool = False, sources: Sequence[str | Path | None] = (),
+             inputs: Sequence[str | Path | None] = ()) -> Path:
+        """Write the profile to the directory ``out`` atomically (``moekit.outputs``: never over a source or
+        an input, an existing directory only with ``overwrite`` and only if it holds a moekit profile)."""
+        path = check_output(out, kind="profile", overwrite=overwrite, sources=sources, inputs=inputs)
+        tensors = {f"layers.{i}.{name}": t.contiguous() for i, stats in self.layers.items()
+                   for name, t in stats.items()}
+        with writing_directory(path, "profile") as tmp:
             save_file(tensors, str(tmp / TENSOR_FILE), metadata={"format": FORMAT})
             (tmp / META_FILE).write_text(json.dumps(self.meta, indent=2, sort_keys=True) + "\n")
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-        return out
+        return path
 
     @classmethod
     def load(cls, path: str | Path) -> Profile:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moekit.outputs import check_output, writing_directory
 from moekit.report import figures
 from moekit.report.compare import format_value
 from moekit.report.errors import ReportError
@@ -239,25 +240,49 @@ def render_html(title: str, sections: Sequence[Section]) -> str:
 
 def build_report(out_dir: str | Path, *, profile: Any = None, plans: Sequence[Any] = (),
                  results: Sequence[ResultPoint | Mapping[str, Any]] = (), speed: Mapping[str, Any] | None = None,
-                 samples: Sequence[Mapping[str, Any]] | None = None, title: str = "moekit report") -> tuple[Path, Path]:
-    """Write ``report.md`` (figures in ``figures/``) and a self-contained ``report.html``; return both paths.
+                 samples: Sequence[Mapping[str, Any]] | None = None, title: str = "moekit report",
+                 overwrite: bool = False, inputs: Sequence[str | Path | None] = ()) -> tuple[Path, Path]:
+    """Write ``report.md`` (figures in ``figures/``) and a self-contained ``report.html`` into the directory
+    ``out_dir`` atomically; return both paths.
 
     ``profile``: a Profile or a profile directory. ``plans``: plan dicts, ``moekit_plan.json`` paths or
     pruned checkpoint directories. ``results``: ResultPoints or dicts (label, method, ratio, metrics or
     a ``moekit eval --json`` ``results`` dict/path). ``speed``: ``{"models": {name: {field: number}}}``.
-    ``samples``: ``[{"prompt": ..., "completions": {model: text}}]``. All inputs are checked before
-    anything is written.
+    ``samples``: ``[{"prompt": ..., "completions": {model: text}}]``. ``inputs``: other files the caller
+    read (never replaced). The output is checked first (``moekit.outputs``: an existing directory only
+    with ``overwrite`` and only if it holds a moekit report), then every input, then anything is written.
     """
+    paths = [p for p in (profile, *plans) if isinstance(p, (str, Path))]
+    if isinstance(profile, (str, Path)):
+        profile = _load_profile(profile)
+    plans = [load_plan(p) for p in plans]
+    models = [(profile.meta.get("model") or {}).get("source") if profile is not None else None,
+              *((plan.get("source") or {}).get("model") for plan in plans)]
+    out = check_output(out_dir, kind="report", overwrite=overwrite,
+                       sources=[*models, *(p for p in paths if Path(p).is_dir() and p is not profile)],
+                       inputs=[*paths, *inputs])
+    sections = report_sections(profile=profile, plans=plans, results=results, speed=speed, samples=samples)
+    with writing_directory(out, "report") as tmp:
+        write_report_files(tmp, title, sections)
+    return out / "report.md", out / "report.html"
+
+
+def _load_profile(path: str | Path) -> Any:
+    from moekit.profile.profile_file import Profile, ProfileError
+
+    try:
+        return Profile.load(path)
+    except ProfileError as err:
+        raise ReportError(str(err)) from None
+
+
+def report_sections(*, profile: Any = None, plans: Sequence[Any] = (),
+                    results: Sequence[ResultPoint | Mapping[str, Any]] = (), speed: Mapping[str, Any] | None = None,
+                    samples: Sequence[Mapping[str, Any]] | None = None) -> list[Section]:
+    """The report's sections (tables and figures) for what is given; every input is checked here."""
     sections: list[Section] = []
     if profile is not None:
-        if isinstance(profile, (str, Path)):
-            from moekit.profile.profile_file import Profile, ProfileError
-
-            try:
-                profile = Profile.load(profile)
-            except ProfileError as err:
-                raise ReportError(str(err)) from None
-        sections.append(load_section(profile))
+        sections.append(load_section(_load_profile(profile) if isinstance(profile, (str, Path)) else profile))
     if plans:
         sections.append(scores_section([load_plan(p) for p in plans]))
     if results:
@@ -268,16 +293,18 @@ def build_report(out_dir: str | Path, *, profile: Any = None, plans: Sequence[An
         sections.append(samples_section(samples))
     if not sections:
         raise ReportError("nothing to report: give a profile, plans, results, speed numbers or samples")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ReportError(f"{out} exists and is not a directory")
-    figure_dir = out / "figures"
+    return sections
+
+
+def write_report_files(directory: Path, title: str, sections: Sequence[Section]) -> tuple[Path, Path]:
+    """``report.md``, ``report.html`` and ``figures/`` into ``directory`` (the caller makes it atomic)."""
+    figure_dir = directory / "figures"
     figure_dir.mkdir(parents=True, exist_ok=True)
     for section in sections:
         for block in section.blocks:
             if isinstance(block, Image):
                 (figure_dir / block.name).write_bytes(block.png)
-    md_path, html_path = out / "report.md", out / "report.html"
+    md_path, html_path = directory / "report.md", directory / "report.html"
     md_path.write_text(render_markdown(title, sections, figure_dir.name))
     html_path.write_text(render_html(title, sections))
     return md_path, html_path

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from moekit.errors import UserError
 
-class ReportError(ValueError):
+
+class ReportError(UserError):
     """Report inputs are missing, unreadable or of the wrong kind, or there is nothing to report."""
