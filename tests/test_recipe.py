@@ -68,3 +68,26 @@ def test_recipe_check_prints_the_resolved_recipe(tiny_checkpoint, tmp_path) -> N
     assert result.exit_code == 0, result.output
     assert yaml.safe_load(result.stdout)["profile"]["max_tokens"] == 262144
     assert not (tmp_path / "run").exists()
+
+
+def test_every_step_is_checked_before_the_first_runs(tiny_checkpoint, tmp_path) -> None:
+    (tmp_path / "code.txt").write_text("def f(x):\n    return x * 2\n" * 30)
+    base = {"model": str(tiny_checkpoint("qwen3_moe")), "out": "run",
+            "profile": {"data": {"code": "code.txt"}, "seq_len": 64, "max_tokens": 512},
+            "prune": {"method": "frequency", "keep": 4},
+            "eval": {"text": {"code": "code.txt"}, "max_length": 64}}
+    broken = {
+        "an eval text that does not exist": ({"eval": {"text": {"code": "missing.txt"}}}, "missing.txt"),
+        "an unknown task": ({"eval": {"tasks": ["arc_hard"]}}, "arc_hard"),
+        "an expert that does not exist": ({"prune": {"method": "frequency", "keep": 4, "protect": ["0:99"]}}, "0:99"),
+        "a set weight for no set": ({"prune": {"method": "frequency", "keep": 4, "set_weights": {"prose": 1}}},
+                                    "prose"),
+        "a budget the model cannot keep": ({"prune": {"method": "frequency", "keep": 99}}, "99"),
+        "a dtype that does not exist": ({"eval": {"text": {"code": "code.txt"}, "dtype": "float7"}}, "float7"),
+    }
+    for label, (change, expected) in broken.items():
+        (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({**base, **change}))
+        result = runner.invoke(app, ["run", str(tmp_path / "recipe.yaml")])
+        assert result.exit_code == 2, (label, result.output)
+        assert expected in " ".join(result.stderr.split()), (label, result.output)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["code.txt", "recipe.yaml"], label  # nothing ran

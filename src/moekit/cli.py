@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import re
 import signal
 import sys
 import traceback
@@ -28,6 +29,7 @@ _OS_ERRORS = {
     errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied", errno.EPERM: "not permitted",
     errno.ENOENT: "no such file or directory", errno.EISDIR: "is a directory", errno.ENOTDIR: "not a directory",
     errno.ENAMETOOLONG: "file name too long", errno.EIO: "input/output error",
+    errno.EFBIG: "file too large for the limits of this machine or file system",
 }
 
 
@@ -52,11 +54,13 @@ class _ErrorBoundary(TyperGroup):
             raise
         except UserError as error:
             _fail(error)
-        except OSError as error:
-            if error.errno not in _OS_ERRORS:
+        except Exception as error:
+            code = _os_errno(error)
+            if code not in _OS_ERRORS:
                 _report_bug()
-            where = f": {error.filename}" if error.filename else ""
-            _fail(f"{_OS_ERRORS[error.errno]}{where} ({error.strerror or error}). Nothing was written at the "
+            filename = getattr(error, "filename", None)
+            detail = getattr(error, "strerror", None) or error
+            _fail(f"{_OS_ERRORS[code]}{f': {filename}' if filename else ''} ({detail}). Nothing was written at the "
                   "output; fix this (free space, permissions, the path) and run again")
         except KeyboardInterrupt:
             err.print("interrupted: nothing half-written was left at the output", markup=False, highlight=False)
@@ -65,8 +69,15 @@ class _ErrorBoundary(TyperGroup):
             err.print(f"stopped by signal {signal.Signals(stop.signum).name}: nothing half-written was left at the "
                       "output", markup=False, highlight=False)
             raise typer.Exit(128 + stop.signum) from None
-        except Exception:
-            _report_bug()
+
+
+def _os_errno(error: BaseException) -> int | None:
+    """The operating-system error number behind ``error``: an OSError's, or the one a Rust library (safetensors)
+    reports in its message as "(os error N)"."""
+    if isinstance(error, OSError):
+        return error.errno
+    match = re.search(r"\(os error (\d+)\)", str(error))
+    return int(match.group(1)) if match else None
 
 
 def _report_bug() -> None:

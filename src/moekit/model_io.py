@@ -180,8 +180,13 @@ def load_model(source: str | Path, dtype: str | torch.dtype = "auto", device: st
     if device not in ("cpu", "meta"):
         kwargs["device_map"] = device
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(str(source), output_loading_info=True, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
         raise ModelLoadError(f"cannot load the weights of {source}: {err}. The checkpoint is incomplete or corrupt, "
                              "or its config does not match its weights") from None
+    missing = sorted(info.get("missing_keys") or []) + sorted(str(k) for k in info.get("mismatched_keys") or [])
+    if missing:  # transformers would fill them with random values: garbage in, garbage out
+        raise ModelLoadError(f"cannot load {source}: {len(missing)} weight(s) the config needs are missing from the "
+                             f"checkpoint or have another shape (e.g. {', '.join(missing[:3])}). The checkpoint is "
+                             "incomplete or its config does not match its weights")
     return model.eval()

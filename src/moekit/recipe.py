@@ -131,7 +131,9 @@ def read_recipe(path: str | Path) -> Recipe:
     if not path.is_file():
         raise RecipeError(f"recipe {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise RecipeError(f"recipe {path} is not UTF-8 text (a binary file?); a recipe is a YAML file") from None
     except yaml.YAMLError as err:
         raise RecipeError(f"recipe {path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):

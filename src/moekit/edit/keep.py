@@ -56,7 +56,9 @@ def read_json_plan(path: str | Path, what: str = "plan file") -> Any:
     if not path.is_file():
         raise PlanError(f"{what} {path} does not exist")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise PlanError(f"{what} {path} is not valid JSON (it is not UTF-8 text: a binary file?)") from None
     except json.JSONDecodeError as err:
         raise PlanError(f"{what} {path} is not valid JSON ({err.msg} at line {err.lineno}, "
                         f"column {err.colno})") from None
