@@ -23,13 +23,19 @@ import moekit
 from moekit.errors import UserError
 from moekit.registry import UnknownNameError
 
-# What an operating-system error means for the user, and what to do (the rest are bugs to report).
+# What an operating-system error means for the user, and what to do (any other is a bug to report).
+_SPACE = "free some space, or write to another disk"
+_ACCESS = "choose an output (--out) and inputs this user may read and write"
 _OS_ERRORS = {
-    errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
-    errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied", errno.EPERM: "not permitted",
-    errno.ENOENT: "no such file or directory", errno.EISDIR: "is a directory", errno.ENOTDIR: "not a directory",
-    errno.ENAMETOOLONG: "file name too long", errno.EIO: "input/output error",
-    errno.EFBIG: "file too large for the limits of this machine or file system",
+    errno.ENOSPC: ("no space left on the device", _SPACE), errno.EDQUOT: ("disk quota exceeded", _SPACE),
+    errno.EFBIG: ("a file grew beyond what this machine or file system allows", _SPACE),
+    errno.EROFS: ("the file system is read-only", _ACCESS), errno.EACCES: ("permission denied", _ACCESS),
+    errno.EPERM: ("operation not permitted", _ACCESS),
+    errno.ENOENT: ("a file or directory does not exist (or vanished while moekit ran)", "check the paths given"),
+    errno.EISDIR: ("a directory was given where a file is needed", "check the paths given"),
+    errno.ENOTDIR: ("a file was given where a directory is needed", "check the paths given"),
+    errno.ENAMETOOLONG: ("a file name is too long", "choose a shorter path"),
+    errno.EIO: ("an input/output error from the disk", "check the disk and run again"),
 }
 
 
@@ -58,10 +64,10 @@ class _ErrorBoundary(TyperGroup):
             code = _os_errno(error)
             if code not in _OS_ERRORS:
                 _report_bug()
+            what, todo = _OS_ERRORS[code]
             filename = getattr(error, "filename", None)
-            detail = getattr(error, "strerror", None) or error
-            _fail(f"{_OS_ERRORS[code]}{f': {filename}' if filename else ''} ({detail}). Nothing was written at the "
-                  "output; fix this (free space, permissions, the path) and run again")
+            _fail(f"{what}{f' ({filename})' if filename else ''}: {todo}, then run again. Nothing half-written was "
+                  f"left at the output. [{getattr(error, 'strerror', None) or error}]")
         except KeyboardInterrupt:
             err.print("interrupted: nothing half-written was left at the output", markup=False, highlight=False)
             raise typer.Exit(130) from None
@@ -197,7 +203,7 @@ def inspect(
         out.print_json(json.dumps(result))
         return
 
-    head = Table(title=f"{model}  ({summary.model_type}, {summary.architecture})", show_header=False)
+    head = Table(title=f"{escape(model)}  ({summary.model_type}, {summary.architecture})", show_header=False)
     head.add_row("layers", f"{summary.num_layers} ({len(summary.moe_layers)} MoE: {_ranges(summary.moe_layers)})")
     head.add_row("experts per MoE layer", f"{summary.num_experts}, top-{summary.top_k} per token")
     head.add_row("routing", escape(summary.layers[0].routing)
@@ -639,7 +645,7 @@ def eval_command(
     results = evaluate_model(model, task, {spec.name: spec.path for spec in specs}, limit=limit,
                              num_fewshot=num_fewshot, max_length=max_length, batch_size=batch_size,
                              device=device, dtype=dtype, data_dir=data_dir, prompts=prompt, stride=stride)
-    table = Table(title=f"{model}")
+    table = Table(title=escape(model))
     for col in ("task", "metric", "value", "stderr", "n"):
         table.add_column(col, justify="left" if col in ("task", "metric") else "right")
     for name, entry in results.get("tasks", {}).items():
