@@ -2,7 +2,7 @@
 
     name: capitals
     kind: multiple_choice          # multiple_choice | generation | perplexity
-    data_path: capitals.jsonl      # relative to the YAML file
+    data_path: capitals.jsonl      # relative to the YAML file, inside its folder
     prompt: "Q: What is the capital of {country}?\\nA:"
     choices: options               # field holding the list of choice strings
     gold: answer                   # field holding the right choice (its index, or its text)
@@ -92,8 +92,13 @@ class TaskSpec:
             raise EvalError(f"{where}: until must be a list of strings")
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], base_dir: str | Path = ".") -> TaskSpec:
-        """A spec from a mapping (as read from YAML); ``data_path`` is relative to ``base_dir``."""
+    def from_dict(cls, values: dict[str, Any], base_dir: str | Path = ".", *, allow_outside: bool = False) -> TaskSpec:
+        """A spec from a mapping (as read from YAML); ``data_path`` is relative to ``base_dir``.
+
+        ``data_path`` must name a file under ``base_dir`` (after resolving symlinks and ``..``): a task
+        file from elsewhere should not make moekit read, and echo in prompts, any file the user can
+        read. ``allow_outside=True`` lifts this for callers that trust the task file.
+        """
         if not isinstance(values, dict):
             raise EvalError(f"a task spec must be a mapping of fields, got {type(values).__name__}")
         valid = [f.name for f in fields(cls)]
@@ -106,15 +111,34 @@ class TaskSpec:
             if key not in values:
                 raise EvalError(f"task {name!r}: the field {key!r} is missing")
         values = dict(values)
-        values["data_path"] = Path(base_dir) / str(values["data_path"])
+        values["data_path"] = _data_path(values["data_path"], Path(base_dir), str(name), allow_outside)
         if "until" in values:
             until = values["until"]
             values["until"] = (until,) if isinstance(until, str) else tuple(until or ())
         return cls(**values)
 
 
-def load_task_spec(path: str | Path) -> TaskSpec:
-    """Read a task YAML file (``data_path`` is relative to the file)."""
+def _data_path(value: Any, base_dir: Path, name: str, allow_outside: bool) -> Path:
+    """The resolved data file of a task, refused when it lies outside ``base_dir`` (unless allowed)."""
+    if not isinstance(value, str) or not value.strip():
+        raise EvalError(f"task {name!r}: data_path must be a non-empty string (a jsonl file next to the task file)")
+    given = Path(value)
+    resolved = (base_dir / given).resolve()
+    if allow_outside:
+        return resolved
+    folder = base_dir.resolve()
+    if given.is_absolute():
+        raise EvalError(f"task {name!r}: data_path {value!r} is an absolute path; write it relative to the task "
+                        f"file's folder ({folder}) and keep the data there, or allow data outside that folder")
+    if not resolved.is_relative_to(folder):
+        raise EvalError(f"task {name!r}: data_path {value!r} is outside the task file's folder ({folder}): it "
+                        f"resolves to {resolved}; move the data under that folder, or allow data outside it")
+    return resolved
+
+
+def load_task_spec(path: str | Path, *, allow_outside: bool = False) -> TaskSpec:
+    """Read a task YAML file (``data_path`` is relative to the file and must stay in its folder, unless
+    ``allow_outside``; see ``TaskSpec.from_dict``)."""
     path = Path(path)
     if not path.is_file():
         raise EvalError(f"task file {path} not found: pass a registered task name or the path of a task YAML file")
@@ -122,7 +146,7 @@ def load_task_spec(path: str | Path) -> TaskSpec:
         values = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise EvalError(f"{path} is not valid YAML: {err}") from None
-    return TaskSpec.from_dict(values, base_dir=path.parent)
+    return TaskSpec.from_dict(values, base_dir=path.parent, allow_outside=allow_outside)
 
 
 def _placeholders(template: str, where: str) -> set[str]:
