@@ -65,3 +65,35 @@ def test_data_outside_is_read_when_the_caller_allows_it(tmp_path) -> None:
     with pytest.raises(EvalError, match="absolute path"):
         TaskSpec.from_dict(values, tmp_path / "a")
     assert TaskSpec.from_dict(values, tmp_path / "a", allow_outside=True).data_path == secret
+
+
+# --- templates: plain {field} placeholders only ----------------------------------------------------------------------
+
+@pytest.mark.parametrize(("prompt", "message"), [
+    ("Q: {q.__class__}", r"\{q\.__class__\}: attribute access and indexing are not allowed"),
+    ("Q: {q[0]}", r"\{q\[0\]\}: attribute access and indexing are not allowed"),
+    ("Q: {q!r}", r"\{q!r\}: conversions \(!r, !s, !a\) are not allowed"),
+    ("Q: {q!s}", r"\{q!s\}: conversions"),
+    ("Q: {q:>300000000}", r"\{q:>300000000\}: format specs are not allowed"),
+    ("Q: {q:{answer}}", r"\{q:\{answer\}\}: format specs are not allowed"),
+    ("Q: {q:}", r"\{q:\}: format specs are not allowed"),
+])
+def test_template_beyond_plain_fields_is_refused_when_the_spec_is_read(tmp_path, prompt: str, message: str) -> None:
+    write_rows(tmp_path / "d.jsonl")
+    with pytest.raises(EvalError, match=r"task 't' prompt: template .*" + message):
+        load_task_spec(write_task(tmp_path, "d.jsonl", prompt))  # no row is read or rendered
+
+
+def test_text_template_is_checked_too() -> None:
+    with pytest.raises(EvalError, match=r"task 'p' text: template .*format specs are not allowed"):
+        TaskSpec(name="p", kind="perplexity", data_path=Path("d.jsonl"), text="{q:x<99999999}")
+
+
+def test_plain_template_renders_as_before(tmp_path) -> None:
+    write_rows(tmp_path / "d.jsonl")
+    prompt = "{{literal}} Q: {q} ({options}; gold {answer}, {answer}){{"
+    task = build_custom_task(load_task_spec(write_task(tmp_path, "d.jsonl", prompt)))
+    context, continuation = task.items[0].requests[1]
+    assert context == "{literal} Q: 2+2 (['3', '4']; gold 1, 1){"
+    assert continuation == " 4"
+    assert task.items[1].requests[0][0] == "{literal} Q: 1+1 (['2', '5']; gold 0, 0){"

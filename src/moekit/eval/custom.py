@@ -8,7 +8,9 @@
     gold: answer                   # field holding the right choice (its index, or its text)
     num_fewshot: 2
 
-Templates use ``{field}`` placeholders (Python ``str.format``; ``{{`` for a literal brace).
+Templates use plain ``{field}`` placeholders, each replaced by ``str(row[field])``, and ``{{`` / ``}}``
+for literal braces. Nothing else of ``str.format`` is allowed (no ``{q.attr}``, ``{q[0]}``, ``{q!r}``,
+``{q:>10}``): such templates are refused when the spec is read.
 
 * multiple_choice (``prompt``, ``choices``, ``gold``): each choice is scored as the continuation
   ``target_delimiter + choice`` of the prompt; acc and acc_norm as lm-eval defines them.
@@ -84,6 +86,10 @@ class TaskSpec:
             value = getattr(self, key)
             if value is not None and not isinstance(value, str):
                 raise EvalError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
+        for key in ("prompt", "text"):
+            template = getattr(self, key)
+            if template is not None:
+                template_pieces(template, f"{where} {key}")
         if not isinstance(self.num_fewshot, int) or self.num_fewshot < 0:
             raise EvalError(f"{where}: num_fewshot must be an integer ≥ 0, got {self.num_fewshot!r}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -149,25 +155,52 @@ def load_task_spec(path: str | Path, *, allow_outside: bool = False) -> TaskSpec
     return TaskSpec.from_dict(values, base_dir=path.parent, allow_outside=allow_outside)
 
 
-def _placeholders(template: str, where: str) -> set[str]:
+_PLAIN_ONLY = "only plain {field} placeholders (naming a field of the data) and {{ }} for literal braces are allowed"
+
+
+def template_pieces(template: str, where: str) -> list[tuple[str, str | None]]:
+    """The (literal text, field name or None) pieces of a template; anything but plain ``{field}`` is an error.
+
+    ``str.format`` would also follow ``{q.attr}`` and ``{q[0]}`` into a value's attributes and items, run
+    ``!r`` conversions and apply format specs (``{q:>300000000}`` builds a 300 MB string per row). A prompt
+    needs none of that, and task files and rows may come from anyone, so only the plain form passes.
+    """
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as err:
         raise EvalError(f"{where}: bad template {template!r} ({err}); write {{{{ and }}}} for literal braces") from None
-    roots = set()
-    for _, field_name, _, _ in parsed:
-        if field_name is not None:
-            if not field_name:
-                raise EvalError(f"{where}: template {template!r} has an empty {{}}; name a field of the data")
-            roots.add(field_name.split(".")[0].split("[")[0])
-    return roots
+    pieces: list[tuple[str, str | None]] = []
+    position = 0  # where the current piece starts in ``template`` (literal braces are doubled there)
+    for literal, field, spec, conversion in parsed:
+        position += len(literal) + literal.count("{") + literal.count("}")
+        if field is None:
+            pieces.append((literal, None))
+            continue
+        head = "{" + field + (f"!{conversion}" if conversion else "")
+        has_spec = template[position + len(head)] == ":"  # parse() reports "{q:}" with the same empty spec as "{q}"
+        placeholder = head + (f":{spec}" if has_spec else "") + "}"
+        position += len(placeholder)
+        if not field:
+            raise EvalError(f"{where}: template {template!r} has an empty {{}}; name a field of the data")
+        problem = ("attribute access and indexing are not allowed" if any(c in field for c in ".[]")
+                   else "conversions (!r, !s, !a) are not allowed" if conversion
+                   else "format specs are not allowed" if has_spec else None)
+        if problem:
+            raise EvalError(f"{where}: template {template!r} has {placeholder}: {problem}; {_PLAIN_ONLY}")
+        pieces.append((literal, field))
+    return pieces
 
 
-def _render(template: str, row: dict[str, Any], where: str) -> str:
+def _placeholders(template: str, where: str) -> set[str]:
+    return {field for _, field in template_pieces(template, where) if field is not None}
+
+
+def _render(pieces: list[tuple[str, str | None]], row: dict[str, Any], where: str) -> str:
+    """Fill checked template pieces from one row: literal text and ``str(row[field])``, nothing else."""
     try:
-        return template.format_map(row)
-    except (KeyError, IndexError, AttributeError) as err:
-        raise EvalError(f"{where}: template {template!r} cannot be filled: {err}") from None
+        return "".join(literal if field is None else literal + str(row[field]) for literal, field in pieces)
+    except KeyError as err:
+        raise EvalError(f"{where}: the template's field {err} is not in this item") from None
 
 
 def build_custom_task(spec: TaskSpec, limit: int | None = None) -> Task:
@@ -187,8 +220,9 @@ def build_custom_task(spec: TaskSpec, limit: int | None = None) -> Task:
     if spec.num_fewshot >= len(rows):
         raise EvalError(f"task {spec.name!r}: num_fewshot={spec.num_fewshot} needs more than {len(rows)} items")
 
-    prompts = [_render(spec.prompt, row, f"{spec.data_path} item {i + 1}") for i, row in enumerate(rows)] \
-        if spec.prompt is not None else []
+    prompt = template_pieces(spec.prompt, f"task {spec.name!r} prompt") if spec.prompt is not None else None
+    prompts = [_render(prompt, row, f"{spec.data_path} item {i + 1}") for i, row in enumerate(rows)] \
+        if prompt is not None else []
     answers = [_answer(spec, row, i) for i, row in enumerate(rows)] if spec.kind != "perplexity" else []
 
     def context(index: int) -> str:
@@ -210,7 +244,8 @@ def build_custom_task(spec: TaskSpec, limit: int | None = None) -> Task:
         items = [GenerationItem(context(i), answers[i][0]) for i in range(count)]
         return Task(spec.name, "generation", tuple(items), ("exact_match",), spec.num_fewshot, "custom",
                     until=spec.until, max_new_tokens=spec.max_new_tokens, answer="exact")
-    texts = [_render(spec.text, row, f"{spec.data_path} item {i + 1}") for i, row in enumerate(first(rows, limit))]  # type: ignore[arg-type]
+    text = template_pieces(spec.text, f"task {spec.name!r} text")  # type: ignore[arg-type]
+    texts = [_render(text, row, f"{spec.data_path} item {i + 1}") for i, row in enumerate(first(rows, limit))]
     for number, text in enumerate(texts, 1):
         if not text.strip():
             raise EvalError(f"{spec.data_path} item {number}: the text is empty; drop it or fix the template")
