@@ -56,9 +56,8 @@ def read_texts(name: str, split: str) -> list[str]:
 def run_demo(out: str | Path, overwrite: bool = False, progress: bool = True, ratio: float = 0.5,
              say: Any = print) -> dict[str, Any]:
     """Run every step into ``out``; return the results (also saved as ``results.json``)."""
-    from transformers import AutoTokenizer
-
     from moekit.arch.view import MoEModelView
+    from moekit.data import load_tokenizer
     from moekit.edit.checkpoint import check_output_dir
     from moekit.eval import perplexity
     from moekit.model_io import load_model, load_structure
@@ -83,7 +82,7 @@ def run_demo(out: str | Path, overwrite: bool = False, progress: bool = True, ra
     sets = ", ".join(f"{s['name']} {s['tokens']:,} tokens" for s in profile.meta["sets"])
     say(f"2/4 profile: {sets}; overlap of code's and prose's most-used experts (Jaccard) {overlap:.2f}")
 
-    tokenizer = AutoTokenizer.from_pretrained(str(MODEL_DIR))
+    tokenizer = load_tokenizer(MODEL_DIR)
     paths = {"original": MODEL_DIR}
     sizes = {"original": summary.total_parameters}
     for variant in VARIANTS[1:]:
