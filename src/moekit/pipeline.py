@@ -91,11 +91,11 @@ def naee_plan_from_data(source: str | Path, data: list[str], request: PlanReques
                         naee_tokens: int = 4096, tokenizer: str | Path | None = None,
                         progress: bool = True) -> dict[str, Any]:
     """NAEE's plan for the model at ``source`` from calibration text (``NAME=PATH`` sets)."""
-    from moekit.data import DataSpec, load_calibration_set
+    from moekit.data import DataSpec, load_calibration_set, load_tokenizer
     from moekit.model_io import load_config, load_model
     from moekit.plan import kept_count
     from moekit.plan.naee import SEARCHES, make_naee_plan
-    from moekit.profile.collect import DEFAULT_SEQ_LEN, load_tokenizer, max_positions
+    from moekit.profile.collect import DEFAULT_SEQ_LEN, max_positions
 
     if search not in SEARCHES:
         raise PlanError(f"unknown NAEE search {search!r}; valid: {', '.join(SEARCHES)}")
@@ -116,12 +116,12 @@ def evaluate_model(source: str | Path, tasks: list[str] | None = None, texts: di
                    *, limit: int | None = None, num_fewshot: int | None = None, max_length: int | None = None,
                    batch_size: int = 8, device: str = "cpu", dtype: str = "auto",
                    data_dir: str | Path | None = None, progress: bool = True, prompts: list[str] | None = None,
-                   max_new_tokens: int = 48, stride: int | None = None) -> dict[str, Any]:
+                   max_new_tokens: int = 48, stride: int | None = None,
+                   tokenizer: str | Path | None = None) -> dict[str, Any]:
     """Benchmark tasks, perplexity on named texts and greedy generation samples for the model at ``source``
-    (what ``moekit eval`` runs). Every task file and text is read and checked before the model loads."""
-    from transformers import AutoTokenizer
-
-    from moekit.data import DataError, read_documents
+    (what ``moekit eval`` runs). Every task file, text and the tokenizer (``tokenizer``, else the model's
+    own) is read and checked before the model loads."""
+    from moekit.data import DataError, load_tokenizer, read_documents
     from moekit.eval import EvalError, evaluate, perplexity, resolve_task
     from moekit.model_io import load_model
 
@@ -133,22 +133,22 @@ def evaluate_model(source: str | Path, tasks: list[str] | None = None, texts: di
             raise DataError(f"text set {name!r}: no text found")
     for name in tasks or []:
         resolve_task(name, data_dir=data_dir, num_fewshot=num_fewshot, limit=1)
+    tok = load_tokenizer(tokenizer or source)
     model = load_model(source, dtype=dtype, device=device)
-    tokenizer = AutoTokenizer.from_pretrained(str(source))
     results: dict[str, Any] = {"model": describe_source(source), "tasks": {}}
     if tasks:
-        results.update(evaluate(model, tokenizer, tasks, limit=limit, batch_size=batch_size, num_fewshot=num_fewshot,
+        results.update(evaluate(model, tok, tasks, limit=limit, batch_size=batch_size, num_fewshot=num_fewshot,
                                 max_length=max_length, data_dir=data_dir, progress=progress))
     results["perplexity"] = {}
     for name, docs in documents.items():
-        result = perplexity(model, tokenizer, docs, max_length=max_length, stride=stride, batch_size=batch_size,
+        result = perplexity(model, tok, docs, max_length=max_length, stride=stride, batch_size=batch_size,
                             progress=progress)
         results["perplexity"][name] = {"ppl": result.ppl, "tokens": result.tokens, "nll": result.nll,
                                        "bits_per_byte": result.bits_per_byte}
     if prompts:
         from moekit.eval import generation_samples
 
-        pairs = generation_samples(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        pairs = generation_samples(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                    progress=progress)
         results["samples"] = [{"prompt": prompt, "completion": completion} for prompt, completion in pairs]
     return results

@@ -258,8 +258,9 @@ def recover_to_checkpoint(source: str | Path, data: Sequence[str | DataSpec], ou
     """
     import tempfile
 
+    from moekit.data import load_tokenizer
     from moekit.edit.checkpoint import PLAN_FILE, check_output_dir, write_checkpoint
-    from moekit.profile.collect import load_tokenizer, max_positions
+    from moekit.profile.collect import max_positions
 
     settings = settings.checked()
     specs = [d if isinstance(d, DataSpec) else DataSpec.parse(d) for d in data]

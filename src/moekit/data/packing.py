@@ -7,20 +7,23 @@ stop once ``max_tokens`` tokens are taken, so a huge corpus is never tokenised i
 sequence is padded on the right; its ``attention_mask`` is 0 on padding, and every statistic
 skips those positions. As in the REAP and llm-compressor calibration loaders, attention crosses
 document boundaries inside a packed sequence (no per-document masks).
+
+Documents are read lazily, in the shuffled order (see ``moekit.data.index``), so memory follows the
+token budget, not the size of the corpus.
 """
 
 from __future__ import annotations
 
-import hashlib
 import random
+from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from moekit.data.sources import DataError, DataSpec, read_documents
+from moekit.data.index import index_documents
+from moekit.data.sources import DataError, DataSpec
 
 
 @dataclass
@@ -54,7 +57,7 @@ def pack_documents(documents: Iterable[str], tokenizer: Any, seq_len: int, max_t
     eos, bos = _special(tokenizer, "eos"), _special(tokenizer, "bos")
     add_bos = bos is not None and bool(getattr(tokenizer, "add_bos_token", False))
     budget = max_tokens if max_tokens is not None else float("inf")
-    stream: list[int] = []
+    stream = array("q")  # 8 bytes a token; a list of ints takes 36
     used = 0
     for text in documents:
         if len(stream) >= budget:
@@ -71,43 +74,35 @@ def pack_documents(documents: Iterable[str], tokenizer: Any, seq_len: int, max_t
     if not stream:
         raise DataError(f"calibration set {name!r} holds no text (every document is empty)")
     if len(stream) > budget:
-        stream = stream[: int(budget)]
+        del stream[int(budget):]
     rows = -(-len(stream) // seq_len)
     pad = _special(tokenizer, "pad")
     pad = pad if pad is not None else (eos if eos is not None else 0)
     input_ids = torch.full((rows * seq_len,), pad, dtype=torch.long)
-    input_ids[: len(stream)] = torch.tensor(stream, dtype=torch.long)
+    input_ids[: len(stream)] = torch.frombuffer(stream, dtype=torch.long)
     mask = torch.zeros(rows * seq_len, dtype=torch.long)
     mask[: len(stream)] = 1
     return input_ids.view(rows, seq_len), mask.view(rows, seq_len), used
 
 
-def _fingerprint(documents: list[str]) -> str:
-    digest = hashlib.sha256()
-    for text in documents:
-        digest.update(hashlib.sha256(text.encode("utf-8")).digest())
-    return digest.hexdigest()[:16]
-
-
 def load_calibration_set(spec: DataSpec, tokenizer: Any, seq_len: int, max_tokens: int | None,
                          seed: int = 0) -> CalibrationSet:
-    """Read, shuffle (seeded) and pack one named set."""
+    """Index, shuffle (seeded) and pack one named set, reading documents only until ``max_tokens`` are packed."""
     render = None
     if getattr(tokenizer, "chat_template", None):
         def render(messages: list[dict[str, Any]]) -> str:
             return str(tokenizer.apply_chat_template(messages, tokenize=False))
-    skipped: list[Path] = []
-    documents = list(read_documents(spec.path, render, skipped))
-    if not documents:
+    index = index_documents(spec.path, render)
+    skipped = index.skipped
+    if not len(index):
         raise DataError(f"calibration set {spec.name!r} ({spec.path}) holds no documents"
                         + (f" ({len(skipped)} files skipped: not UTF-8 text)" if skipped else ""))
-    order = list(range(len(documents)))
+    order = array("q", range(len(index)))  # 8 bytes a document; shuffled exactly as a list would be
     random.Random(seed).shuffle(order)
-    shuffled = [documents[i] for i in order]
-    input_ids, mask, used = pack_documents(shuffled, tokenizer, seq_len, max_tokens, spec.name)
+    input_ids, mask, used = pack_documents(index.read(order), tokenizer, seq_len, max_tokens, spec.name)
     description = {
-        "path": str(spec.path.resolve()), "documents": len(documents), "documents_used": used,
-        "content_sha256": _fingerprint(documents), "seq_len": seq_len, "max_tokens": max_tokens, "seed": seed,
+        "path": str(spec.path.resolve()), "documents": len(index), "documents_used": used,
+        "content_sha256": index.content_sha256, "seq_len": seq_len, "max_tokens": max_tokens, "seed": seed,
         "skipped_files": [str(p) for p in skipped],
     }
     return CalibrationSet(spec.name, input_ids, mask, description)

@@ -69,9 +69,8 @@ def run_demo(out: str | Path, overwrite: bool = False, progress: bool = True, ra
 
 
 def _run_demo_into(out: Path, progress: bool, ratio: float, say: Any) -> dict[str, Any]:
-    from transformers import AutoTokenizer
-
     from moekit.arch.view import MoEModelView
+    from moekit.data import load_tokenizer
     from moekit.eval import perplexity
     from moekit.model_io import load_model, load_structure
     from moekit.pipeline import plan_from_profile, prune_with_plan
@@ -92,7 +91,7 @@ def _run_demo_into(out: Path, progress: bool, ratio: float, say: Any) -> dict[st
     sets = ", ".join(f"{s['name']} {s['tokens']:,} tokens" for s in profile.meta["sets"])
     say(f"2/4 profile: {sets}; overlap of code's and prose's most-used experts (Jaccard) {overlap:.2f}")
 
-    tokenizer = AutoTokenizer.from_pretrained(str(MODEL_DIR))
+    tokenizer = load_tokenizer(MODEL_DIR)
     paths = {"original": MODEL_DIR}
     sizes = {"original": summary.total_parameters}
     for variant in VARIANTS[1:]:

@@ -2,13 +2,15 @@
 
     name: capitals
     kind: multiple_choice          # multiple_choice | generation | perplexity
-    data_path: capitals.jsonl      # relative to the YAML file
+    data_path: capitals.jsonl      # relative to the YAML file, inside its folder
     prompt: "Q: What is the capital of {country}?\\nA:"
     choices: options               # field holding the list of choice strings
     gold: answer                   # field holding the right choice (its index, or its text)
     num_fewshot: 2
 
-Templates use ``{field}`` placeholders (Python ``str.format``; ``{{`` for a literal brace).
+Templates use plain ``{field}`` placeholders, each replaced by ``str(row[field])``, and ``{{`` / ``}}``
+for literal braces. Nothing else of ``str.format`` is allowed (no ``{q.attr}``, ``{q[0]}``, ``{q!r}``,
+``{q:>10}``): such templates are refused when the spec is read.
 
 * multiple_choice (``prompt``, ``choices``, ``gold``): each choice is scored as the continuation
   ``target_delimiter + choice`` of the prompt; acc and acc_norm as lm-eval defines them.
@@ -84,6 +86,10 @@ class TaskSpec:
             value = getattr(self, key)
             if value is not None and not isinstance(value, str):
                 raise EvalError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
+        for key in ("prompt", "text"):
+            template = getattr(self, key)
+            if template is not None:
+                template_pieces(template, f"{where} {key}")
         if not isinstance(self.num_fewshot, int) or self.num_fewshot < 0:
             raise EvalError(f"{where}: num_fewshot must be an integer ≥ 0, got {self.num_fewshot!r}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -92,8 +98,13 @@ class TaskSpec:
             raise EvalError(f"{where}: until must be a list of strings")
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], base_dir: str | Path = ".") -> TaskSpec:
-        """A spec from a mapping (as read from YAML); ``data_path`` is relative to ``base_dir``."""
+    def from_dict(cls, values: dict[str, Any], base_dir: str | Path = ".", *, allow_outside: bool = False) -> TaskSpec:
+        """A spec from a mapping (as read from YAML); ``data_path`` is relative to ``base_dir``.
+
+        ``data_path`` must name a file under ``base_dir`` (after resolving symlinks and ``..``): a task
+        file from elsewhere should not make moekit read, and echo in prompts, any file the user can
+        read. ``allow_outside=True`` lifts this for callers that trust the task file.
+        """
         if not isinstance(values, dict):
             raise EvalError(f"a task spec must be a mapping of fields, got {type(values).__name__}")
         valid = [f.name for f in fields(cls)]
@@ -106,15 +117,34 @@ class TaskSpec:
             if key not in values:
                 raise EvalError(f"task {name!r}: the field {key!r} is missing")
         values = dict(values)
-        values["data_path"] = Path(base_dir) / str(values["data_path"])
+        values["data_path"] = _data_path(values["data_path"], Path(base_dir), str(name), allow_outside)
         if "until" in values:
             until = values["until"]
             values["until"] = (until,) if isinstance(until, str) else tuple(until or ())
         return cls(**values)
 
 
-def load_task_spec(path: str | Path) -> TaskSpec:
-    """Read a task YAML file (``data_path`` is relative to the file)."""
+def _data_path(value: Any, base_dir: Path, name: str, allow_outside: bool) -> Path:
+    """The resolved data file of a task, refused when it lies outside ``base_dir`` (unless allowed)."""
+    if not isinstance(value, str) or not value.strip():
+        raise EvalError(f"task {name!r}: data_path must be a non-empty string (a jsonl file next to the task file)")
+    given = Path(value)
+    resolved = (base_dir / given).resolve()
+    if allow_outside:
+        return resolved
+    folder = base_dir.resolve()
+    if given.is_absolute():
+        raise EvalError(f"task {name!r}: data_path {value!r} is an absolute path; write it relative to the task "
+                        f"file's folder ({folder}) and keep the data there, or allow data outside that folder")
+    if not resolved.is_relative_to(folder):
+        raise EvalError(f"task {name!r}: data_path {value!r} is outside the task file's folder ({folder}): it "
+                        f"resolves to {resolved}; move the data under that folder, or allow data outside it")
+    return resolved
+
+
+def load_task_spec(path: str | Path, *, allow_outside: bool = False) -> TaskSpec:
+    """Read a task YAML file (``data_path`` is relative to the file and must stay in its folder, unless
+    ``allow_outside``; see ``TaskSpec.from_dict``)."""
     path = Path(path)
     if not path.is_file():
         raise EvalError(f"task file {path} not found: pass a registered task name or the path of a task YAML file")
@@ -122,28 +152,55 @@ def load_task_spec(path: str | Path) -> TaskSpec:
         values = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise EvalError(f"{path} is not valid YAML: {err}") from None
-    return TaskSpec.from_dict(values, base_dir=path.parent)
+    return TaskSpec.from_dict(values, base_dir=path.parent, allow_outside=allow_outside)
 
 
-def _placeholders(template: str, where: str) -> set[str]:
+_PLAIN_ONLY = "only plain {field} placeholders (naming a field of the data) and {{ }} for literal braces are allowed"
+
+
+def template_pieces(template: str, where: str) -> list[tuple[str, str | None]]:
+    """The (literal text, field name or None) pieces of a template; anything but plain ``{field}`` is an error.
+
+    ``str.format`` would also follow ``{q.attr}`` and ``{q[0]}`` into a value's attributes and items, run
+    ``!r`` conversions and apply format specs (``{q:>300000000}`` builds a 300 MB string per row). A prompt
+    needs none of that, and task files and rows may come from anyone, so only the plain form passes.
+    """
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as err:
         raise EvalError(f"{where}: bad template {template!r} ({err}); write {{{{ and }}}} for literal braces") from None
-    roots = set()
-    for _, field_name, _, _ in parsed:
-        if field_name is not None:
-            if not field_name:
-                raise EvalError(f"{where}: template {template!r} has an empty {{}}; name a field of the data")
-            roots.add(field_name.split(".")[0].split("[")[0])
-    return roots
+    pieces: list[tuple[str, str | None]] = []
+    position = 0  # where the current piece starts in ``template`` (literal braces are doubled there)
+    for literal, field, spec, conversion in parsed:
+        position += len(literal) + literal.count("{") + literal.count("}")
+        if field is None:
+            pieces.append((literal, None))
+            continue
+        head = "{" + field + (f"!{conversion}" if conversion else "")
+        has_spec = template[position + len(head)] == ":"  # parse() reports "{q:}" with the same empty spec as "{q}"
+        placeholder = head + (f":{spec}" if has_spec else "") + "}"
+        position += len(placeholder)
+        if not field:
+            raise EvalError(f"{where}: template {template!r} has an empty {{}}; name a field of the data")
+        problem = ("attribute access and indexing are not allowed" if any(c in field for c in ".[]")
+                   else "conversions (!r, !s, !a) are not allowed" if conversion
+                   else "format specs are not allowed" if has_spec else None)
+        if problem:
+            raise EvalError(f"{where}: template {template!r} has {placeholder}: {problem}; {_PLAIN_ONLY}")
+        pieces.append((literal, field))
+    return pieces
 
 
-def _render(template: str, row: dict[str, Any], where: str) -> str:
+def _placeholders(template: str, where: str) -> set[str]:
+    return {field for _, field in template_pieces(template, where) if field is not None}
+
+
+def _render(pieces: list[tuple[str, str | None]], row: dict[str, Any], where: str) -> str:
+    """Fill checked template pieces from one row: literal text and ``str(row[field])``, nothing else."""
     try:
-        return template.format_map(row)
-    except (KeyError, IndexError, AttributeError) as err:
-        raise EvalError(f"{where}: template {template!r} cannot be filled: {err}") from None
+        return "".join(literal if field is None else literal + str(row[field]) for literal, field in pieces)
+    except KeyError as err:
+        raise EvalError(f"{where}: the template's field {err} is not in this item") from None
 
 
 def build_custom_task(spec: TaskSpec, limit: int | None = None) -> Task:
@@ -163,8 +220,9 @@ def build_custom_task(spec: TaskSpec, limit: int | None = None) -> Task:
     if spec.num_fewshot >= len(rows):
         raise EvalError(f"task {spec.name!r}: num_fewshot={spec.num_fewshot} needs more than {len(rows)} items")
 
-    prompts = [_render(spec.prompt, row, f"{spec.data_path} item {i + 1}") for i, row in enumerate(rows)] \
-        if spec.prompt is not None else []
+    prompt = template_pieces(spec.prompt, f"task {spec.name!r} prompt") if spec.prompt is not None else None
+    prompts = [_render(prompt, row, f"{spec.data_path} item {i + 1}") for i, row in enumerate(rows)] \
+        if prompt is not None else []
     answers = [_answer(spec, row, i) for i, row in enumerate(rows)] if spec.kind != "perplexity" else []
 
     def context(index: int) -> str:
@@ -186,7 +244,8 @@ def build_custom_task(spec: TaskSpec, limit: int | None = None) -> Task:
         items = [GenerationItem(context(i), answers[i][0]) for i in range(count)]
         return Task(spec.name, "generation", tuple(items), ("exact_match",), spec.num_fewshot, "custom",
                     until=spec.until, max_new_tokens=spec.max_new_tokens, answer="exact")
-    texts = [_render(spec.text, row, f"{spec.data_path} item {i + 1}") for i, row in enumerate(first(rows, limit))]  # type: ignore[arg-type]
+    text = template_pieces(spec.text, f"task {spec.name!r} text")  # type: ignore[arg-type]
+    texts = [_render(text, row, f"{spec.data_path} item {i + 1}") for i, row in enumerate(first(rows, limit))]
     for number, text in enumerate(texts, 1):
         if not text.strip():
             raise EvalError(f"{spec.data_path} item {number}: the text is empty; drop it or fix the template")

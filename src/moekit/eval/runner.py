@@ -163,15 +163,14 @@ def evaluate(model: Any, tokenizer: Any = None, tasks: Sequence[TaskRef] = (), *
     if not tasks:
         raise EvalError(f"no tasks given: name some of {', '.join(TASKS.names())}")
     if isinstance(model, (str, Path)):
-        from transformers import AutoTokenizer
-
+        from moekit.data import load_tokenizer
         from moekit.model_io import load_model
 
         source = model
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(source)  # checked before any weight loads
         model = load_model(source)
-        tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(str(source))
     if tokenizer is None:
-        raise EvalError("a tokenizer is needed: pass tokenizer=AutoTokenizer.from_pretrained(<model dir>)")
+        raise EvalError("a tokenizer is needed: pass tokenizer=moekit.data.load_tokenizer(<model dir>)")
     if isinstance(num_fewshot, dict):
         unknown = sorted(set(num_fewshot) - {str(ref) for ref in tasks})
         if unknown:

@@ -164,14 +164,10 @@ def _text_config(config: Any) -> Any:
 
 
 def _load_tokenizer(path: Path) -> Any | None:
-    from transformers import AutoTokenizer
+    """The model's own tokenizer, or None when it saved none (random prompts then need only vocab_size)."""
+    from moekit.data.tokenizer import has_tokenizer_files, load_tokenizer
 
-    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        return None
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as err:
-        raise EvalError(f"cannot load the tokenizer of {str(path)!r}: {err}") from None
+    return load_tokenizer(path) if has_tokenizer_files(path) else None
 
 
 def _check_configs(paths: dict[str, Path], prompt_tokens: int, new_tokens: int) -> tuple[int, list[Any]]:

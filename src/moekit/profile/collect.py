@@ -18,10 +18,11 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
 
 from moekit.arch.view import MoEModelView, config_value
 from moekit.data import CalibrationSet, DataError, DataSpec, load_calibration_set
+from moekit.data.tokenizer import load_tokenizer  # re-exported: callers import it from here
 from moekit.environment import versions
 from moekit.model_io import check_device, check_dtype, describe_source, load_config, load_model
 from moekit.outputs import check_output
@@ -123,14 +124,6 @@ def _rank_and_world(distributed: bool) -> tuple[int, int]:
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("distributed profiling needs torch.distributed initialised (run under torchrun)")
     return dist.get_rank(), dist.get_world_size()
-
-
-def load_tokenizer(source: str | Path) -> Any:
-    try:
-        return AutoTokenizer.from_pretrained(str(source))
-    except (OSError, ValueError, TypeError) as err:
-        raise DataError(f"cannot load a tokenizer from {source}: {err}. Pass --tokenizer DIR with the model's "
-                        "tokenizer") from None
 
 
 DEFAULT_SEQ_LEN = 2048
