@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,19 +144,24 @@ class Profile:
         if meta.get("format_version") != FORMAT_VERSION:
             raise ProfileError(f"{path} has profile format version {meta.get('format_version')}; this moekit "
                                f"reads version {FORMAT_VERSION}")
+        _check_meta(meta, meta_path)
         try:
             flat = load_file(str(tensor_path))
         except (SafetensorError, OSError, ValueError) as err:
             raise ProfileError(f"{tensor_path} is corrupted: {err}") from None
-        layers: dict[int, dict[str, torch.Tensor]] = {}
-        for key, tensor in flat.items():
-            _, index, name = key.split(".", 2)
-            layers.setdefault(int(index), {})[name] = tensor
-        profile = cls(meta, layers)
+        profile = cls(meta, _layers_of(flat, tensor_path))
         profile._validate(path)
         return profile
 
     def _validate(self, where: Path | str) -> None:
+        """Check the statistics against the (already checked) metadata: layers, names, shapes, values.
+
+        Every statistic is a count, a sum or a maximum of non-negative quantities (token and expert
+        counts, probabilities, entropies, norms, gate weights -- softmax or sigmoid outputs, rescaled
+        by positive factors --, squares and absolute values; ``moekit.profile.stats``), so each must
+        be finite and >= 0; and every real token reaches every MoE layer, so each layer's ``tokens``
+        equals the set's token count in the metadata."""
+        where = Path(where) / TENSOR_FILE
         expected = set(STATS) | (set(NEURON_STATS) if self.has_neuron_stats else set())
         fingerprint = self.fingerprint
         if sorted(self.layers) != fingerprint["moe_layers"]:
@@ -171,6 +178,94 @@ class Profile:
                 if tuple(tensor.shape) != (len(self.set_names), *(sizes[d] for d in dims)):
                     raise ProfileError(f"{where}: layers.{index}.{name} has shape {tuple(tensor.shape)} "
                                        "(corrupted profile)")
+                _check_values(f"{where}: layers.{index}.{name}", tensor)
+            self._check_tokens(where, index)
+
+    def _check_tokens(self, where: Path, index: int) -> None:
+        for set_meta, counted in zip(self.meta["sets"], self.layers[index]["tokens"].tolist(), strict=True):
+            if counted != set_meta["tokens"]:
+                raise ProfileError(f"{where}: set {set_meta['name']!r} has {set_meta['tokens']} tokens in "
+                                   f"{META_FILE} but layers.{index}.tokens counts {counted:g} tokens (corrupted "
+                                   "or hand-edited profile; profile again)")
+
+
+def _check_values(what: str, tensor: torch.Tensor) -> None:
+    if not tensor.is_floating_point():
+        raise ProfileError(f"{what} has dtype {tensor.dtype}, not a floating-point one (corrupted profile; "
+                           "profile again)")
+    if not bool(torch.isfinite(tensor).all()):
+        raise ProfileError(f"{what} holds NaN or infinite values (corrupted profile; profile again)")
+    if bool((tensor < 0).any()):
+        raise ProfileError(f"{what} holds negative values, which no count, sum or maximum of it can be "
+                           "(corrupted profile; profile again)")
+
+
+_TENSOR_NAME = re.compile(r"layers\.(\d+)\.([A-Za-z_]+)")
+
+
+def _layers_of(flat: dict[str, torch.Tensor], where: Path) -> dict[int, dict[str, torch.Tensor]]:
+    """``{"layers.3.count": t}`` -> ``{3: {"count": t}}``; any other name is a corrupted file."""
+    layers: dict[int, dict[str, torch.Tensor]] = {}
+    for key, tensor in flat.items():
+        match = _TENSOR_NAME.fullmatch(key)
+        if match is None:
+            raise ProfileError(f"{where}: odd tensor name {key!r}; a profile holds only layers.<MoE layer index>."
+                               "<statistic> (corrupted profile; profile again)")
+        layers.setdefault(int(match[1]), {})[match[2]] = tensor
+    return layers
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_meta(meta: dict[str, Any], where: Path) -> None:
+    """The metadata fields moekit reads, with the right types, before any of them is used."""
+    def bad(problem: str) -> ProfileError:
+        return ProfileError(f"{where}: {problem} (corrupted or hand-edited profile; profile again)")
+
+    model = meta.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("fingerprint"), dict):
+        raise bad("'model' must be an object with a 'fingerprint'")
+    _check_fingerprint(model["fingerprint"], bad)
+    sets = meta.get("sets")
+    if not isinstance(sets, list) or not sets:
+        raise bad("'sets' must be a non-empty list of the named calibration sets")
+    for entry in sets:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
+            raise bad("every set needs a non-empty string 'name'")
+        for key in ("tokens", "sequences"):
+            if not _is_count(entry.get(key)):
+                raise bad(f"set {entry['name']!r}: {key!r} must be an integer >= 0, got {entry.get(key)!r}")
+        data = entry.get("data")
+        if not isinstance(data, dict) and not (isinstance(data, list) and all(isinstance(d, dict) for d in data)):
+            raise bad(f"set {entry['name']!r}: 'data' must describe the data (an object, or a list of them)")
+    names = [entry["name"] for entry in sets]
+    if len(set(names)) != len(names):
+        raise bad(f"set names must be unique, got {names}")
+    options = meta.get("options")
+    if not isinstance(options, dict) or not isinstance(options.get("neuron_stats"), bool):
+        raise bad("'options' must be an object with a true/false 'neuron_stats'")
+    if "chunk_sizes" in options and options["chunk_sizes"] != list(CHUNK_SIZES):
+        raise bad(f"chunk sizes {options['chunk_sizes']!r} differ from this moekit's {list(CHUNK_SIZES)}")
+
+
+def _check_fingerprint(fingerprint: dict[str, Any], bad: Callable[[str], ProfileError]) -> None:
+    layers, experts = fingerprint.get("moe_layers"), fingerprint.get("num_experts")
+    if not isinstance(layers, list) or not layers or not all(_is_count(i) for i in layers) \
+            or layers != sorted(set(layers)):
+        raise bad(f"fingerprint 'moe_layers' must be a non-empty ascending list of layer indices, got {layers!r}")
+    if not isinstance(experts, list) or len(experts) != len(layers) or not all(_is_count(e) and e > 0
+                                                                               for e in experts):
+        raise bad(f"fingerprint 'num_experts' must be one positive expert count per MoE layer, got {experts!r}")
+    top_k = fingerprint.get("top_k")
+    if not _is_count(top_k) or top_k < 1:
+        raise bad(f"fingerprint 'top_k' must be a positive integer, got {top_k!r}")
+    for key in ("model_type", "config_sha256"):
+        if not isinstance(fingerprint.get(key), str):
+            raise bad(f"fingerprint {key!r} must be a string, got {fingerprint.get(key)!r}")
+    if not _is_count(fingerprint.get("num_parameters")):
+        raise bad(f"fingerprint 'num_parameters' must be an integer >= 0, got {fingerprint.get('num_parameters')!r}")
 
 
 def _combine(name: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
