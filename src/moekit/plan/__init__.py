@@ -27,7 +27,7 @@ from moekit.edit.card import prune_plan_record
 from moekit.edit.keep import KeepMap, PlanError, parse_keep, validate_keep
 from moekit.profile.analyze import super_experts
 from moekit.profile.profile_file import Profile
-from moekit.score.criteria import CRITERIA, layer_stats
+from moekit.score.criteria import CRITERIA, check_set_weights, layer_stats
 from moekit.summary import summarize
 
 
@@ -84,8 +84,11 @@ def _rank(scores: list[float]) -> list[int]:
 
 
 def set_weights_of(profile: Profile, request: PlanRequest) -> dict[str, float]:
-    """The request's weight per named set; every set weight 1 when it gives none."""
-    return request.set_weights or {name: 1.0 for name in profile.set_names}
+    """The request's weight per named set (checked: the profile's sets, finite, >= 0, one positive); every set
+    weight 1 when it gives none."""
+    if request.set_weights is None:
+        return {name: 1.0 for name in profile.set_names}
+    return check_set_weights(request.set_weights, profile.set_names)
 
 
 def protections(view: MoEModelView, profile: Profile, request: PlanRequest) -> tuple[set[tuple[int, int]], dict]:
