@@ -64,3 +64,39 @@ def test_cli_refuses_infinite_set_weights(saved, tmp_path: Path) -> None:
     assert result.exit_code == 2, result.output
     assert "finite" in " ".join(result.stderr.split())
     assert not (tmp_path / "out").exists()
+
+
+def _weights_never_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    import moekit.edit
+    import moekit.model_io
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("weights were loaded before the input was checked")
+
+    monkeypatch.setattr(moekit.model_io, "load_model", refuse)
+    monkeypatch.setattr(moekit.edit, "load_model", refuse)
+
+
+@pytest.mark.parametrize("tokens", [0, -5])
+def test_cli_refuses_naee_tokens_below_one_before_loading_weights(tokens: int, saved, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    source, _ = saved
+    text = tmp_path / "text.txt"
+    text.write_text("a quick brown fox jumps over the lazy dog " * 40)
+    _weights_never_load(monkeypatch)
+    result = run("prune", source, "--method", "naee", "--data", f"t={text}", "--keep", 4, "--naee-tokens", tokens,
+                 "--out", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert f"--naee-tokens {tokens} must be at least 1" in " ".join(result.stderr.split())
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("option", "value"), [("max_tokens", 0), ("max_tokens", -1), ("batch_size", 0),
+                                               ("beam_width", 0)])
+def test_make_naee_plan_refuses_empty_budgets(option: str, value: int) -> None:
+    from moekit.edit.keep import PlanError
+    from moekit.plan.naee import make_naee_plan
+
+    with pytest.raises(PlanError, match="must be at least 1"):
+        make_naee_plan(build_tiny_model("qwen3_moe"), _sets(), PlanRequest("naee", keep=4), progress=False,
+                       **{option: value})

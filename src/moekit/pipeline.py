@@ -98,14 +98,15 @@ def naee_plan_from_data(source: str | Path, data: list[str], request: PlanReques
                         naee_tokens: int = 4096, tokenizer: str | Path | None = None,
                         progress: bool = True) -> dict[str, Any]:
     """NAEE's plan for the model at ``source`` from calibration text (``NAME=PATH`` sets)."""
-    from moekit.data import DataSpec, load_calibration_set
+    from moekit.data import DataError, DataSpec, load_calibration_set
     from moekit.model_io import load_config, load_model
     from moekit.plan import kept_count
-    from moekit.plan.naee import SEARCHES, make_naee_plan
+    from moekit.plan.naee import check_search_options, make_naee_plan
     from moekit.profile.collect import DEFAULT_SEQ_LEN, load_tokenizer, max_positions
 
-    if search not in SEARCHES:
-        raise PlanError(f"unknown NAEE search {search!r}; valid: {', '.join(SEARCHES)}")
+    check_search_options(search, naee_tokens, batch_size)
+    if max_tokens is not None and max_tokens < 1:
+        raise DataError(f"--max-tokens must be at least 1, got {max_tokens}")
     if not data:
         raise PlanError("NAEE searches on calibration text: give --data NAME=PATH")
     structure = MoEModelView.from_model(load_structure(source))
