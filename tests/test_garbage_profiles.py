@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from moekit.cli import app
-from moekit.profile import Profile, ProfileError, profile_model
+from moekit.profile import Profile, ProfileError, merge_profiles, profile_model
 from moekit.profile.profile_file import FORMAT, META_FILE, TENSOR_FILE
 
 runner = CliRunner()
@@ -148,3 +148,77 @@ def test_analyze_and_report_refuse_a_nan_profile(command: str, real_profile: Pat
     assert result.exit_code == 2, result.output
     assert "layers.1.count holds NaN or infinite values" in " ".join(result.stderr.split())
     assert not (tmp_path / "report").exists()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Text files: ``big`` (many documents, drawn in part), ``other`` (different documents), ``copy`` (= big)."""
+    root = tmp_path_factory.mktemp("corpus")
+    big = root / "big.jsonl"
+    big.write_text("\n".join(json.dumps({"text": f"Note {i}: the mill wheel turned {i % 7} times."})
+                             for i in range(200)))
+    other = root / "other.jsonl"
+    other.write_text("\n".join(json.dumps({"text": f"Line {i} of another text about boats."}) for i in range(60)))
+    copy = root / "copy" / "big.jsonl"
+    copy.parent.mkdir()
+    shutil.copy(big, copy)
+    return {"big": big, "other": other, "copy": copy}
+
+
+def _profile(tiny_checkpoint, tmp_path: Path, name: str, data: str, **options: Any) -> Path:
+    out = tmp_path / name
+    profile_model(tiny_checkpoint("mixtral"), [data], out, progress=False, **{"seq_len": 32, "max_tokens": 256,
+                                                                                **options})
+    return out
+
+
+def test_merging_a_profile_with_itself_is_refused(real_profile: Path, tmp_path: Path) -> None:
+    with pytest.raises(ProfileError, match="count the same tokens twice"):
+        merge_profiles(Profile.load(real_profile), Profile.load(real_profile))
+    result = runner.invoke(app, ["profile", "merge", str(real_profile), str(real_profile), "--out",
+                                 str(tmp_path / "twice")])
+    assert result.exit_code == 2, result.output
+    assert "set 'prose'" in result.stderr and "same seed 0" in " ".join(result.stderr.split())
+    assert not (tmp_path / "twice").exists()
+
+
+def test_the_same_documents_under_another_path_are_the_same_data(tiny_checkpoint, corpus, tmp_path: Path) -> None:
+    a = _profile(tiny_checkpoint, tmp_path, "a", f"d={corpus['big']}")
+    b = _profile(tiny_checkpoint, tmp_path, "b", f"d={corpus['copy']}", seq_len=16, max_tokens=100)
+    with pytest.raises(ProfileError, match="same seed 0: merging would count the same tokens twice"):
+        merge_profiles(Profile.load(a), Profile.load(b))
+
+
+def test_other_seeds_over_every_document_are_the_same_data(tiny_checkpoint, corpus, tmp_path: Path) -> None:
+    a = _profile(tiny_checkpoint, tmp_path, "a", f"d={corpus['other']}", max_tokens=None)
+    b = _profile(tiny_checkpoint, tmp_path, "b", f"d={corpus['other']}", max_tokens=None, seed=1)
+    with pytest.raises(ProfileError, match="used every one of the documents"):
+        merge_profiles(Profile.load(a), Profile.load(b))
+
+
+def test_differing_options_are_recorded_per_source(tiny_checkpoint, corpus, tmp_path: Path) -> None:
+    """Two partial draws with other seeds (and other lengths, dtypes) merge; the merged options hold only
+    what agrees, the rest is listed and kept per source."""
+    a = _profile(tiny_checkpoint, tmp_path, "a", f"d={corpus['big']}")
+    b = _profile(tiny_checkpoint, tmp_path, "b", f"d={corpus['big']}", seed=1, seq_len=16, dtype="float32")
+    c = _profile(tiny_checkpoint, tmp_path, "c", f"e={corpus['other']}")
+    result = runner.invoke(app, ["profile", "merge", str(a), str(b), str(c), "--out", str(tmp_path / "abc")])
+    assert result.exit_code == 0, result.output
+    merged = Profile.load(tmp_path / "abc")
+    assert merged.set_names == ["d", "e"] and merged.meta["sets"][0]["tokens"] == 512
+    assert merged.meta["options_differ"] == ["dtype", "seed", "seq_len"]
+    assert "seed" not in merged.meta["options"] and "seq_len" not in merged.meta["options"]
+    assert merged.meta["options"]["max_tokens"] == 256 and merged.meta["options"]["neuron_stats"] is False
+    sources = merged.meta["merged_from"]
+    assert [s["options"]["seed"] for s in sources] == [0, 1, 0]
+    assert [s["options"]["seq_len"] for s in sources] == [32, 16, 32]
+    assert [s["sets"] for s in sources] == [["d"], ["d"], ["e"]]
+    assert all("seconds" in s["timing"] for s in sources) and "timing" not in merged.meta
+
+
+def test_profiles_with_other_chunk_sizes_do_not_merge(real_profile: Path) -> None:
+    other = Profile.load(real_profile)
+    other.meta["options"]["chunk_sizes"] = [4, 8, 16]
+    other.meta["sets"][0]["data"] = {}
+    with pytest.raises(ProfileError, match="chunk"):
+        merge_profiles(Profile.load(real_profile), other)

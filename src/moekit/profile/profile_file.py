@@ -6,7 +6,9 @@ options, versions). It is written into a temporary directory renamed on success,
 ``profile.json`` is written last, so an interrupted run leaves nothing that loads as a profile.
 
 Profiles of disjoint data merge by addition (``merge_profiles``): sums add, maxima take the max,
-sets with the same name combine, other sets are kept side by side.
+sets with the same name combine, other sets are kept side by side. Profiles whose sets were drawn
+from the same data are refused (the tokens would count twice); options that differ between the
+merged profiles are recorded per source, not taken from the first.
 """
 
 from __future__ import annotations
@@ -273,12 +275,31 @@ def _combine(name: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def merge_profiles(first: Profile, second: Profile) -> Profile:
-    """The profile of the union of two profiles' data (which must be disjoint to mean anything)."""
+    """The profile of the union of two profiles' data, which must be disjoint to mean anything.
+
+    Refused: profiles of different models; one with neuron statistics and one without; other chunk
+    sizes (the chunk statistics would not add up); and a set that both profiles drew from the same
+    data (``_same_draws``), which would count the same tokens twice (``profile merge A A``).
+
+    Options: ``options`` keeps the options every source agrees on; the others (a seed, sequence
+    length, token budget, dtype, tokenizer, batch size, device...) are left out of it and listed in
+    ``options_differ``, and each source's own options, versions, set token counts and timing are in
+    ``merged_from`` (flattened: merging a merged profile lists all its sources). ``versions`` and
+    ``versions_differ`` work the same way; ``timing`` (of one run) is only kept per source.
+    """
     if first.fingerprint != second.fingerprint:
         raise ProfileError("these profiles were collected on different models; only profiles of the same model "
                            "merge")
     if first.has_neuron_stats != second.has_neuron_stats:
         raise ProfileError("one profile has neuron statistics and the other not; profile both the same way")
+    chunks = [p.meta["options"].get("chunk_sizes", list(CHUNK_SIZES)) for p in (first, second)]
+    if chunks[0] != chunks[1]:
+        raise ProfileError(f"these profiles measured chunk sparsity over other chunk sizes ({chunks[0]} and "
+                           f"{chunks[1]}); profile both with the same moekit")
+    for set_name in first.set_names:
+        if set_name in second.set_names:
+            _refuse_same_draws(set_name, first.meta["sets"][first.set_index(set_name)],
+                               second.meta["sets"][second.set_index(set_name)])
     names = first.set_names + [n for n in second.set_names if n not in first.set_names]
     layers: dict[int, dict[str, torch.Tensor]] = {}
     for index, stats in first.layers.items():
@@ -296,16 +317,73 @@ def merge_profiles(first: Profile, second: Profile) -> Profile:
         parts = [p.meta["sets"][p.set_index(set_name)] for p in (first, second) if set_name in p.set_names]
         sets.append({"name": set_name, "tokens": sum(p["tokens"] for p in parts),
                      "sequences": sum(p["sequences"] for p in parts),
-                     "data": [d for p in parts for d in (p["data"] if isinstance(p["data"], list) else [p["data"]])]})
+                     "data": [d for p in parts for d in _draws(p)]})
+    sources = _sources(first) + _sources(second)
     meta = json.loads(json.dumps(first.meta))
+    meta.pop("timing", None)
     meta["sets"] = sets
-    meta["merged_from"] = [_summary(first), _summary(second)]
+    for field in ("options", "versions"):
+        meta[field], meta[f"{field}_differ"] = _agreed([source.get(field) or {} for source in sources])
+    meta["merged_from"] = sources
     return Profile(meta, layers)
 
 
+def _draws(set_meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The data descriptions of one set: one per draw (a merged set holds several)."""
+    data = set_meta["data"]
+    return data if isinstance(data, list) else [data]
+
+
+def _same_draws(a: dict[str, Any], b: dict[str, Any]) -> str | None:
+    """Why two draws of a set certainly share documents, or None if they may be disjoint.
+
+    What identifies the data is the content hash of the documents it was drawn from (``content_sha256``;
+    the path is not: a copy is the same data). Draws from the same documents share documents for sure
+    when they used the same seed (the same shuffled order: the smaller draw's documents are the first
+    ones of the larger, whatever the sequence length and token budget) or when either used every
+    document (the seed then only reorders them). Two partial draws with other seeds are independent
+    samples that may share some documents (about used_a * used_b / documents); they merge, as more
+    samples of the corpus, not as disjoint data. Draws without a content hash (in-memory data) cannot
+    be compared and are taken to be disjoint."""
+    content = a.get("content_sha256")
+    if not content or content != b.get("content_sha256"):
+        return None
+    where = f"content_sha256 {content}, {a.get('path') or b.get('path') or 'in memory'}"
+    if a.get("seed") == b.get("seed"):
+        return f"the same documents ({where}) with the same seed {a.get('seed')}"
+    for draw in (a, b):
+        if isinstance(draw.get("documents"), int) and draw.get("documents_used") == draw["documents"]:
+            return f"the same documents ({where}), and one of them used every one of the documents"
+    return None
+
+
+def _refuse_same_draws(name: str, first: dict[str, Any], second: dict[str, Any]) -> None:
+    for a in _draws(first):
+        for b in _draws(second):
+            why = _same_draws(a, b)
+            if why:
+                raise ProfileError(f"set {name!r} of both profiles was drawn from {why}: merging would count the "
+                                   "same tokens twice. Merge profiles of disjoint data (e.g. shards of a corpus), "
+                                   "or profile once with a larger --max-tokens")
+
+
+def _agreed(values: list[dict[str, Any]]) -> tuple[dict[str, Any], list[str]]:
+    """(the keys every dict has with one value, sorted names of the keys that differ or are missing somewhere)."""
+    keys = sorted({key for value in values for key in value})
+    same = {key: values[0][key] for key in keys
+            if all(key in value and value[key] == values[0][key] for value in values)}
+    return same, [key for key in keys if key not in same]
+
+
+def _sources(profile: Profile) -> list[dict[str, Any]]:
+    return json.loads(json.dumps(profile.meta["merged_from"])) if "merged_from" in profile.meta \
+        else [_summary(profile)]
+
+
 def _summary(profile: Profile) -> dict[str, Any]:
-    return {"sets": profile.set_names, "tokens": [s["tokens"] for s in profile.meta["sets"]],
-            "versions": profile.meta.get("versions"), "options": profile.meta.get("options")}
+    return {"source": profile.meta["model"].get("source"), "sets": profile.set_names,
+            "tokens": [s["tokens"] for s in profile.meta["sets"]], "versions": profile.meta.get("versions"),
+            "options": profile.meta.get("options"), "timing": profile.meta.get("timing")}
 
 
 def new_meta(view: MoEModelView, source: str, sets: list[dict[str, Any]], options: dict[str, Any],
