@@ -18,10 +18,11 @@ from typing import Any
 from moekit.arch.view import MoEModelView
 from moekit.edit import PruneResult, prune_to_checkpoint
 from moekit.edit.checkpoint import check_output_dir
-from moekit.edit.keep import PlanError, read_json_plan
+from moekit.edit.keep import PlanError, check_plan_format, read_json_plan
 from moekit.model_io import describe_source, load_structure
 from moekit.outputs import check_output, write_json_file
 from moekit.plan import PlanRequest, make_prune_plan, plan_keep_map, plan_top_k
+from moekit.plan.check import checked_plan
 from moekit.profile import Profile
 from moekit.profile.profile_file import config_sha256
 
@@ -54,26 +55,41 @@ def read_plan(path: str | Path) -> dict[str, Any]:
 
 def check_plan_source(plan: dict[str, Any], source: str | Path) -> None:
     """A plan made from a profile names its model's config; refuse to apply it to another model."""
-    fingerprint = (plan.get("details") or {}).get("profile", {}).get("fingerprint")
+    details = plan.get("details")
+    profile = details.get("profile") if isinstance(details, dict) else None
+    fingerprint = profile.get("fingerprint") if isinstance(profile, dict) else None
     if not fingerprint:
         return
+    if not isinstance(fingerprint, dict):
+        raise PlanError(f"plan: details profile fingerprint must be an object, got {fingerprint!r}")
     config = load_structure(source).config
     if fingerprint.get("config_sha256") != config_sha256(config):
-        raise PlanError(f"the plan was made for another model ({plan.get('source', {}).get('model')}, "
-                        f"{fingerprint.get('model_type')}); make a plan for {source} from its own profile")
+        made_for = plan["source"].get("model") if isinstance(plan.get("source"), dict) else None
+        raise PlanError(f"the plan was made for another model ({made_for}, {fingerprint.get('model_type')}); make a "
+                        f"plan for {source} from its own profile")
 
 
 def prune_with_plan(source: str | Path, plan: dict[str, Any], out: str | Path, *, overwrite: bool = False,
                     dtype: str = "auto", reproduce: str | None = None) -> PruneResult:
-    """Apply a plan (a planner's record or a plain keep map) and write the pruned checkpoint."""
+    """Apply a plan (a planner's record or a plain keep map) and write the pruned checkpoint.
+
+    A planner's record (it has a ``format``) is checked completely against the model's structure
+    before any weight loads (``moekit.plan.check``); the checked record is what the checkpoint's
+    ``moekit_plan.json`` holds. A plain keep map gets a keep-list record."""
     check_output_dir(out, source, overwrite)
+    if not isinstance(plan, dict):
+        raise PlanError(f"a plan must be a JSON object, got {type(plan).__name__}")
+    reproduce = reproduce or f"moekit apply {shlex.quote(describe_source(source))} moekit_plan.json --out OUT"
+    if "format" not in plan:
+        return prune_to_checkpoint(source, plan_keep_map(plan), out, overwrite=overwrite, dtype=dtype,
+                                   method="keep-list", reproduce=reproduce)
+    check_plan_format(plan)
     check_plan_source(plan, source)
-    details = plan.get("details") or {}
-    method = str(plan.get("method", "keep-list")) if "format" in plan else "keep-list"
+    checked = checked_plan(plan, MoEModelView.from_model(load_structure(source)))
     return prune_to_checkpoint(
-        source, plan_keep_map(plan), out, overwrite=overwrite, allow_regroup=bool(details.get("allow_regroup")),
-        dtype=dtype, method=method, top_k=plan_top_k(plan), plan=plan if "format" in plan else None,
-        reproduce=reproduce or f"moekit apply {shlex.quote(describe_source(source))} moekit_plan.json --out OUT",
+        source, plan_keep_map(checked), out, overwrite=overwrite,
+        allow_regroup=checked.get("details", {}).get("allow_regroup", False), dtype=dtype, method=checked["method"],
+        top_k=plan_top_k(checked), plan=checked, reproduce=reproduce,
     )
 
 
@@ -91,14 +107,15 @@ def naee_plan_from_data(source: str | Path, data: list[str], request: PlanReques
                         naee_tokens: int = 4096, tokenizer: str | Path | None = None,
                         progress: bool = True) -> dict[str, Any]:
     """NAEE's plan for the model at ``source`` from calibration text (``NAME=PATH`` sets)."""
-    from moekit.data import DataSpec, load_calibration_set, load_tokenizer
+    from moekit.data import DataError, DataSpec, load_calibration_set, load_tokenizer
     from moekit.model_io import load_config, load_model
     from moekit.plan import kept_count
-    from moekit.plan.naee import SEARCHES, make_naee_plan
+    from moekit.plan.naee import check_search_options, make_naee_plan
     from moekit.profile.collect import DEFAULT_SEQ_LEN, max_positions
 
-    if search not in SEARCHES:
-        raise PlanError(f"unknown NAEE search {search!r}; valid: {', '.join(SEARCHES)}")
+    check_search_options(search, naee_tokens, batch_size)
+    if max_tokens is not None and max_tokens < 1:
+        raise DataError(f"--max-tokens must be at least 1, got {max_tokens}")
     if not data:
         raise PlanError("NAEE searches on calibration text: give --data NAME=PATH")
     structure = MoEModelView.from_model(load_structure(source))

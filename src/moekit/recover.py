@@ -18,7 +18,9 @@ The loop is our own (AdamW, linear warm-up then cosine decay to 10%, gradient cl
 autocast on CUDA over float32 weights) rather than ``transformers.Trainer``: it needs a frozen subset, a
 second model's logits per batch and an exact step count, and stays a screenful that is easy to check.
 Batches are drawn from the packed rows of every named set, pooled and shuffled with the seed; the
-padding of the last row is masked out of the loss.
+padding of the last row is masked out of the loss. A run stops (``RecoveryError``, nothing written) at
+the first step whose loss or gradient norm is NaN or infinite, and refuses weights that are not finite
+before training, after it, or once cast to the dtype they are saved in.
 """
 
 from __future__ import annotations
@@ -135,6 +137,35 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
     return (per_token * weight.flatten()).sum() / weight.sum().clamp(min=1)
 
 
+ADVICE = ("Nothing was written. Try a lower --lr, --dtype float32 (bfloat16/float16 overflow sooner), and check "
+          "the data (and that the source model and teacher are sound).")
+
+
+def _stop_if_not_finite(step: int, loss: torch.Tensor, grad_norm: torch.Tensor, settings: RecoverySettings,
+                        history: list[dict[str, float]]) -> None:
+    """Raise before the optimizer step if this step's loss or gradient norm is NaN or infinite.
+
+    One more step would spread the NaN into every trained weight (and every later loss), so the run
+    stops at the first such step instead of writing a model of NaNs. One host sync per step."""
+    loss_ok, grad_ok = torch.stack([torch.isfinite(loss), torch.isfinite(grad_norm)]).tolist()
+    if loss_ok and grad_ok:
+        return
+    what = f"the training loss is {float(loss)}" if not loss_ok else \
+        f"the gradient norm is {float(grad_norm)} (loss {float(loss):.4g})"
+    last = f"; the last logged loss was {history[-1]['loss']:.4g} at step {history[-1]['step']}" if history else ""
+    raise RecoveryError(f"recovery stopped at step {step} of {settings.steps}: {what}{last} (peak learning "
+                        f"rate {settings.learning_rate:g}). {ADVICE}")
+
+
+def check_finite_parameters(model: nn.Module, when: str, what: str = "the model's") -> None:
+    """Refuse a model with NaN or infinite weights: training it (or saving it) only spreads the garbage."""
+    bad = [name for name, param in model.named_parameters() if not bool(torch.isfinite(param.detach()).all())]
+    if bad:
+        total = sum(1 for _ in model.parameters())
+        raise RecoveryError(f"{when}, {len(bad)} of {total} parameter tensors hold NaN or infinite values "
+                            f"(first: {what} {bad[0]}). {ADVICE}")
+
+
 def recover_training(model: nn.Module, sets: Sequence[CalibrationSet], settings: RecoverySettings = RecoverySettings(),
                      teacher: nn.Module | None = None, progress: bool = True) -> dict[str, Any]:
     """Train ``model`` in place on the packed rows of ``sets``; return the record (settings, loss curve, timing).
@@ -152,6 +183,9 @@ def recover_training(model: nn.Module, sets: Sequence[CalibrationSet], settings:
             model.get_input_embeddings().weight.shape[0]:
         raise RecoveryError("the teacher's vocabulary differs from the model's; distillation needs the same "
                             "tokenizer (pass the dense or unpruned original the model was made from)")
+    check_finite_parameters(model, "before training")
+    if teacher is not None:
+        check_finite_parameters(teacher, "before training", what="the teacher's")
     params = trainable_parameters(model, settings.train)
     optimizer = torch.optim.AdamW([p for _, p in params], lr=settings.learning_rate, betas=(0.9, 0.95),
                                   weight_decay=0.0 if settings.train == "router" else 0.01)
@@ -188,6 +222,7 @@ def recover_training(model: nn.Module, sets: Sequence[CalibrationSet], settings:
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
+        _stop_if_not_finite(step, total.detach(), grad_norm, settings, history)
         optimizer.step()
         tokens_seen += int(target_mask.sum())
         if step % settings.log_every == 0 or step == settings.steps - 1:
@@ -200,6 +235,7 @@ def recover_training(model: nn.Module, sets: Sequence[CalibrationSet], settings:
     for param in model.parameters():
         param.requires_grad_(True)
     model.eval()
+    check_finite_parameters(model, "after training")
     seconds = time.perf_counter() - start
     return {"settings": {**asdict(settings), "lr": settings.learning_rate},
             "objective": "distillation KL(teacher || student)" if teacher is not None else "next-token cross-entropy",
@@ -291,6 +327,7 @@ def recover_to_checkpoint(source: str | Path, data: Sequence[str | DataSpec], ou
                              record, json.loads(previous_plan.read_text()) if previous_plan.is_file() else None,
                              seq_len=seq_len, max_tokens=max_tokens, device=device, versions=versions())
     model.to(save_dtype)
+    check_finite_parameters(model, f"in {save_dtype}")
     final = record["loss_curve"][-1]["loss"]
     card = (f"# {Path(out).name}\n\nRecovered by `moekit recover` from `{describe_source(source)}`: "
             f"{settings.steps} steps of {settings.batch_size} x {seq_len} tokens ({record['tokens_seen']:,} tokens), "

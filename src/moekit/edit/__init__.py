@@ -10,7 +10,7 @@ from typing import Any
 from moekit.arch.view import MoEModelView, config_value
 from moekit.edit.card import prune_plan_record, render_prune_card
 from moekit.edit.checkpoint import OutputDirError, check_output_dir, write_checkpoint
-from moekit.edit.keep import KeepMap, PlanError, parse_keep, read_keep_file, validate_keep
+from moekit.edit.keep import KeepMap, PlanError, check_removes_experts, parse_keep, read_keep_file, validate_keep
 from moekit.edit.prune import prune_experts, prune_layer, set_top_k, validate_top_k
 from moekit.model_io import describe_source, load_model, load_structure
 from moekit.summary import ModelSummary, summarize
@@ -47,6 +47,7 @@ def prune_to_checkpoint(
     reproduce: str | None = None,
     top_k: int | None = None,
     plan: dict[str, Any] | None = None,
+    allow_no_removal: bool = False,
 ) -> PruneResult:
     """Keep only the listed experts of every MoE layer of ``source`` and write the result to ``out``.
 
@@ -54,11 +55,14 @@ def prune_to_checkpoint(
     supported MoE, and the plan (every MoE layer covered, equal counts, ids that exist, top-k and
     group constraints). The checkpoint is written atomically, with ``moekit_plan.json`` and a card.
     ``top_k`` lowers the experts per token; ``plan`` is a planner's record (``moekit.plan``) to
-    save instead of a bare keep-list record.
+    save instead of a bare keep-list record. A keep map that keeps every expert is refused (nothing would
+    be removed) unless ``allow_no_removal``, which writes a copy (a test of the writer's exactness).
     """
     check_output_dir(out, source, overwrite)
     structure = MoEModelView.from_model(load_structure(source))
     kept = validate_keep(structure, keep, allow_regroup=allow_regroup)
+    if not allow_no_removal:
+        check_removes_experts(structure, kept)
     if top_k is not None:
         validate_top_k(structure, top_k, kept)
 

@@ -5,7 +5,8 @@ A keep file maps every MoE layer index to the expert ids it keeps::
     {"0": [0, 2, 5, 7], "1": [1, 2, 3, 6], ...}
 
 A moekit plan file (``moekit_plan.json``, written beside every pruned checkpoint) is accepted too:
-its ``layers.<i>.kept`` lists are read.
+its ``layers.<i>.kept`` lists are read, once each layer's ``kept`` and ``removed`` lists are found
+to split the layer's experts exactly (``plan_record_keep``).
 
 Every stock config holds one global expert count, so every MoE layer must keep the same number
 of experts (which ones may differ per layer). Checks run before any weight is touched.
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from moekit.arch.view import MoEModelView
+from moekit.edit.card import PLAN_FORMAT
 from moekit.errors import UserError
 
 
@@ -30,23 +32,81 @@ KeepMap = dict[int, list[int]]
 
 def parse_keep(data: Any, origin: str = "keep plan") -> KeepMap:
     """Turn ``{"<layer>": [ids...]}`` (or a moekit plan) into ``{layer: sorted ids}``."""
-    if isinstance(data, dict) and isinstance(data.get("layers"), dict) and "format" in data:
-        data = {k: v.get("kept") if isinstance(v, dict) else v for k, v in data["layers"].items()}
+    if isinstance(data, dict) and "format" in data:
+        return plan_record_keep(data, origin)
     if not isinstance(data, dict) or not data:
         raise PlanError(f"{origin} must be a JSON object mapping each MoE layer index to a list of expert ids, "
                         'e.g. {"0": [0, 1, 4], "1": [2, 3, 5]}')
     keep: KeepMap = {}
     for key, ids in data.items():
-        try:
-            layer = int(key)
-        except (TypeError, ValueError):
-            raise PlanError(f"{origin}: layer key {key!r} is not an integer layer index") from None
-        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-            raise PlanError(f"{origin}: layer {layer} must map to a list of integer expert ids, got {ids!r}")
-        if len(set(ids)) != len(ids):
-            dupes = sorted({i for i in ids if ids.count(i) > 1})
-            raise PlanError(f"{origin}: layer {layer} lists expert(s) {dupes} more than once")
-        keep[layer] = sorted(ids)
+        layer = _layer_key(key, keep, origin)
+        keep[layer] = sorted(_expert_ids(ids, f"{origin}: layer {layer}"))
+    return keep
+
+
+def _layer_key(key: Any, seen: KeepMap | dict[int, Any], origin: str) -> int:
+    try:
+        layer = int(key)
+    except (TypeError, ValueError):
+        raise PlanError(f"{origin}: layer key {key!r} is not an integer layer index") from None
+    if layer in seen:
+        raise PlanError(f"{origin}: layer {layer} appears twice (as {key!r} and another key)")
+    return layer
+
+
+def _expert_ids(ids: Any, what: str) -> list[int]:
+    """A list of distinct integer expert ids (JSON true/false and 1.0 are not ids)."""
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise PlanError(f"{what} must map to a list of integer expert ids, got {ids!r}")
+    if len(set(ids)) != len(ids):
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        raise PlanError(f"{what} lists expert(s) {dupes} more than once")
+    return ids
+
+
+OTHER_RECORDS = {"moekit.recover/1": "the record of a moekit recover run", "moekit.moefy/1": "the record of a "
+                 "moekit moefy conversion"}
+
+
+def check_plan_format(plan: dict[str, Any], origin: str = "plan") -> None:
+    """Refuse a record that is not a pruning plan of the one format moekit writes (``PLAN_FORMAT``)."""
+    fmt = plan.get("format")
+    if fmt == PLAN_FORMAT:
+        return
+    what = OTHER_RECORDS.get(fmt) if isinstance(fmt, str) else None
+    raise PlanError(f"{origin} has format {fmt!r}" + (f", {what}, not a pruning plan" if what else "")
+                    + f"; moekit applies pruning plans of format {PLAN_FORMAT!r} (moekit prune --plan-only writes "
+                    'one) or plain keep maps {"<layer>": [expert ids to keep], ...}')
+
+
+def plan_record_keep(plan: dict[str, Any], origin: str = "plan") -> KeepMap:
+    """The kept experts of a moekit plan record, after checking what needs no model: the format, and that
+    every layer's ``kept`` and ``removed`` lists are integer ids, disjoint, and together exactly 0..E-1 with
+    the same E in every layer. ``moekit.plan.check.checked_plan`` checks the rest against the model."""
+    check_plan_format(plan, origin)
+    layers = plan.get("layers")
+    if not isinstance(layers, dict) or not layers:
+        raise PlanError(f"{origin}: 'layers' must map every MoE layer index to its kept and removed experts")
+    keep: KeepMap = {}
+    sizes: dict[int, int] = {}
+    for key, entry in layers.items():
+        layer = _layer_key(key, keep, origin)
+        if not isinstance(entry, dict):
+            raise PlanError(f"{origin}: layer {layer} must be an object with 'kept' and 'removed' expert lists")
+        kept = _expert_ids(entry.get("kept"), f"{origin}: layer {layer} 'kept'")
+        removed = _expert_ids(entry.get("removed"), f"{origin}: layer {layer} 'removed'")
+        both = sorted(set(kept) & set(removed))
+        if both:
+            raise PlanError(f"{origin}: layer {layer} lists expert(s) {both} as both kept and removed; each expert "
+                            "is either kept or removed")
+        sizes[layer] = len(kept) + len(removed)
+        if sorted(kept + removed) != list(range(sizes[layer])):
+            raise PlanError(f"{origin}: layer {layer}: kept {sorted(kept)} and removed {sorted(removed)} together "
+                            f"must be exactly the experts 0..E-1 of the layer, each once")
+        keep[layer] = sorted(kept)
+    if len(set(sizes.values())) != 1:
+        raise PlanError(f"{origin}: the layers' kept and removed lists describe different expert counts {sizes}; "
+                        "every layer lists each of its experts once, as kept or as removed")
     return keep
 
 
@@ -98,6 +158,13 @@ def validate_keep(view: MoEModelView, keep: KeepMap, allow_regroup: bool = False
     if spec.group_limited:
         _validate_groups(view, keep, kept, allow_regroup)
     return kept
+
+
+def check_removes_experts(view: MoEModelView, kept: int) -> None:
+    """Refuse a keep map that keeps every expert: the "pruned" checkpoint would be a copy of the model."""
+    if kept == view.num_experts:
+        raise PlanError(f"the plan keeps all {kept} experts of every MoE layer: nothing would be removed. Keep fewer "
+                        f"than {kept} per layer, or copy the model instead")
 
 
 def _validate_groups(view: MoEModelView, keep: KeepMap, kept: int, allow_regroup: bool) -> None:

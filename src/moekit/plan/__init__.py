@@ -27,7 +27,7 @@ from moekit.edit.card import prune_plan_record
 from moekit.edit.keep import KeepMap, PlanError, parse_keep, validate_keep
 from moekit.profile.analyze import super_experts
 from moekit.profile.profile_file import Profile
-from moekit.score.criteria import CRITERIA, layer_stats
+from moekit.score.criteria import CRITERIA, check_set_weights, layer_stats
 from moekit.summary import summarize
 
 
@@ -84,8 +84,11 @@ def _rank(scores: list[float]) -> list[int]:
 
 
 def set_weights_of(profile: Profile, request: PlanRequest) -> dict[str, float]:
-    """The request's weight per named set; every set weight 1 when it gives none."""
-    return request.set_weights or {name: 1.0 for name in profile.set_names}
+    """The request's weight per named set (checked: the profile's sets, finite, >= 0, one positive); every set
+    weight 1 when it gives none."""
+    if request.set_weights is None:
+        return {name: 1.0 for name in profile.set_names}
+    return check_set_weights(request.set_weights, profile.set_names)
 
 
 def protections(view: MoEModelView, profile: Profile, request: PlanRequest) -> tuple[set[tuple[int, int]], dict]:
@@ -186,12 +189,17 @@ def _choose(order: list[int], protected: dict[int, str], kept: int, num_experts:
 
 
 def plan_keep_map(plan: dict[str, Any]) -> KeepMap:
+    """The experts a plan record (or a plain keep map) keeps per layer; checks what needs no model
+    (``moekit.plan.check.checked_plan`` checks a record against the model)."""
     return parse_keep(plan, origin="plan")
 
 
 def plan_top_k(plan: dict[str, Any]) -> int | None:
-    """The plan's new experts-per-token count, or None if it keeps the model's."""
+    """The plan's new experts-per-token count, or None if it keeps the model's (no ``top_k``, or after = before)."""
     top_k = plan.get("top_k")
-    if not isinstance(top_k, dict) or top_k.get("after") is None or top_k.get("after") == top_k.get("before"):
+    if top_k is None:
         return None
-    return int(top_k["after"])
+    after, before = (top_k.get("after"), top_k.get("before")) if isinstance(top_k, dict) else (None, None)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (after, before)):
+        raise PlanError(f"plan: 'top_k' must be {{\"before\": int, \"after\": int}} (experts per token), got {top_k!r}")
+    return None if after == before else after

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from moekit.arch.view import MoELayer, MoEModelView, routing_override
 from moekit.data import CalibrationSet
 from moekit.edit.card import prune_plan_record
-from moekit.edit.keep import KeepMap, validate_keep
+from moekit.edit.keep import KeepMap, PlanError, validate_keep
 from moekit.plan import PlanRequest, kept_count, layer_entries, plan_details, protections, routing_groups
 from moekit.profile import collect_profile
 from moekit.summary import summarize
@@ -151,6 +151,18 @@ def search_layer(view: MoEModelView, layer: MoELayer, inputs: torch.Tensor, remo
                              search, evaluated)
 
 
+def check_search_options(search: str, max_tokens: int, batch_size: int, beam_width: int = 4) -> None:
+    """The search settings, checked before a model runs: a budget below one token collects no block inputs
+    (and would fail deep inside the search), a zero batch or beam runs nothing."""
+    if search not in SEARCHES:
+        raise PlanError(f"unknown NAEE search {search!r}; valid: {', '.join(SEARCHES)}")
+    for what, value in (("--naee-tokens", max_tokens), ("the NAEE batch size", batch_size),
+                        ("the NAEE beam width", beam_width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise PlanError(f"{what} {value} must be at least 1"
+                            + (" (calibration tokens per layer in NAEE's loss)" if what == "--naee-tokens" else ""))
+
+
 def make_naee_plan(model: nn.Module, sets: Sequence[CalibrationSet], request: PlanRequest, *,
                    search: str = "auto", progressive: bool = False, max_tokens: int = 4096, batch_size: int = 8,
                    exhaustive_limit: int = 5000, beam_width: int = 4, source: str = "",
@@ -159,6 +171,7 @@ def make_naee_plan(model: nn.Module, sets: Sequence[CalibrationSet], request: Pl
 
     The calibration sets are also profiled (one forward pass) to find super experts to protect and to
     record the data in the plan. An expert's ``score`` is the loss when it alone is removed."""
+    check_search_options(search, max_tokens, batch_size, beam_width)
     view = MoEModelView.from_model(model)
     profile = collect_profile(model, sets, batch_size, progress=progress)
     kept = kept_count(view.num_experts, request)

@@ -14,6 +14,7 @@ whatever its size; maxima take the max over sets with a positive weight.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -118,14 +119,32 @@ def parse_set_weights(text: str | None, names: list[str]) -> dict[str, float]:
             weight = float(value) if sep else float("nan")
         except ValueError:
             weight = float("nan")
-        if not sep or not weight >= 0:
-            raise ProfileError(f"set weights {text!r}: expected NAME=WEIGHT,... with weights >= 0, e.g. code=2,prose=1")
+        if not sep or not math.isfinite(weight) or weight < 0:
+            raise ProfileError(f"set weights {text!r}: expected NAME=WEIGHT,... with finite weights >= 0, "
+                               "e.g. code=2,prose=1")
         if name not in names:
             raise ProfileError(f"set weights name {name!r}, which is not a set of the profile ({', '.join(names)})")
         weights[name] = weight
     if not any(w > 0 for w in weights.values()):
         raise ProfileError(f"set weights {text!r}: at least one weight must be positive")
-    return {name: weights.get(name, 0.0) for name in names}
+    return check_set_weights({name: weights.get(name, 0.0) for name in names}, names)
+
+
+def check_set_weights(weights: dict[str, float], names: list[str]) -> dict[str, float]:
+    """``weights`` checked against the profile's set ``names``: known sets, finite numbers >= 0, one positive.
+
+    An infinite weight would make every other set's statistics vanish (or turn sums into NaN), so
+    the combined scores would be garbage; ``parse_set_weights`` output always passes."""
+    for name, weight in weights.items():
+        if name not in names:
+            raise ProfileError(f"set weights name {name!r}, which is not a set of the profile ({', '.join(names)})")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
+                or weight < 0:
+            raise ProfileError(f"set weights: the weight of {name!r} is {weight!r}; weights must be finite "
+                               "numbers >= 0, e.g. code=2,prose=1")
+    if not any(w > 0 for w in weights.values()):
+        raise ProfileError(f"set weights {weights}: at least one weight must be positive")
+    return {name: float(weight) for name, weight in weights.items()}
 
 
 def layer_stats(profile: Profile, layer: int, weights: dict[str, float] | None = None, seed: int = 0) -> ExpertStats:
