@@ -235,3 +235,13 @@ def test_leftovers_of_killed_runs_are_removed_but_not_those_in_use(tmp_path: Pat
     fd = os.open(busy, os.O_RDONLY)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when its holder died
     os.close(fd)
+
+
+def test_trust_remote_code_is_an_explicit_choice(model, tmp_path) -> None:
+    flag = tmp_path / "code-ran"
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="evil_moe", auto_map={"AutoConfig": "configuration_evil.EvilConfig"})
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "configuration_evil.py").write_text(EVIL.format(flag=str(flag)))
+    run("--trust-remote-code", "inspect", model)  # the user asked: the checkpoint's configuration code runs
+    assert flag.read_text() == "ran"

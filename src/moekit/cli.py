@@ -315,7 +315,8 @@ def prune(
       moekit prune ./model --profile prof --method frequency --keep 6 --plan-only --out plan.json
     """
     from moekit.data import DataSpec
-    from moekit.edit import PlanError, prune_to_checkpoint, read_keep_file
+    from moekit.edit import PlanError, parse_keep, prune_to_checkpoint
+    from moekit.edit.keep import read_json_plan
     from moekit.outputs import check_output
     from moekit.pipeline import plan_from_profile, prune_with_plan, write_plan
     from moekit.plan import PlanRequest, parse_protect
@@ -333,9 +334,17 @@ def prune(
             raise PlanError("give either --profile (moekit scores the experts) or --keep-json (you list them)")
         if plan_only:
             raise PlanError("--plan-only needs --profile; a --keep-json file already is a plan")
-        result = prune_to_checkpoint(model, read_keep_file(keep_json), out_dir, overwrite=overwrite,
-                                     allow_regroup=allow_regroup, dtype=dtype, top_k=top_k,
-                                     details={"keep_file": str(keep_json)}, reproduce=reproduce)
+        listed = read_json_plan(keep_json, "keep file")
+        if isinstance(listed, dict) and "format" in listed:  # a moekit plan: applied (and checked) as moekit apply does
+            if top_k is not None or allow_regroup:
+                raise PlanError(f"{keep_json} is a moekit plan, which holds its own top-k and regrouping; drop "
+                                "--top-k / --allow-regroup or make a new plan")
+            result = prune_with_plan(model, listed, out_dir, overwrite=overwrite, dtype=dtype, reproduce=reproduce)
+        else:
+            keep_map = parse_keep(listed, f"keep file {keep_json}")
+            result = prune_to_checkpoint(model, keep_map, out_dir, overwrite=overwrite, allow_regroup=allow_regroup,
+                                         dtype=dtype, top_k=top_k, details={"keep_file": str(keep_json)},
+                                         reproduce=reproduce)
     elif profile is None and method != "naee":
         raise PlanError("say which experts to remove: --profile PROFILE with --method and --ratio (or --keep), "
                         "--method naee with --data, or --keep-json FILE")
@@ -470,6 +479,9 @@ def profile_merge(
     """Add up profiles of disjoint data (other runs, machines or shards) into one.
 
     Sets with the same name combine (sums add, maxima take the larger); other sets stay separate.
+    Profiles of the same data (same content hash and draw) are refused: their tokens would count twice.
+    Options that differ between the profiles (seed, sequence length, dtype, ...) are kept per source
+    in the merged profile's metadata (merged_from, options_differ).
 
     Example: moekit profile merge prof-part1 prof-part2 --out prof
     """
@@ -630,6 +642,11 @@ def eval_command(
     data_dir: Annotated[Path | None, typer.Option(
         "--data-dir", help="Folder of the benchmark files [default: $MOEKIT_EVAL_DATA or ../shared/data/eval].")]
     = None,
+    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer directory, if not the model's.")] = None,
+    allow_task_data_outside: Annotated[bool, typer.Option(
+        "--allow-task-data-outside", help="Let a task YAML's data_path point outside the YAML's folder (absolute "
+        "paths, ..); refused by default so that a task file you were given cannot read your other files.")]
+    = False,
 ) -> None:
     """Measure a model: benchmark accuracy (acc / acc_norm as lm-eval defines them) and perplexity.
 
@@ -641,10 +658,11 @@ def eval_command(
     _quiet_transformers()
     specs = [DataSpec.parse(t) for t in text or []]
     task_files = [Path(t) for t in task or [] if t.endswith((".yaml", ".yml"))]
-    _check_json_out(json_out, overwrite, [model], [*(s.path for s in specs), *task_files, data_dir])
+    _check_json_out(json_out, overwrite, [model], [*(s.path for s in specs), *task_files, data_dir, tokenizer])
     results = evaluate_model(model, task, {spec.name: spec.path for spec in specs}, limit=limit,
                              num_fewshot=num_fewshot, max_length=max_length, batch_size=batch_size,
-                             device=device, dtype=dtype, data_dir=data_dir, prompts=prompt, stride=stride)
+                             device=device, dtype=dtype, data_dir=data_dir, prompts=prompt, stride=stride,
+                             tokenizer=tokenizer, allow_task_data_outside=allow_task_data_outside)
     table = Table(title=escape(model))
     for col in ("task", "metric", "value", "stderr", "n"):
         table.add_column(col, justify="left" if col in ("task", "metric") else "right")

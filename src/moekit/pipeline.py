@@ -134,12 +134,14 @@ def evaluate_model(source: str | Path, tasks: list[str] | None = None, texts: di
                    batch_size: int = 8, device: str = "cpu", dtype: str = "auto",
                    data_dir: str | Path | None = None, progress: bool = True, prompts: list[str] | None = None,
                    max_new_tokens: int = 48, stride: int | None = None,
-                   tokenizer: str | Path | None = None) -> dict[str, Any]:
+                   tokenizer: str | Path | None = None, allow_task_data_outside: bool = False) -> dict[str, Any]:
     """Benchmark tasks, perplexity on named texts and greedy generation samples for the model at ``source``
     (what ``moekit eval`` runs). Every task file, text and the tokenizer (``tokenizer``, else the model's
-    own) is read and checked before the model loads."""
+    own) is read and checked before the model loads. A task YAML's ``data_path`` must lie in the YAML's
+    folder unless ``allow_task_data_outside``."""
     from moekit.data import DataError, load_tokenizer, read_documents
     from moekit.eval import EvalError, evaluate, perplexity, resolve_task
+    from moekit.eval.custom import load_task_spec
     from moekit.model_io import load_model
 
     if not tasks and not texts and not prompts:
@@ -148,7 +150,9 @@ def evaluate_model(source: str | Path, tasks: list[str] | None = None, texts: di
     for name, docs in documents.items():
         if not docs:
             raise DataError(f"text set {name!r}: no text found")
-    for name in tasks or []:
+    tasks = [load_task_spec(t, allow_outside=allow_task_data_outside) if str(t).endswith((".yaml", ".yml")) else t
+             for t in tasks or []]
+    for name in tasks:
         resolve_task(name, data_dir=data_dir, num_fewshot=num_fewshot, limit=1)
     tok = load_tokenizer(tokenizer or source)
     model = load_model(source, dtype=dtype, device=device)

@@ -52,14 +52,19 @@ def _check_usable(tokenizer: Any, source: str | Path) -> None:
                         f"({len(special)} special), and {_PROBE!r} encodes to {ids}; {_FIX}")
 
 
-def load_tokenizer(source: str | Path, *, trust_remote_code: bool = False) -> Any:
+def load_tokenizer(source: str | Path, *, trust_remote_code: bool | None = None) -> Any:
     """The tokenizer of ``source`` (a directory or a model name), checked to encode text to real tokens.
 
-    ``trust_remote_code`` is always passed to transformers, so by default a checkpoint's own Python
-    code never runs and transformers never stops to ask about it.
+    ``trust_remote_code`` is always passed to transformers, so a checkpoint's own Python code never runs
+    and transformers never stops to ask about it; None (the default) means: only inside
+    ``moekit.model_io.trusting_remote_code()`` (the CLI's ``--trust-remote-code``).
     """
     from transformers import AutoTokenizer
 
+    from moekit.model_io import remote_code_trusted
+
+    if trust_remote_code is None:
+        trust_remote_code = remote_code_trusted()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError, KeyError) as err:
