@@ -30,7 +30,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
@@ -208,27 +208,34 @@ def _marker(kind: str) -> str:
 
 
 @contextmanager
+def _held_temporary(out: Path, make: Callable[[Path], None]) -> Iterator[Path]:
+    """A new temporary beside ``out`` (made by ``make``), locked while in use, removed if the block fails."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(out)
+    tmp = _temp_path(out)
+    make(tmp)
+    fd = _locked(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+@contextmanager
 def writing_directory(out: str | Path, kind: OutputKind) -> Iterator[Path]:
     """Yield an empty temporary directory; on success it becomes ``out`` (replacing what was there),
     with the ``kind`` marker; on any failure (or interrupt) it is removed and ``out`` is untouched.
 
     ``out`` must have passed :func:`check_output`."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(out)
-    tmp = _temp_path(out)
-    tmp.mkdir()
-    fd = _locked(tmp)
-    try:
+    with _held_temporary(out, Path.mkdir) as tmp:
         yield tmp
         (tmp / MARKER_FILE).write_text(_marker(kind))
         _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if fd is not None:
-            os.close(fd)
 
 
 def _replace(tmp: Path, out: Path) -> None:
@@ -251,20 +258,9 @@ def writing_file(out: str | Path) -> Iterator[Path]:
     """Yield a temporary file path beside ``out``; on success it replaces ``out`` atomically; on failure it is
     removed. ``out`` must have passed :func:`check_output`."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(out)
-    tmp = _temp_path(out)
-    tmp.touch()
-    fd = _locked(tmp)
-    try:
+    with _held_temporary(out, Path.touch) as tmp:
         yield tmp
         os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        if fd is not None:
-            os.close(fd)
 
 
 def write_text_file(out: str | Path, text: str) -> Path:
