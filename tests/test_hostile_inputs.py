@@ -245,3 +245,16 @@ def test_trust_remote_code_is_an_explicit_choice(model, tmp_path) -> None:
     (model / "configuration_evil.py").write_text(EVIL.format(flag=str(flag)))
     run("--trust-remote-code", "inspect", model)  # the user asked: the checkpoint's configuration code runs
     assert flag.read_text() == "ran"
+
+
+def test_an_unexpected_failure_is_reported_as_a_bug(model, monkeypatch) -> None:
+    import moekit.summary
+
+    def broken(view):
+        raise RuntimeError("an invariant moekit relies on did not hold")
+
+    monkeypatch.setattr(moekit.summary, "summarize", broken)
+    result = run("inspect", model)
+    assert result.exit_code == 1
+    assert "Traceback" in result.stderr and "an invariant moekit relies on" in result.stderr
+    assert "this is a bug in moekit" in result.stderr
