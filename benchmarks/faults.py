@@ -282,10 +282,18 @@ def main() -> None:
                 cases.append(record)
                 print(f"  {fault:18s} rc={record['returncode']:>4} target={record['target_state']:8s} "
                       f"handled={record['handled']}", flush=True)
+    write_results(cases, clean)
+
+
+def write_results(cases: list[dict[str, Any]], clean: dict[str, dict[str, Any]]) -> None:
+    """Counts over ``cases`` and every case, to benchmarks/results/faults.{json,md}."""
+    left = [c for c in cases if c["leftovers_after_fault"]]
     summary = {"cases": len(cases), "handled": sum(c["handled"] for c in cases),
                "data_lost": sum(c["data_lost"] for c in cases), "left_behind": sum(c["left_behind"] for c in cases),
                "finished_before_fault": sum(bool(c.get("finished_before_fault")) for c in cases),
-               "tracebacks": sum(c["traceback"] for c in cases)}
+               "tracebacks": sum(c["traceback"] for c in cases),
+               "killed_runs_leaving_a_temporary": len(left),
+               "temporaries_removed_by_the_rerun": sum(not c.get("leftovers_after_rerun") for c in left)}
     result = {"summary": summary, "clean_runs": clean, "cases": cases, "versions": versions(),
               "moekit": moekit.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}
     RESULTS.mkdir(exist_ok=True)
@@ -294,7 +302,9 @@ def main() -> None:
              f"{summary['cases']} cases on the bundled demo model: {summary['handled']} handled, "
              f"{summary['data_lost']} with a source changed, {summary['left_behind']} leaving something behind, "
              f"{summary['tracebacks']} tracebacks; {summary['finished_before_fault']} runs finished before the "
-             "signal arrived (the fault then missed; still checked).", "",
+             "signal arrived (the fault then missed; still checked). "
+             f"{summary['killed_runs_leaving_a_temporary']} killed runs left a temporary beside the target; the "
+             f"next run removed it in {summary['temporaries_removed_by_the_rerun']}.", "",
              "| command | fault | exit | target after fault | leftovers after fault | rerun | handled |",
              "|---|---|---|---|---|---|---|"]
     for c in cases:
