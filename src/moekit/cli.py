@@ -591,10 +591,10 @@ def run_recipe_command(
     _quiet_transformers()
     loaded = read_recipe(recipe)
     if check:
-        out.print(resolved_yaml(loaded), highlight=False, soft_wrap=True)
+        out.print(resolved_yaml(loaded), markup=False, soft_wrap=True)
         return
     written = run_recipe(loaded, overwrite=overwrite, recipe_file=recipe)
-    out.print("[green]wrote[/] " + ", ".join(f"{k}: {v}" for k, v in written.items()), soft_wrap=True)
+    _wrote(", ".join(f"{k}: {v}" for k, v in written.items()))
 
 
 def _check_json_out(path: Path | None, overwrite: bool, sources: list[Any], inputs: list[Any]) -> None:
@@ -669,7 +669,7 @@ def eval_command(
     for name, entry in results.get("tasks", {}).items():
         for metric, value in entry["metrics"].items():
             stderr = (entry.get("stderr") or {}).get(metric)
-            table.add_row(name, metric, f"{value:.4f}", f"{stderr:.4f}" if stderr is not None else "-",
+            table.add_row(escape(name), metric, f"{value:.4f}", f"{stderr:.4f}" if stderr is not None else "-",
                           str(entry.get("n", "")))
     for name, entry in results["perplexity"].items():
         table.add_row(f"text:{name}", "perplexity", f"{entry['ppl']:.3f}", "-", f"{entry['tokens']} tok")
@@ -712,7 +712,7 @@ def speed(
     result = measure_footprint_and_speed(named, batch_size=batch_size, prompt_tokens=prompt_tokens,
                                          new_tokens=new_tokens, repeats=repeats, warmup=warmup, device=device,
                                          dtype=dtype, progress=True)
-    out.print(format_speed_table(result), soft_wrap=True, highlight=False)
+    out.print(format_speed_table(result), soft_wrap=True, markup=False)
     _write_json(json_out, result)
 
 
