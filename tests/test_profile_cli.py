@@ -162,3 +162,32 @@ def test_specialisation_lift_by_hand() -> None:
     assert spec["sets"]["t"][0]["experts"] == [2, 3]  # both lift 2; ties go to the lower index
     top_s, top_t = {0, 1}, {3, 1}  # t: 1 and 2 tie on count; the lower index wins
     assert spec["overlap"]["s|t"]["mean_jaccard"] == pytest.approx(len(top_s & top_t) / len(top_s | top_t))
+
+
+def test_torchrun_through_the_cli_equals_one_process(tiny_checkpoint, texts, tmp_path) -> None:
+    """``torchrun --nproc-per-node 2 -m moekit profile ...`` (gloo on CPU) writes the one-process profile."""
+    import os
+    import subprocess
+    import sys
+
+    model = tiny_checkpoint("qwen3_moe")
+    args = ["profile", model, "--data", f"code={texts['code']}", "--data", f"prose={texts['prose']}",
+            "--seq-len", 32, "--max-tokens", 700, "--batch-size", 3]
+    # one thread per process in both runs (torchrun's default with several processes): a float32 matmul may
+    # round differently with another thread count, which is not what is compared here
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    alone = subprocess.run([sys.executable, "-m", "moekit", *map(str, args), "--out", str(tmp_path / "alone")],
+                           capture_output=True, text=True, timeout=300, env=env)
+    assert alone.returncode == 0, alone.stderr
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "moekit"]
+    done = subprocess.run([*launch, *map(str, args), "--out", str(tmp_path / "together")], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("wrote") == 1  # rank 0 alone writes and reports
+    one, two = Profile.load(tmp_path / "alone"), Profile.load(tmp_path / "together")
+    assert two.meta["options"]["world_size"] == 2 and one.meta["options"]["world_size"] == 1
+    assert [s["tokens"] for s in two.meta["sets"]] == [s["tokens"] for s in one.meta["sets"]]
+    for layer in one.layers:
+        for name, tensor in one.layers[layer].items():
+            other = two.layers[layer][name]
+            assert torch.allclose(other.double(), tensor.double(), rtol=1e-12, atol=0), (layer, name)

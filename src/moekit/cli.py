@@ -456,6 +456,10 @@ def profile_collect(
     co-activation and chunk sparsity, per MoE layer, per expert and per named set. Padding never
     counts. Score and prune from the profile as often as you like without running the model again.
 
+    Data parallel over N processes (GPUs, or CPU processes with gloo; several nodes with --nnodes):
+    torchrun --nproc-per-node N -m moekit profile MODEL --data ... --device cuda --out prof
+    (each rank runs every N-th sequence; rank 0 writes the profile of all of them).
+
     Example: moekit profile ./tiny-qwen3-moe --data code=./src --data prose=notes.txt --seq-len 128 --out prof
     """
     from moekit.profile import profile_model
@@ -464,6 +468,10 @@ def profile_collect(
     result = profile_model(model, data, out_dir, seq_len=seq_len, max_tokens=max_tokens, seed=seed,
                            batch_size=batch_size, device=device, dtype=dtype, neuron_stats=neuron_stats,
                            overwrite=overwrite, tokenizer=tokenizer)
+    from moekit.distributed import is_main_process
+
+    if not is_main_process():  # under torchrun rank 0 alone writes and reports
+        return
     timing = result.meta["timing"]
     sets = ", ".join(f"{s['name']} {s['tokens']:,} tokens" for s in result.meta["sets"])
     _wrote(f"{out_dir}: {sets}; {timing['seconds']:.1f} s, "

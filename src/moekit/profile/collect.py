@@ -23,6 +23,7 @@ from transformers import PreTrainedModel
 from moekit.arch.view import MoEModelView, config_value
 from moekit.data import CalibrationSet, DataError, DataSpec, load_calibration_set
 from moekit.data.tokenizer import load_tokenizer  # re-exported: callers import it from here
+from moekit.distributed import data_parallel
 from moekit.environment import versions
 from moekit.model_io import check_device, check_dtype, describe_source, load_config, load_model
 from moekit.outputs import check_output
@@ -69,7 +70,7 @@ def collect_profile(model: PreTrainedModel, sets: Sequence[CalibrationSet], batc
     every statistic by the capture's mask.
 
     ``distributed``: data-parallel profiling under ``torch.distributed`` (e.g. ``torchrun``): every
-    rank passes the same ``sets``, runs every world-size-th sequence, and the accumulators are
+    rank passes the same ``sets``, runs every world-size-th batch, and the accumulators are
     all-reduced at the end, so every rank returns the profile of all the data.
     """
     if not sets:
@@ -93,10 +94,12 @@ def collect_profile(model: PreTrainedModel, sets: Sequence[CalibrationSet], batc
     with capturing(view, len(sets), neuron_stats) as capture, torch.inference_mode():
         for set_index, cset in enumerate(sets):
             bar.set_postfix_str(cset.name)
-            mine = torch.arange(rank, cset.num_sequences, world)
-            for first in range(0, len(mine), batch_size):
-                rows = mine[first:first + batch_size]
-                ids, mask = cset.input_ids[rows], cset.attention_mask[rows]
+            # whole batches go to the ranks in turn, so that every batch is the one a single process runs
+            # (a float32 forward can round differently with another batch shape); only the order in which
+            # the float64 sums add up differs between world sizes
+            for first in range(rank * batch_size, cset.num_sequences, world * batch_size):
+                ids = cset.input_ids[first:first + batch_size]
+                mask = cset.attention_mask[first:first + batch_size]
                 capture.state.begin_batch(set_index, mask.to(device, non_blocking=True))
                 model(input_ids=ids.to(device, non_blocking=True), **kwargs)
                 bar.update(int(mask.sum()) * world)
@@ -137,7 +140,9 @@ def profile_model(source: str | Path, data: Sequence[str | DataSpec], out: str |
 
     Everything that can be checked before loading weights is: output directory, set names, the
     data (read, tokenised and packed first), sequence length against the model's maximum.
-    ``seq_len`` defaults to 2048 or the model's maximum, whichever is smaller.
+    ``seq_len`` defaults to 2048 or the model's maximum, whichever is smaller. Launched by torchrun
+    (``torchrun --nproc-per-node N -m moekit profile ...``), every rank runs its share of the sequences
+    and rank 0 writes the profile of all of them (``moekit.distributed``).
     """
     specs = [d if isinstance(d, DataSpec) else DataSpec.parse(d) for d in data]
     sources, inputs = [source], [tokenizer, *(spec.path for spec in specs)]
@@ -159,9 +164,12 @@ def profile_model(source: str | Path, data: Sequence[str | DataSpec], out: str |
         raise DataError(f"--seq-len {seq_len} is outside what the model handles (1 to {limit} positions)")
     tok = load_tokenizer(tokenizer or source)
     sets = [load_calibration_set(spec, tok, seq_len, max_tokens, seed) for spec in specs]
-    model = load_model(source, dtype=dtype, device=device)
-    options = {"seq_len": seq_len, "max_tokens": max_tokens, "seed": seed, "dtype": dtype, "device": device,
-               "tokenizer": describe_source(tokenizer or source)}
-    profile = collect_profile(model, sets, batch_size, neuron_stats, progress, describe_source(source), options)
-    profile.save(out_path, overwrite=overwrite, sources=sources, inputs=inputs)
+    with data_parallel(device) as rank:  # under torchrun: this rank's share of the sequences
+        model = load_model(source, dtype=dtype, device=rank.device)
+        options = {"seq_len": seq_len, "max_tokens": max_tokens, "seed": seed, "dtype": dtype, "device": device,
+                   "tokenizer": describe_source(tokenizer or source), "world_size": rank.world}
+        profile = collect_profile(model, sets, batch_size, neuron_stats, progress and rank.writes,
+                                  describe_source(source), options, distributed=rank.world > 1)
+        if rank.writes:
+            profile.save(out_path, overwrite=overwrite, sources=sources, inputs=inputs)
     return profile
