@@ -191,3 +191,28 @@ def test_torchrun_through_the_cli_equals_one_process(tiny_checkpoint, texts, tmp
         for name, tensor in one.layers[layer].items():
             other = two.layers[layer][name]
             assert torch.allclose(other.double(), tensor.double(), rtol=1e-12, atol=0), (layer, name)
+
+
+def test_dry_run_prints_what_the_run_needs_and_writes_nothing(tiny_checkpoint, texts, tmp_path) -> None:
+    from moekit.needs import profile_needs
+
+    model = tiny_checkpoint("qwen3_moe")
+    result = run("profile", model, "--data", f"code={texts['code']}", "--seq-len", 32, "--batch-size", 4,
+                 "--dry-run", "--out", tmp_path / "prof")
+    assert result.exit_code == 0, result.output
+    assert "model weights" in result.stderr and "activations per batch" in result.stderr
+    assert "dry run" in result.stdout and not (tmp_path / "prof").exists()
+    needs = profile_needs(model, tmp_path / "prof", dtype="float32", device="cpu", batch_size=4, seq_len=32, sets=1,
+                          neuron_stats=False)
+    structure_params = json.loads(run("inspect", model, "--json").stdout)["total_parameters"]
+    assert needs.model_bytes == 4 * structure_params  # float32
+    assert needs.activation_bytes == 2 * 4 * 32 * 64 * 4  # in and out hidden states of one batch, hidden 64
+    from dataclasses import replace
+
+    from moekit.errors import UserError
+
+    with pytest.raises(UserError, match="free space or write elsewhere"):
+        replace(needs, output_free_bytes=needs.output_bytes - 1).check()
+    with pytest.raises(UserError, match="GiB are free"):
+        replace(needs, device_free_bytes=needs.model_bytes).check()
+    replace(needs, output_free_bytes=needs.output_bytes, device_free_bytes=needs.model_bytes * 2).check()

@@ -131,6 +131,11 @@ def _read_text_input(path: Path, what: str) -> str:
         raise UserError(f"{what} {path} is not UTF-8 text") from None
 
 
+def _note(text: str) -> None:
+    """A line about the run (what it needs, what it does), on stderr so that stdout stays the result."""
+    err.print(text, markup=False, soft_wrap=True)
+
+
 def _quiet_transformers() -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
@@ -448,6 +453,8 @@ def profile_collect(
         "criteria; E x I numbers per layer and set).")] = False,
     tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer directory, if not the model's.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Check the inputs and print the memory and disk the run needs, then stop.")] = False,
 ) -> None:
     """Run calibration text through the model and save what routers and experts did (a profile).
 
@@ -462,13 +469,18 @@ def profile_collect(
 
     Example: moekit profile ./tiny-qwen3-moe --data code=./src --data prose=notes.txt --seq-len 128 --out prof
     """
+    from moekit.distributed import is_main_process
     from moekit.profile import profile_model
 
     _quiet_transformers()
     result = profile_model(model, data, out_dir, seq_len=seq_len, max_tokens=max_tokens, seed=seed,
                            batch_size=batch_size, device=device, dtype=dtype, neuron_stats=neuron_stats,
-                           overwrite=overwrite, tokenizer=tokenizer)
-    from moekit.distributed import is_main_process
+                           overwrite=overwrite, tokenizer=tokenizer, dry_run=dry_run,
+                           say=_note if is_main_process() else None)
+
+    if result is None:
+        out.print("dry run: nothing was loaded or written", highlight=False)
+        return
 
     if not is_main_process():  # under torchrun rank 0 alone writes and reports
         return

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from moekit.data.tokenizer import load_tokenizer  # re-exported: callers import 
 from moekit.distributed import data_parallel
 from moekit.environment import versions
 from moekit.model_io import check_device, check_dtype, describe_source, load_config, load_model
+from moekit.needs import profile_needs
 from moekit.outputs import check_output
 from moekit.profile.capture import capturing
 from moekit.profile.profile_file import Profile, new_meta
@@ -135,12 +136,15 @@ DEFAULT_SEQ_LEN = 2048
 def profile_model(source: str | Path, data: Sequence[str | DataSpec], out: str | Path, *, seq_len: int | None = None,
                   max_tokens: int | None = 262_144, seed: int = 0, batch_size: int = 8, device: str = "cpu",
                   dtype: str = "auto", neuron_stats: bool = False, overwrite: bool = False,
-                  tokenizer: str | Path | None = None, progress: bool = True) -> Profile:
+                  tokenizer: str | Path | None = None, progress: bool = True, dry_run: bool = False,
+                  say: Callable[[str], None] | None = None) -> Profile | None:
     """Profile the model at ``source`` on named sets (``"NAME=PATH"``) and save to ``out``.
 
     Everything that can be checked before loading weights is: output directory, set names, the
     data (read, tokenised and packed first), sequence length against the model's maximum.
-    ``seq_len`` defaults to 2048 or the model's maximum, whichever is smaller. Launched by torchrun
+    ``seq_len`` defaults to 2048 or the model's maximum, whichever is smaller. What the run needs
+    (``moekit.needs``: memory, disk) is given to ``say`` and checked before anything loads; ``dry_run``
+    stops there and returns None. Launched by torchrun
     (``torchrun --nproc-per-node N -m moekit profile ...``), every rank runs its share of the sequences
     and rank 0 writes the profile of all of them (``moekit.distributed``).
     """
@@ -162,6 +166,13 @@ def profile_model(source: str | Path, data: Sequence[str | DataSpec], out: str |
         seq_len = min(DEFAULT_SEQ_LEN, limit or DEFAULT_SEQ_LEN)
     if seq_len < 1 or (limit is not None and seq_len > limit):
         raise DataError(f"--seq-len {seq_len} is outside what the model handles (1 to {limit} positions)")
+    needs = profile_needs(source, out_path, dtype=dtype, device=device, batch_size=batch_size, seq_len=seq_len,
+                          sets=len(specs), neuron_stats=neuron_stats)
+    for line in needs.lines() if say is not None else ():
+        say(line)
+    needs.check()
+    if dry_run:
+        return None
     tok = load_tokenizer(tokenizer or source)
     sets = [load_calibration_set(spec, tok, seq_len, max_tokens, seed) for spec in specs]
     with data_parallel(device) as rank:  # under torchrun: this rank's share of the sequences
