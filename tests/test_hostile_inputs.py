@@ -258,3 +258,9 @@ def test_an_unexpected_failure_is_reported_as_a_bug(model, monkeypatch) -> None:
     assert result.exit_code == 1
     assert "Traceback" in result.stderr and "an invariant moekit relies on" in result.stderr
     assert "this is a bug in moekit" in result.stderr
+
+
+def test_usual_dtype_aliases_are_accepted(model, keep_file, tmp_path) -> None:
+    result = run("prune", model, "--keep-json", keep_file, "--dtype", "bf16", "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"

@@ -169,3 +169,10 @@ def test_writers_leave_nothing_on_failure_and_replace_atomically(tmp_path: Path)
         tmp.write_text("{")
         raise KeyboardInterrupt
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_tiny_model_does_not_suggest_an_overwrite_it_lacks(tmp_path: Path) -> None:
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("mine")
+    result = run("tiny-model", "qwen3_moe", "--out", tmp_path / "taken")
+    assert result.exit_code == 2 and "already exists" in result.stderr and "--overwrite" not in result.stderr

@@ -131,6 +131,15 @@ def _read_text_input(path: Path, what: str) -> str:
         raise UserError(f"{what} {path} is not UTF-8 text") from None
 
 
+def _dtype_name(value: str) -> str:
+    """A --dtype value with the usual aliases (bf16, fp16, fp32) spelled as torch names, or a clear error."""
+    from moekit.model_io import DTYPE_ALIASES, check_dtype
+
+    name = DTYPE_ALIASES.get(value.lower(), value)
+    check_dtype(name)
+    return name
+
+
 def _note(text: str) -> None:
     """A line about the run (what it needs, what it does), on stderr so that stdout stays the result."""
     err.print(text, markup=False, soft_wrap=True)
@@ -306,7 +315,7 @@ def prune(
         "--allow-regroup", help="Group-limited routers (DeepSeek-V3 style, n_group > 1) group experts by index "
         "blocks: allow keeping unequal numbers per group, which re-forms the groups.")] = False,
     dtype: Annotated[str, typer.Option(
-        help="dtype to load and save in: auto (as stored), float32, bfloat16, ...")] = "auto",
+        callback=_dtype_name, help="dtype to load and save in: auto (as stored), float32, bfloat16, ...")] = "auto",
 ) -> None:
     """Remove the least important experts and write a standard checkpoint that from_pretrained (and vLLM) loads.
 
@@ -397,7 +406,8 @@ def apply(
     out_dir: Annotated[Path, typer.Option("--out", help="New directory for the pruned checkpoint.")],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists (never the source).")]
     = False,
-    dtype: Annotated[str, typer.Option(help="dtype to load and save in: auto (as stored), float32, ...")] = "auto",
+    dtype: Annotated[str, typer.Option(
+        callback=_dtype_name, help="dtype to load and save in: auto (as stored), float32, ...")] = "auto",
 ) -> None:
     """Apply a saved pruning plan to a model: the same plan gives the same checkpoint.
 
@@ -447,7 +457,8 @@ def profile_collect(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward pass.")] = 8,
     device: Annotated[str, typer.Option(
         help="cpu, cuda, cuda:N, or auto (spread over every GPU of this host with accelerate).")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="auto (as stored), bfloat16, float16, float32.")] = "auto",
+    dtype: Annotated[str, typer.Option(
+        callback=_dtype_name, help="auto (as stored), bfloat16, float16, float32.")] = "auto",
     neuron_stats: Annotated[bool, typer.Option(
         "--neuron-stats", help="Also keep per-neuron sums of (g*a)^2 and max |g*a| (for neuron-level "
         "criteria; E x I numbers per layer and set).")] = False,
@@ -654,7 +665,8 @@ def eval_command(
         "[default: the window, lm-eval's rolling windows].")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="auto (as stored), bfloat16, float32.")] = "auto",
+    dtype: Annotated[str, typer.Option(
+        callback=_dtype_name, help="auto (as stored), bfloat16, float32.")] = "auto",
     prompt: Annotated[list[str] | None, typer.Option(
         "--prompt", help="A fixed prompt to complete greedily (generation sample; repeatable).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results (JSON) to this file.")] = None,
@@ -709,7 +721,8 @@ def speed(
     repeats: Annotated[int, typer.Option(help="Timed runs per measurement (median reported).")] = 3,
     warmup: Annotated[int, typer.Option(help="Untimed runs first (use 2+ on a GPU).")] = 1,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="auto (as stored), bfloat16, float32.")] = "auto",
+    dtype: Annotated[str, typer.Option(
+        callback=_dtype_name, help="auto (as stored), bfloat16, float32.")] = "auto",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results (JSON) to this file.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the --json file if it exists.")] = False,
 ) -> None:
@@ -853,7 +866,8 @@ def moefy(
         help="Router initialisation: centroid (mean gate row of each expert's neurons) or zero (uniform; exact "
         "when --top-k equals --experts).")] = "centroid",
     seed: Annotated[int, typer.Option(help="Seed for the neuron clustering.")] = 0,
-    dtype: Annotated[str, typer.Option(help="dtype to load and save in.")] = "auto",
+    dtype: Annotated[str, typer.Option(
+        callback=_dtype_name, help="dtype to load and save in.")] = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Turn a dense model into a Mixtral-style MoE by splitting every FFN's neurons into experts.
@@ -895,7 +909,8 @@ def recover(
         "--balance-coef", help="Weight of the family's load-balancing loss, where it has one (0: off).")] = 0.01,
     seed: Annotated[int, typer.Option(help="Seed for the document order and the batches.")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N (bf16 autocast on CUDA).")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="dtype to save in: auto (the source's), bfloat16, float32.")] = "auto",
+    dtype: Annotated[str, typer.Option(
+        callback=_dtype_name, help="dtype to save in: auto (the source's), bfloat16, float32.")] = "auto",
     tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer directory, if not the model's.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
 ) -> None:
@@ -942,7 +957,7 @@ def tiny_model(
     _quiet_transformers()
     if model_type not in TINY_FAMILIES:
         raise UnknownNameError(f"no tiny config for {model_type!r}; choose one of: {', '.join(TINY_FAMILIES)}")
-    path = check_output(out_dir, kind="checkpoint")
+    path = check_output(out_dir, kind="checkpoint", offers_overwrite=False)
     with writing_directory(path, "checkpoint") as tmp:
         save_tiny_model(model_type, tmp, num_experts=experts, top_k=top_k, seed=seed)
     _wrote(f"{out_dir} ({model_type}, {experts} experts, top-{top_k})")

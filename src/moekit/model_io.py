@@ -32,6 +32,8 @@ class ModelLoadError(UserError):
 _REMOTE_CODE: ContextVar[bool] = ContextVar("moekit_trust_remote_code", default=False)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32",
+                 "fp64": "float64", "double": "float64"}
 
 
 @contextmanager
@@ -57,7 +59,8 @@ def check_dtype(dtype: str | torch.dtype) -> None:
     """Refuse a dtype name torch does not have, before anything loads."""
     if isinstance(dtype, torch.dtype) or dtype in DTYPES:
         return
-    raise ModelLoadError(f"--dtype {dtype!r} is not a dtype moekit loads; choose one of: {', '.join(DTYPES)}")
+    raise ModelLoadError(f"--dtype {dtype!r} is not a dtype moekit loads; choose one of: {', '.join(DTYPES)} "
+                         f"(or {', '.join(DTYPE_ALIASES)})")
 
 
 def check_device(device: str) -> None:

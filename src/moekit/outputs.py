@@ -93,14 +93,14 @@ def _local(paths: Iterable[str | Path | None]) -> list[Path]:
 
 
 def check_output(out: str | Path, *, kind: OutputKind, overwrite: bool = False,
-                 sources: Iterable[str | Path | None] = (), inputs: Iterable[str | Path | None] = ()) -> Path:
+                 sources: Iterable[str | Path | None] = (), inputs: Iterable[str | Path | None] = (),
+                 offers_overwrite: bool = True) -> Path:
     """Check that ``out`` may be written as a ``kind`` output (see the module docstring); return it resolved.
 
     ``sources``: models and other directories read while (or after) the output is written: the output
     may not be one, contain one or lie inside one. ``inputs``: files and directories read before
-    writing starts: the output may not be one of them or hold one. Paths that do not exist locally (hub ids)
-    are
-    skipped.
+    writing starts: the output may not be one of them or hold one. Paths that do not exist locally (hub
+    ids) are skipped. ``offers_overwrite``: whether the command has an ``--overwrite`` to suggest.
     """
     given = Path(out)
     if str(out) == "":
@@ -130,7 +130,8 @@ def check_output(out: str | Path, *, kind: OutputKind, overwrite: bool = False,
     if path.is_dir() and kind != "file" and not any(path.iterdir()):
         return path  # an empty directory: nothing to lose
     if not overwrite:
-        raise OutputError(f"{path} already exists; choose a new path or pass --overwrite to replace it")
+        raise OutputError(f"{path} already exists; choose a new path"
+                          + (" or pass --overwrite to replace it" if offers_overwrite else ""))
     if kind == "file":
         if not path.is_file():
             raise OutputError(f"{path} exists and is not a regular file; choose a file path")
