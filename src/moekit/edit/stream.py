@@ -23,6 +23,7 @@ so peak memory is one copy buffer, not a tensor or a shard.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -68,8 +69,6 @@ def safetensors_files(source: str | Path) -> list[Path] | None:
         return None
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        import json
-
         check_weight_files(path)
         return sorted({path / str(v) for v in json.loads(index.read_text())["weight_map"].values()})
     single = path / "model.safetensors"
@@ -96,8 +95,6 @@ def read_source(files: list[Path], source: str | Path) -> list[TensorInfo]:
             tensors[info.name] = info
     index = Path(source) / "model.safetensors.index.json"
     if index.is_file():
-        import json
-
         for name, shard in json.loads(index.read_text())["weight_map"].items():
             if name not in tensors or tensors[name].path.name != Path(shard).name:
                 raise ModelLoadError(f"cannot load the weights of {source}: the index puts {name!r} in {shard}, "
