@@ -54,6 +54,13 @@ class ExpertLayout:
         """Keep only the experts listed in ``keep`` (long ``[E']``), in that order, in place."""
         raise NotImplementedError
 
+    def expert_rows(self, experts: nn.Module, name: str) -> int | None:
+        """How many leading rows of the experts module's tensor ``name`` (a parameter or buffer path relative
+        to the module) each expert owns, expert ``e`` owning rows ``[e*r, (e+1)*r)``; None if the tensor is not
+        per-expert. The one statement of which stored tensors follow their expert: in-memory pruning
+        (``keep_experts``) and the streaming editor (``moekit.edit.stream``) both slice by it."""
+        raise NotImplementedError
+
     def describe(self, experts: nn.Module) -> str:
         return self.name
 
@@ -135,13 +142,19 @@ class StackedLayout(ExpertLayout):
             down_bias = experts.down_proj_bias[expert]
         return ExpertWeights(gate, up, down, gate_bias, up_bias, down_bias)
 
+    def expert_rows(self, experts: nn.Module, name: str) -> int | None:
+        tensor = dict(experts.named_parameters(recurse=False)).get(name)
+        if tensor is None:
+            tensor = dict(experts.named_buffers(recurse=False)).get(name)
+        if tensor is not None and tensor.dim() >= 1 and tensor.shape[0] == self.num_experts(experts):
+            return 1
+        return None
+
     def keep_experts(self, experts: nn.Module, keep: torch.Tensor) -> None:
-        count = self.num_experts(experts)
-        for name, tensor in list(experts.named_parameters(recurse=False)) + list(
-            experts.named_buffers(recurse=False)
-        ):
-            if tensor.dim() >= 1 and tensor.shape[0] == count:
-                replace_tensor(experts, name, tensor.detach().index_select(0, keep.to(tensor.device)))
+        tensors = list(experts.named_parameters(recurse=False)) + list(experts.named_buffers(recurse=False))
+        per_expert = [(name, t) for name, t in tensors if self.expert_rows(experts, name) == 1]  # before any changes
+        for name, tensor in per_expert:
+            replace_tensor(experts, name, tensor.detach().index_select(0, keep.to(tensor.device)))
         set_count_attributes(experts, int(keep.numel()))
 
     def describe(self, experts: nn.Module) -> str:
@@ -161,6 +174,7 @@ class DbrxLayout(ExpertLayout):
     """DBRX: ``mlp.w1``/``mlp.v1``/``mlp.w2`` as 2-D ``[E*F, H]``."""
 
     name = "dbrx"
+    TENSORS = ("w1", "v1", "w2")
 
     def num_experts(self, experts: nn.Module) -> int:
         return int(experts.mlp.w1.shape[0] // experts.mlp.ffn_hidden_size)
@@ -178,9 +192,12 @@ class DbrxLayout(ExpertLayout):
         down = self._view(experts.mlp.w2, ffn)[expert].T
         return ExpertWeights(gate, up, down)
 
+    def expert_rows(self, experts: nn.Module, name: str) -> int | None:
+        return int(experts.mlp.ffn_hidden_size) if name in {f"mlp.{t}" for t in self.TENSORS} else None
+
     def keep_experts(self, experts: nn.Module, keep: torch.Tensor) -> None:
         ffn = experts.mlp.ffn_hidden_size
-        for name in ("w1", "v1", "w2"):
+        for name in self.TENSORS:
             tensor = getattr(experts.mlp, name).detach()
             kept = self._view(tensor, ffn).index_select(0, keep.to(tensor.device))
             replace_tensor(experts.mlp, name, kept.reshape(-1, tensor.shape[-1]))

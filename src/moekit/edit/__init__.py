@@ -7,12 +7,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from transformers import GenerationConfig
+
 from moekit.arch.view import MoEModelView, config_value
+from moekit.edit import stream
 from moekit.edit.card import prune_plan_record, render_prune_card
-from moekit.edit.checkpoint import OutputDirError, check_output_dir, write_checkpoint
+from moekit.edit.checkpoint import OutputDirError, check_output_dir, finish_checkpoint, write_checkpoint
 from moekit.edit.keep import KeepMap, PlanError, check_removes_experts, parse_keep, read_keep_file, validate_keep
 from moekit.edit.prune import prune_experts, prune_layer, set_top_k, validate_top_k
-from moekit.model_io import describe_source, load_model, load_structure
+from moekit.edit.safetensors_io import write_sharded
+from moekit.model_io import check_dtype, describe_source, load_model, load_structure
+from moekit.outputs import writing_directory
 from moekit.summary import ModelSummary, summarize
 
 __all__ = [
@@ -51,34 +56,95 @@ def prune_to_checkpoint(
 ) -> PruneResult:
     """Keep only the listed experts of every MoE layer of ``source`` and write the result to ``out``.
 
-    Everything is checked before a weight is loaded: the output directory, that the model is a
-    supported MoE, and the plan (every MoE layer covered, equal counts, ids that exist, top-k and
-    group constraints). The checkpoint is written atomically, with ``moekit_plan.json`` and a card.
+    Everything is checked before a weight is read: the output directory, that the model is a
+    supported MoE, the stored weights (safetensors headers complete, shapes matching the config), and the
+    plan (every MoE layer covered, equal counts, ids that exist, top-k and group constraints). The
+    checkpoint is written atomically, with ``moekit_plan.json`` and a card.
     ``top_k`` lowers the experts per token; ``plan`` is a planner's record (``moekit.plan``) to
     save instead of a bare keep-list record. A keep map that keeps every expert is refused (nothing would
     be removed) unless ``allow_no_removal``, which writes a copy (a test of the writer's exactness).
+
+    A local safetensors checkpoint is edited by streaming (``moekit.edit.stream``): tensor by tensor, in
+    memory that does not grow with the model. A hub id, or a ``dtype`` that would cast stored weights, is
+    loaded into memory, pruned there and saved (``_prune_in_memory``).
     """
-    check_output_dir(out, source, overwrite)
+    check_dtype(dtype)
+    out_path = check_output_dir(out, source, overwrite)
     structure = MoEModelView.from_model(load_structure(source))
+    files = stream.safetensors_files(source)
+    tensors = stream.read_source(files, source) if files is not None else []
+    if files is not None and not structure.family_known:  # probe the routing on the stored routers
+        stream.load_router_tensors(structure, tensors)
+        structure = MoEModelView.from_model(structure.model)
     kept = validate_keep(structure, keep, allow_regroup=allow_regroup)
     if not allow_no_removal:
         check_removes_experts(structure, kept)
     if top_k is not None:
         validate_top_k(structure, top_k, kept)
+    if files is None or stream.needs_cast(tensors, dtype):
+        return _prune_in_memory(source, keep, out_path, overwrite, allow_regroup, dtype, method, details, reproduce,
+                                top_k, plan)
 
-    model = load_model(source, dtype=dtype)
-    view = MoEModelView.from_model(model)
-    before = summarize(view)
+    outputs = stream.plan_tensors(structure, keep, tensors, source)
+    before = summarize(structure)
+    _prune_view(structure, keep, allow_regroup, top_k)  # on the meta model: the edited config, the summary after
+    after = summarize(structure)
+    plan, card = _records(source, out_path, before, after, keep, method, details, reproduce, top_k, plan)
+    config = structure.model.config
+    config.architectures = [type(structure.model).__name__]
+    if dtype != "auto":
+        config.dtype = dtype
+    elif getattr(config, "dtype", None) is None:
+        config.dtype = stream.stored_dtype(tensors)
+    with writing_directory(out_path, "checkpoint") as tmp:
+        write_sharded(tmp, outputs, stream.default_shard_size(files))
+        config.save_pretrained(tmp)
+        _save_generation_config(structure.model, Path(source), tmp)
+        finish_checkpoint(tmp, source, plan, card, config_aliases(structure))
+    return PruneResult(out_path, before, after, plan)
+
+
+def _prune_view(view: MoEModelView, keep: KeepMap, allow_regroup: bool, top_k: int | None) -> None:
     prune_experts(view, keep, allow_regroup=allow_regroup)
     if top_k is not None:
         set_top_k(view, top_k)
-    after = summarize(view)
 
+
+def _records(source: str | Path, out: Path, before: ModelSummary, after: ModelSummary, keep: KeepMap, method: str,
+             details: dict[str, Any] | None, reproduce: str | None, top_k: int | None,
+             plan: dict[str, Any] | None) -> tuple[dict[str, Any], str]:
+    """The plan record and the model card of a pruned checkpoint."""
     source_name = describe_source(source)
     if plan is None:
         plan = prune_plan_record(source_name, before, keep, method, details, top_k=top_k)
     if reproduce is None:
         reproduce = f"moekit apply {shlex.quote(source_name)} moekit_plan.json --out OUT"
-    card = render_prune_card(Path(out).name, source_name, before, after, plan, reproduce)
+    return plan, render_prune_card(out.name, source_name, before, after, plan, reproduce)
+
+
+def _save_generation_config(model: Any, source: Path, tmp: Path) -> None:
+    """What ``save_pretrained`` writes beside the config: the source's generation config (re-saved), or the
+    one transformers derives from the model config."""
+    if not model.can_generate():
+        return
+    if (source / "generation_config.json").is_file():
+        GenerationConfig.from_pretrained(source).save_pretrained(tmp)
+    elif model.generation_config is not None:
+        model.generation_config.save_pretrained(tmp)
+
+
+def _prune_in_memory(
+    source: str | Path, keep: KeepMap, out: str | Path, overwrite: bool = False, allow_regroup: bool = False,
+    dtype: str = "auto", method: str = "keep-list", details: dict[str, Any] | None = None,
+    reproduce: str | None = None, top_k: int | None = None, plan: dict[str, Any] | None = None,
+) -> PruneResult:
+    """The in-memory path: ``from_pretrained``, prune the loaded model, ``save_pretrained``. Peak memory is
+    about twice the checkpoint; used for hub ids and casts, and as the streaming editor's reference in tests."""
+    model = load_model(source, dtype=dtype)
+    view = MoEModelView.from_model(model)
+    before = summarize(view)
+    _prune_view(view, keep, allow_regroup, top_k)
+    after = summarize(view)
+    plan, card = _records(source, Path(out), before, after, keep, method, details, reproduce, top_k, plan)
     path = write_checkpoint(model, out, source, plan, card, overwrite=overwrite, config_aliases=config_aliases(view))
     return PruneResult(path, before, after, plan)

@@ -80,11 +80,20 @@ def write_checkpoint(
     out_path = check_output_dir(out, source, overwrite)
     with writing_directory(out_path, "checkpoint") as tmp:
         model.save_pretrained(tmp)
-        if config_aliases:
-            _write_config_aliases(tmp, config_aliases)
-        _copy_side_files(Path(source), tmp)
-        (tmp / PLAN_FILE).write_text(json.dumps(plan, indent=2, sort_keys=True) + "\n")
-        (tmp / CARD_FILE).write_text(card)
-        for name, content in (extra_files or {}).items():
-            (tmp / name).write_bytes(content)
+        finish_checkpoint(tmp, source, plan, card, config_aliases, extra_files)
     return out_path
+
+
+def finish_checkpoint(tmp: Path, source: str | Path, plan: dict[str, Any], card: str,
+                      config_aliases: dict[str, Any] | None = None,
+                      extra_files: dict[str, bytes] | None = None) -> None:
+    """Everything beside the weights and config of a checkpoint being written in ``tmp``: every alias of the
+    edited config fields, the source's side files, the plan, the card and ``extra_files``. The one way both
+    the in-memory writer (:func:`write_checkpoint`) and the streaming editor (``moekit.edit.stream``) end."""
+    if config_aliases:
+        _write_config_aliases(tmp, config_aliases)
+    _copy_side_files(Path(source), tmp)
+    (tmp / PLAN_FILE).write_text(json.dumps(plan, indent=2, sort_keys=True) + "\n")
+    (tmp / CARD_FILE).write_text(card)
+    for name, content in (extra_files or {}).items():
+        (tmp / name).write_bytes(content)
