@@ -55,6 +55,14 @@ class RunNeeds:
                             "--device auto (every GPU of this host), a smaller --batch-size, or a larger machine")
 
 
+def check_disk_room(out: str | Path, needed: int) -> None:
+    """Refuse, before writing, an output of ``needed`` bytes that the free space of its disk cannot hold."""
+    where, free = _free_disk(Path(out).resolve().parent)
+    if free is not None and needed > free:
+        raise UserError(f"the output needs {needed / GiB:.2f} GiB but {where} has {free / GiB:.2f} GiB free; free "
+                        "space or write elsewhere (--out)")
+
+
 def _free_disk(path: Path) -> tuple[Path, int | None]:
     existing = path
     while not existing.exists() and existing != existing.parent:

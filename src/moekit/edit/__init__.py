@@ -17,6 +17,7 @@ from moekit.edit.keep import KeepMap, PlanError, check_removes_experts, parse_ke
 from moekit.edit.prune import prune_experts, prune_layer, set_top_k, validate_top_k
 from moekit.edit.safetensors_io import write_sharded
 from moekit.model_io import check_dtype, describe_source, load_model, load_structure
+from moekit.needs import check_disk_room
 from moekit.outputs import writing_directory
 from moekit.summary import ModelSummary, summarize
 
@@ -86,6 +87,7 @@ def prune_to_checkpoint(
                                 top_k, plan)
 
     outputs = stream.plan_tensors(structure, keep, tensors, source)
+    check_disk_room(out_path, sum(t.nbytes for t in outputs))  # the weights are all but a few kB of it
     before = summarize(structure)
     _prune_view(structure, keep, allow_regroup, top_k)  # on the meta model: the edited config, the summary after
     after = summarize(structure)
