@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from transformers.conversion_mapping import get_model_conversion_mapping
-from transformers.core_model_loading import WeightConverter, WeightRenaming, apply_renamings, rename_source_key
+from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
 from moekit.arch.experts import replace_tensor
 from moekit.arch.view import MoELayer, MoEModelView
@@ -118,6 +118,14 @@ class Role:
     converted: bool = False  # a transformers converter (not a plain renaming) maps it: shapes differ
 
 
+def _apply_renamings(name: str, renamings: list[WeightRenaming]) -> str:
+    """``name`` after every renaming in turn, as from_pretrained renames before converting (transformers 5.24's
+    ``apply_renamings``, written here because 5.17 lacks it)."""
+    for renaming in renamings:
+        name, _ = renaming.rename_source_key(name)
+    return name
+
+
 class NameMap:
     """On-disk tensor names -> roles, from the meta model's structure and transformers' conversion mapping."""
 
@@ -157,7 +165,7 @@ class NameMap:
 
     def _expert_id(self, name: str, pattern: str, error: str) -> tuple[int, tuple[int, int]]:
         """The expert id a per-expert name holds where its converter's pattern has ``*``, and its position."""
-        renamed = apply_renamings(name, self.renamings)
+        renamed = _apply_renamings(name, self.renamings)
         regex = r"(\d+)".join(re.escape(part) for part in pattern.split("*"))
         matches = list(re.finditer(regex, renamed))
         if not matches or pattern.count("*") != 1:
