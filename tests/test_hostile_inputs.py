@@ -264,3 +264,28 @@ def test_usual_dtype_aliases_are_accepted(model, keep_file, tmp_path) -> None:
     result = run("prune", model, "--keep-json", keep_file, "--dtype", "bf16", "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def _command_paths() -> list[list[str]]:
+    import typer.main
+
+    root = typer.main.get_command(app)
+    paths = []
+    for name, command in root.commands.items():
+        paths.append([name])
+        paths += [[name, sub] for sub in getattr(command, "commands", {})]
+    return paths
+
+
+@pytest.mark.parametrize("path", _command_paths(), ids=" ".join)
+def test_every_help_exits_cleanly(path) -> None:
+    result = run(*path, "--help")
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output and "Traceback" not in result.output and "bug in moekit" not in result.output
+
+
+def test_usage_errors_are_exit_2_without_a_traceback(model) -> None:
+    for args in (("prune",), ("prune", model, "--bogus"), ("profile", "merge")):
+        result = run(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert "Traceback" not in result.output and "bug in moekit" not in result.output

@@ -12,7 +12,6 @@ import traceback
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -47,16 +46,28 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
+def _control_flow() -> tuple[type[BaseException], ...]:
+    """The exceptions typer (and the click it uses: its own copy since typer 0.16) exits through."""
+    if hasattr(typer, "TyperException"):
+        return (typer.Exit, typer.Abort, typer.TyperException)
+    import click
+
+    return (typer.Exit, typer.Abort, click.ClickException)
+
+
+_CONTROL_FLOW = _control_flow()
+
+
 class _ErrorBoundary(TyperGroup):
     """The one place errors become messages: a user's mistake (``UserError``) or an operating-system failure
     (disk full, permissions) is one line and exit 2; Ctrl-C or a termination signal is one line and exit
     130/128+N; anything else is a bug in moekit, shown with its traceback and exit 1. Every writer is atomic
     (``moekit.outputs``), so in each case nothing half-written is left at the output."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        except _CONTROL_FLOW:  # --help, exit codes, usage errors: the framework prints and exits itself
             raise
         except UserError as error:
             _fail(error)
