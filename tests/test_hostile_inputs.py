@@ -289,3 +289,18 @@ def test_usage_errors_are_exit_2_without_a_traceback(model) -> None:
         result = run(*args)
         assert result.exit_code == 2, (args, result.output)
         assert "Traceback" not in result.output and "bug in moekit" not in result.output
+
+
+@pytest.mark.parametrize("path", _command_paths(), ids=" ".join)
+def test_help_text_is_printed_in_full(path) -> None:
+    """Square brackets ("[default: ...]", JSON examples) are not swallowed as markup."""
+    import typer.main
+
+    command = typer.main.get_command(app)
+    for name in path:
+        command = command.commands[name]
+    shown = "".join(run(*path, "--help").output.split())  # wrapping may split words: compare without whitespace
+    for param in command.params:
+        help_text = "".join((getattr(param, "help", None) or "").split())
+        if "[" in help_text:
+            assert help_text in shown, (path, param.name)

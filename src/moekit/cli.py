@@ -117,6 +117,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help text is printed as written: "[default: ...]" and JSON examples keep their brackets
 )
 # emoji codes (":b:") and markup in user-given text must print as typed: user text is escaped or printed
 # without markup, and emoji replacement is off everywhere
@@ -335,6 +336,7 @@ def prune(
     (moekit_plan.json) records every expert's score and why it was kept or removed; the model card records
     method, ratio, data and protections. Or give the experts to keep yourself with --keep-json.
 
+    \b
     Examples:
       moekit prune ./model --profile prof --method reap --ratio 0.5 --out ./model-reap50
       moekit prune ./model --profile prof --method frequency --keep 6 --plan-only --out plan.json
@@ -485,9 +487,10 @@ def profile_collect(
     co-activation and chunk sparsity, per MoE layer, per expert and per named set. Padding never
     counts. Score and prune from the profile as often as you like without running the model again.
 
+    \b
     Data parallel over N processes (GPUs, or CPU processes with gloo; several nodes with --nnodes):
     torchrun --nproc-per-node N -m moekit profile MODEL --data ... --device cuda --out prof
-    (each rank runs every N-th sequence; rank 0 writes the profile of all of them).
+    (each rank runs every N-th batch; rank 0 writes the profile of all of them).
 
     Example: moekit profile ./tiny-qwen3-moe --data code=./src --data prose=notes.txt --seq-len 128 --out prof
     """
@@ -622,6 +625,7 @@ def run_recipe_command(
 
     Example recipe:
 
+    \b
       model: ./tiny-qwen3-moe
       out: runs/reap50
       profile: {data: {code: ./src, prose: README.md}, seq_len: 128, max_tokens: 20000}
@@ -785,6 +789,7 @@ def report(
     the pruning cut (--plan), quality against compression across methods and ratios (--result),
     and everything from a demo run (--demo).
 
+    \b
     Example:
       moekit report --profile prof --plan pruned/ --result orig:original:0=o.json --result r:reap:0.5=r.json --out r
     """
