@@ -190,26 +190,28 @@ def check_recipe_inputs(recipe: Recipe) -> None:
         DataSpec.parse(f"{name}={path}")
         if not Path(path).exists():
             raise DataError(f"profile.data.{name}: {path} does not exist")
-    for dtype, device in ((step.dtype, step.device), *(((s.dtype, s.device),) if (s := recipe.eval) else ()),
-                          *(((recipe.prune.dtype, "cpu"),) if recipe.prune else ())):
+    runs = [(step.dtype, step.device)] + ([(recipe.eval.dtype, recipe.eval.device)] if recipe.eval else [])
+    for dtype, device in runs:
         check_dtype(dtype)
         check_device(device)
     prune = recipe.prune
     if prune is not None:
+        check_dtype(prune.dtype)
         request = _plan_request(recipe)
-        kept_count(view.num_experts, request)
-        if prune.top_k is not None and prune.top_k > kept_count(view.num_experts, request):
+        kept = kept_count(view.num_experts, request)
+        if prune.top_k is not None and prune.top_k > kept:
             raise RecipeError(f"prune.top_k {prune.top_k} is more than the experts kept per layer")
         for layer, expert in request.protect:
             if layer not in [entry.index for entry in view.layers] or not 0 <= expert < view.num_experts:
                 raise RecipeError(f"prune.protect {layer}:{expert} is not an expert of an MoE layer of the model")
         if prune.method == "naee" and not step.data:
             raise RecipeError("prune.method naee runs the model on calibration text: give profile.data")
-        if prune.set_weights:
-            names = Profile.load(step.path).set_names if step.path else list(step.data)
-            parse_set_weights(",".join(f"{k}={v}" for k, v in prune.set_weights.items()), names)
-    if step.path:
-        Profile.load(step.path).check_model(view)
+    existing = Profile.load(step.path) if step.path else None
+    if existing is not None:
+        existing.check_model(view)
+    if prune is not None and prune.set_weights:
+        names = existing.set_names if existing is not None else list(step.data)
+        parse_set_weights(",".join(f"{k}={v}" for k, v in prune.set_weights.items()), names)
     if recipe.eval is not None:
         for name, path in recipe.eval.text.items():
             if not Path(path).exists():
