@@ -304,3 +304,20 @@ def test_help_text_is_printed_in_full(path) -> None:
         help_text = "".join((getattr(param, "help", None) or "").split())
         if "[" in help_text:
             assert help_text in shown, (path, param.name)
+
+
+def test_only_what_belongs_to_the_new_model_is_copied(model, keep_file, tmp_path) -> None:
+    (model / "training.json").write_text('{"steps": 100}')
+    (model / "loss.png").write_bytes(b"\x89PNG")
+    (model / "chat_template.jinja").write_text("{{ messages }}")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoConfig": "configuration_x.XConfig"}}))
+    (model / "configuration_x.py").write_text("# the code the config names\n")
+    (model / "notes.py").write_text("# not named by the config\n")
+    out = tmp_path / "pruned"
+    assert run("prune", model, "--keep-json", keep_file, "--out", out).exit_code == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"tokenizer.json", "chat_template.jinja", "configuration_x.py"} <= names
+    assert not names & {"training.json", "loss.png", "notes.py"}
+    card = (out / "README.md").read_text()
+    assert "`training.json`" in card and "`loss.png`" in card and "Not copied" in card
