@@ -321,3 +321,14 @@ def test_only_what_belongs_to_the_new_model_is_copied(model, keep_file, tmp_path
     assert not names & {"training.json", "loss.png", "notes.py"}
     card = (out / "README.md").read_text()
     assert "`training.json`" in card and "`loss.png`" in card and "Not copied" in card
+
+
+def test_prune_dry_run_says_the_output_size_and_writes_nothing(model, keep_file, tmp_path) -> None:
+    from moekit.needs import prune_needs
+
+    dry = run("prune", model, "--keep-json", keep_file, "--dry-run", "--out", tmp_path / "out")
+    assert dry.exit_code == 0 and "output about" in dry.stderr and not (tmp_path / "out").exists()
+    assert run("prune", model, "--keep-json", keep_file, "--out", tmp_path / "out").exit_code == 0
+    written = sum(p.stat().st_size for p in (tmp_path / "out").glob("*.safetensors"))
+    estimate = prune_needs(model, tmp_path / "other", kept=4).output_bytes
+    assert abs(estimate - written) < 0.05 * written  # the weights kept, in their stored dtype

@@ -318,6 +318,9 @@ def prune(
     device: Annotated[str, typer.Option(help="--method naee: cpu, cuda, cuda:N or auto.")] = "cpu",
     plan_only: Annotated[bool, typer.Option(
         "--plan-only", help="Write the plan (JSON) to --out and stop; apply it later with moekit apply.")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Make the plan, print the size of the output and the free space of its disk, and stop "
+        "(nothing is written).")] = False,
     keep_json: Annotated[Path | None, typer.Option(
         "--keep-json", help='Instead of a profile: JSON {"<layer index>": [expert ids to keep], ...} covering every '
         "MoE layer, or a moekit_plan.json.")] = None,
@@ -366,9 +369,13 @@ def prune(
             if top_k is not None or allow_regroup:
                 raise PlanError(f"{keep_json} is a moekit plan, which holds its own top-k and regrouping; drop "
                                 "--top-k / --allow-regroup or make a new plan")
+            if dry_run:
+                return _print_prune_needs(model, out_dir, listed["num_experts"]["after"], dtype)
             result = prune_with_plan(model, listed, out_dir, overwrite=overwrite, dtype=dtype, reproduce=reproduce)
         else:
             keep_map = parse_keep(listed, f"keep file {keep_json}")
+            if dry_run:
+                return _print_prune_needs(model, out_dir, len(next(iter(keep_map.values()))), dtype)
             result = prune_to_checkpoint(model, keep_map, out_dir, overwrite=overwrite, allow_regroup=allow_regroup,
                                          dtype=dtype, top_k=top_k, details={"keep_file": str(keep_json)},
                                          reproduce=reproduce)
@@ -391,6 +398,8 @@ def prune(
                                        search=naee_search, progressive=progressive, naee_tokens=naee_tokens)
         else:
             plan = plan_from_profile(model, loaded, request, profile_path=profile)
+        if dry_run:
+            return _print_prune_needs(model, out_dir, plan["num_experts"]["after"], dtype)
         if plan_only:
             write_plan(plan, out_dir, overwrite=overwrite, sources=[model], inputs=inputs)
             _wrote(f"plan {out_dir}: keep {plan['num_experts']['after']} of {plan['num_experts']['before']} experts "
@@ -398,6 +407,17 @@ def prune(
             return
         result = prune_with_plan(model, plan, out_dir, overwrite=overwrite, dtype=dtype, reproduce=reproduce)
     _print_pruned(result)
+
+
+def _print_prune_needs(model: str, out_dir: Path, kept: int, dtype: str) -> None:
+    """What ``moekit prune --dry-run`` says: the plan's size against the output disk (refused if it cannot fit)."""
+    from moekit.needs import format_bytes, prune_needs
+
+    needs = prune_needs(model, out_dir, kept=kept, dtype=dtype)
+    _note(f"keep {kept} experts per MoE layer: output about {format_bytes(needs.output_bytes)}; {needs.output_dir} "
+          f"has {format_bytes(needs.output_free_bytes)} free")
+    needs.check(needs_device=False)
+    out.print("dry run: nothing was written", highlight=False)
 
 
 def _print_pruned(result: Any) -> None:

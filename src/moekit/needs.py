@@ -21,6 +21,11 @@ from moekit.model_io import available_memory, load_structure, weight_bytes
 GiB = 2**30
 
 
+def format_bytes(n: int | None) -> str:
+    """``n`` bytes for people: GiB from 128 MiB up, else MiB; "unknown" for None."""
+    return "unknown" if n is None else f"{n / GiB:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
+
+
 @dataclass(frozen=True)
 class RunNeeds:
     """The memory and disk one run needs, and what is free (None where it cannot be known)."""
@@ -35,9 +40,7 @@ class RunNeeds:
     device_free_bytes: int | None
 
     def lines(self) -> list[str]:
-        def size(n: int | None) -> str:
-            return "unknown" if n is None else f"{n / GiB:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
-
+        size = format_bytes
         return [f"model weights {size(self.model_bytes)} (largest layer {size(self.largest_layer_bytes)}), "
                 f"activations per batch {size(self.activation_bytes)}; {self.device} has "
                 f"{size(self.device_free_bytes)} free",
