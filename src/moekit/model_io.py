@@ -73,7 +73,11 @@ def check_device(device: str) -> None:
         if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
             raise ModelLoadError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
         return
-    raise ModelLoadError(f"--device {device!r} is not a device moekit knows; use cpu, cuda, cuda:N or auto")
+    if device == "mps":
+        if not torch.backends.mps.is_available():
+            raise ModelLoadError("--device mps: Apple's Metal backend is not available here; use --device cpu")
+        return
+    raise ModelLoadError(f"--device {device!r} is not a device moekit knows; use cpu, cuda, cuda:N, mps or auto")
 
 
 def _missing_local(source: str | Path) -> bool:
