@@ -150,16 +150,21 @@ def available_memory(device: str) -> int | None:
     return None
 
 
-def weight_bytes(source: str | Path, dtype: str | torch.dtype = "auto") -> int:
-    """Bytes the model's parameters take in ``dtype`` ("auto": the config's dtype, else float32)."""
-    structure = load_structure(source)
+def element_bytes(structure: PreTrainedModel, dtype: str | torch.dtype = "auto") -> int:
+    """Bytes of one parameter in ``dtype`` ("auto": the config's dtype, else float32)."""
     if dtype == "auto":
         stored = getattr(structure.config, "dtype", None) or getattr(structure.config, "torch_dtype", None)
         dtype = stored if isinstance(stored, torch.dtype) else getattr(torch, str(stored), torch.float32)
     elif isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    size = torch.empty((), dtype=dtype).element_size()
-    return sum(int(p.numel()) for p in structure.parameters()) * size
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def weight_bytes(source: str | Path, dtype: str | torch.dtype = "auto",
+                 structure: PreTrainedModel | None = None) -> int:
+    """Bytes the model's parameters take in ``dtype`` (``structure``: the model already built on meta)."""
+    structure = structure if structure is not None else load_structure(source)
+    return sum(int(p.numel()) for p in structure.parameters()) * element_bytes(structure, dtype)
 
 
 def check_fits(source: str | Path, dtype: str | torch.dtype, device: str) -> None:

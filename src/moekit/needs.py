@@ -16,7 +16,8 @@ import torch
 
 from moekit.arch.view import MoEModelView
 from moekit.errors import UserError
-from moekit.model_io import available_memory, load_structure, weight_bytes
+from moekit.eval.speed import checkpoint_bytes
+from moekit.model_io import available_memory, element_bytes, load_structure, weight_bytes
 
 GiB = 2**30
 
@@ -86,23 +87,12 @@ def _layer_bytes(view: MoEModelView, element: int) -> int:
     return max(sizes, default=0) * element
 
 
-def _element_bytes(model_bytes: int, view: MoEModelView) -> int:
-    total = sum(int(p.numel()) for p in view.model.parameters())
-    return max(1, round(model_bytes / max(total, 1)))
-
-
-def _checkpoint_bytes(source: str | Path) -> int | None:
-    path = Path(source)
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
-    return sum(f.stat().st_size for f in files) if files else None
-
-
 def profile_needs(source: str | Path, out: str | Path, *, dtype: str, device: str, batch_size: int, seq_len: int,
                   sets: int, neuron_stats: bool) -> RunNeeds:
     """Needs of profiling ``source``: the model on ``device``, one batch of hidden states, a small profile."""
     view = MoEModelView.from_model(load_structure(source))
-    model_bytes = weight_bytes(source, dtype)
-    element = _element_bytes(model_bytes, view)
+    model_bytes = weight_bytes(source, dtype, view.model)
+    element = element_bytes(view.model, dtype)
     hidden = int(getattr(view.model.config, "hidden_size", 0) or view.layers[0].router_weight.shape[-1])
     experts = max(layer.num_experts for layer in view.layers)
     per_layer = experts * (16 + experts) + (2 * experts * view.layers[0].intermediate_size if neuron_stats else 0)
@@ -116,13 +106,13 @@ def profile_needs(source: str | Path, out: str | Path, *, dtype: str, device: st
 def prune_needs(source: str | Path, out: str | Path, *, kept: int, dtype: str = "auto") -> RunNeeds:
     """Needs of pruning ``source`` to ``kept`` experts per layer: the output's size on disk."""
     view = MoEModelView.from_model(load_structure(source))
-    model_bytes = weight_bytes(source, dtype)
-    element = _element_bytes(model_bytes, view)
+    element = element_bytes(view.model, dtype)
     total = sum(int(p.numel()) for p in view.model.parameters())
+    model_bytes = total * element
     removed = sum(layer.expert_parameters() * (layer.num_experts - kept) // max(layer.num_experts, 1)
                   for layer in view.layers)
-    stored = _checkpoint_bytes(source) if dtype == "auto" else None
-    output = round((stored if stored is not None else model_bytes) * (total - removed) / max(total, 1))
+    stored = checkpoint_bytes(source)[0] if dtype == "auto" and Path(source).is_dir() else 0
+    output = round((stored or model_bytes) * (total - removed) / max(total, 1))
     output_dir, free = _free_disk(Path(out).resolve().parent)
     return RunNeeds(model_bytes=model_bytes, largest_layer_bytes=_layer_bytes(view, element), activation_bytes=0,
                     output_bytes=output, output_dir=output_dir, output_free_bytes=free, device="cpu",

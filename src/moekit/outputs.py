@@ -24,6 +24,7 @@ next time anything is written to the same target (and that is said).
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -173,7 +174,7 @@ def remove_leftovers(out: Path) -> list[Path]:
     if fcntl is None or not out.parent.is_dir():
         return []
     removed = []
-    for candidate in sorted(out.parent.glob(f".{glob_escape(out.name)}.*")):
+    for candidate in sorted(out.parent.glob(f".{glob.escape(out.name)}.*")):
         match = _LEFTOVER.fullmatch(candidate.name)
         if not match or match["name"] != out.name or candidate.is_symlink():
             continue
@@ -192,10 +193,6 @@ def remove_leftovers(out: Path) -> list[Path]:
         log.warning("removed %d leftover temporar%s of an interrupted run beside %s: %s", len(removed),
                     "y" if len(removed) == 1 else "ies", out, ", ".join(p.name for p in removed))
     return removed
-
-
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 def _temp_path(out: Path) -> Path:
