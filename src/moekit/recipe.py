@@ -178,9 +178,10 @@ def check_recipe_inputs(recipe: Recipe) -> None:
     and devices exist, the budget, protections, top-k and set weights fit the model, tasks resolve."""
     from moekit.arch.view import MoEModelView
     from moekit.data import DataError, DataSpec
+    from moekit.edit.prune import validate_top_k
     from moekit.eval import resolve_task
     from moekit.model_io import check_device, check_dtype, load_structure
-    from moekit.plan import kept_count
+    from moekit.plan import check_protect, kept_count
     from moekit.profile import Profile
     from moekit.score import parse_set_weights
 
@@ -199,11 +200,9 @@ def check_recipe_inputs(recipe: Recipe) -> None:
         check_dtype(prune.dtype)
         request = _plan_request(recipe)
         kept = kept_count(view.num_experts, request)
-        if prune.top_k is not None and prune.top_k > kept:
-            raise RecipeError(f"prune.top_k {prune.top_k} is more than the experts kept per layer")
-        for layer, expert in request.protect:
-            if layer not in [entry.index for entry in view.layers] or not 0 <= expert < view.num_experts:
-                raise RecipeError(f"prune.protect {layer}:{expert} is not an expert of an MoE layer of the model")
+        if prune.top_k is not None:
+            validate_top_k(view, prune.top_k, kept)
+        check_protect(view, request.protect)
         if prune.method == "naee" and not step.data:
             raise RecipeError("prune.method naee runs the model on calibration text: give profile.data")
     existing = Profile.load(step.path) if step.path else None

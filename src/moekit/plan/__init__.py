@@ -91,16 +91,21 @@ def set_weights_of(profile: Profile, request: PlanRequest) -> dict[str, float]:
     return check_set_weights(request.set_weights, profile.set_names)
 
 
+def check_protect(view: MoEModelView, protect: tuple[tuple[int, int], ...]) -> None:
+    """Every protected (layer, expert) pair names an expert of an MoE layer of the model."""
+    moe_layers = {layer.index for layer in view.layers}
+    for layer_index, expert in protect:
+        if layer_index not in moe_layers or not 0 <= expert < view.num_experts:
+            raise PlanError(f"--protect {layer_index}:{expert} names no expert of this model (MoE layers "
+                            f"{sorted(moe_layers)}, experts 0..{view.num_experts - 1})")
+
+
 def protections(view: MoEModelView, profile: Profile, request: PlanRequest) -> tuple[set[tuple[int, int]], dict]:
     """(super experts to protect, {(layer, expert): reason}) after checking the user's list."""
     weights = set_weights_of(profile, request)
     supers = {(s.layer, s.expert) for s in super_experts(profile, [n for n, w in weights.items() if w > 0])} \
         if request.protect_super else set()
-    moe_layers = {layer.index for layer in view.layers}
-    for layer_index, expert in request.protect:
-        if layer_index not in moe_layers or not 0 <= expert < view.num_experts:
-            raise PlanError(f"--protect {layer_index}:{expert} names no expert of this model (MoE layers "
-                            f"{sorted(moe_layers)}, experts 0..{view.num_experts - 1})")
+    check_protect(view, request.protect)
     reasons = {pair: "protected: super expert (extreme down-projection activation)" for pair in supers}
     reasons.update({pair: "protected: named by the user" for pair in request.protect})
     return supers, reasons
