@@ -233,10 +233,11 @@ class Capture:
         self.state = CaptureState()
         self.layers = {layer.index: LayerCapture(layer, self.state, num_sets, neuron_stats) for layer in view.layers}
 
-    def all_reduce_(self, group: object | None = None) -> None:
-        """Sum (and max) every accumulator over the ranks of a ``torch.distributed`` group."""
+    def all_reduce_(self, device: torch.device | None = None, group: object | None = None) -> None:
+        """Sum (and max) every accumulator over the ranks of a ``torch.distributed`` group (on ``device``, default:
+        each layer's router's; a layer-by-layer run has freed its layers)."""
         for capture in self.layers.values():
-            capture.stats.all_reduce_(capture.layer.router_weight.device, group)
+            capture.stats.all_reduce_(device or capture.layer.router_weight.device, group)
 
     def results(self) -> dict[int, dict[str, torch.Tensor]]:
         return {index: capture.stats.result() for index, capture in self.layers.items()}

@@ -25,6 +25,7 @@ from moekit.data import CalibrationSet, DataError, DataSpec, load_calibration_se
 from moekit.data.tokenizer import load_tokenizer  # re-exported: callers import it from here
 from moekit.distributed import data_parallel
 from moekit.environment import versions
+from moekit.layerwise import LayerwiseModel
 from moekit.model_io import check_device, check_dtype, describe_source, load_config, load_model
 from moekit.needs import profile_needs
 from moekit.outputs import check_output
@@ -61,6 +62,20 @@ def _forward_kwargs(model: PreTrainedModel) -> dict[str, Any]:
     return kwargs
 
 
+def _check_sets(sets: Sequence[CalibrationSet], batch_size: int) -> None:
+    if not sets:
+        raise DataError("no calibration sets given")
+    names = [s.name for s in sets]
+    if len(set(names)) != len(names):
+        raise DataError(f"calibration set names must be unique, got {names}")
+    if batch_size < 1:
+        raise DataError(f"batch size must be at least 1, got {batch_size}")
+    for cset in sets:
+        _check_right_padded(cset)
+        if cset.num_tokens == 0:
+            raise DataError(f"calibration set {cset.name!r} has no tokens")
+
+
 def collect_profile(model: PreTrainedModel, sets: Sequence[CalibrationSet], batch_size: int = 8,
                     neuron_stats: bool = False, progress: bool = True, source: str | None = None,
                     options: dict[str, Any] | None = None, distributed: bool = False) -> Profile:
@@ -74,17 +89,7 @@ def collect_profile(model: PreTrainedModel, sets: Sequence[CalibrationSet], batc
     rank passes the same ``sets``, runs every world-size-th batch, and the accumulators are
     all-reduced at the end, so every rank returns the profile of all the data.
     """
-    if not sets:
-        raise DataError("no calibration sets given")
-    names = [s.name for s in sets]
-    if len(set(names)) != len(names):
-        raise DataError(f"calibration set names must be unique, got {names}")
-    if batch_size < 1:
-        raise DataError(f"batch size must be at least 1, got {batch_size}")
-    for cset in sets:
-        _check_right_padded(cset)
-        if cset.num_tokens == 0:
-            raise DataError(f"calibration set {cset.name!r} has no tokens")
+    _check_sets(sets, batch_size)
     view = MoEModelView.from_model(model)
     device = model.get_input_embeddings().weight.device
     kwargs = _forward_kwargs(model)
@@ -93,28 +98,68 @@ def collect_profile(model: PreTrainedModel, sets: Sequence[CalibrationSet], batc
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="profiling", disable=not progress)
     rank, world = _rank_and_world(distributed)
     with capturing(view, len(sets), neuron_stats) as capture, torch.inference_mode():
-        for set_index, cset in enumerate(sets):
-            bar.set_postfix_str(cset.name)
-            # whole batches go to the ranks in turn, so that every batch is the one a single process runs
-            # (a float32 forward can round differently with another batch shape); only the order in which
-            # the float64 sums add up differs between world sizes
-            for first in range(rank * batch_size, cset.num_sequences, world * batch_size):
-                ids = cset.input_ids[first:first + batch_size]
-                mask = cset.attention_mask[first:first + batch_size]
-                capture.state.begin_batch(set_index, mask.to(device, non_blocking=True))
-                model(input_ids=ids.to(device, non_blocking=True), **kwargs)
-                bar.update(int(mask.sum()) * world)
+        for set_index, ids, mask in _rank_batches(sets, batch_size, rank, world):
+            bar.set_postfix_str(sets[set_index].name, refresh=False)
+            capture.state.begin_batch(set_index, mask.to(device, non_blocking=True))
+            model(input_ids=ids.to(device, non_blocking=True), **kwargs)
+            bar.update(int(mask.sum()) * world)
         if world > 1:
             capture.all_reduce_()
     bar.close()
+    return _finish(view, capture, sets, total, start, neuron_stats, batch_size, options,
+                   source or getattr(model, "name_or_path", "") or "in-memory model", device)
+
+
+def _rank_batches(sets: Sequence[CalibrationSet], batch_size: int, rank: int,
+                  world: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(set index, input_ids, attention_mask) of this rank's batches: whole batches go to the ranks in turn, so that
+    every batch is the one a single process runs (a float32 forward can round differently with another batch
+    shape); only the order in which the float64 sums add up differs between world sizes."""
+    return [(set_index, cset.input_ids[first:first + batch_size], cset.attention_mask[first:first + batch_size])
+            for set_index, cset in enumerate(sets)
+            for first in range(rank * batch_size, cset.num_sequences, world * batch_size)]
+
+
+def collect_profile_layerwise(run: LayerwiseModel, sets: Sequence[CalibrationSet], batch_size: int = 8,
+                              neuron_stats: bool = False, progress: bool = True, source: str | None = None,
+                              options: dict[str, Any] | None = None, distributed: bool = False) -> Profile:
+    """:func:`collect_profile`, one decoder layer at a time (``moekit.layerwise``): the same statistics, with only
+    one layer's weights and the batches' hidden states in memory. Data parallelism as in :func:`collect_profile`
+    (each rank streams every layer over its share of the batches)."""
+    _check_sets(sets, batch_size)
+    view, device = run.view, run.device
+    total = sum(s.num_tokens for s in sets)
+    start = time.perf_counter()
+    rank, world = _rank_and_world(distributed)
+    batches = _rank_batches(sets, batch_size, rank, world)
+    with capturing(view, len(sets), neuron_stats) as capture, torch.inference_mode():
+        run.embed([ids for _, ids, _ in batches])
+        masks = [mask.to(device, non_blocking=True) for _, _, mask in batches]
+        bar = tqdm(run.layer_indices, unit="layer", desc="profiling layer by layer", disable=not progress)
+        for index in bar:
+            with run.loaded(index):
+                for b, (set_index, _, _) in enumerate(batches):
+                    capture.state.begin_batch(set_index, masks[b])
+                    run.forward(index, b)
+            bar.set_postfix_str(f"{total * (index + 1) / len(run.layer_indices) / (time.perf_counter() - start):.0f} "
+                                "tok/s")
+        bar.close()
+        if world > 1:
+            capture.all_reduce_(device)
+    return _finish(view, capture, sets, total, start, neuron_stats, batch_size, options,
+                   source or str(run.source), device)
+
+
+def _finish(view: MoEModelView, capture: Any, sets: Sequence[CalibrationSet], total: int, start: float,
+            neuron_stats: bool, batch_size: int, options: dict[str, Any] | None, source: str,
+            device: torch.device) -> Profile:
     results = capture.results()  # to the CPU, as ordinary tensors: the one synchronisation
     easy_ep_input = {i: c.easy_ep_input for i, c in capture.layers.items()}
     elapsed = time.perf_counter() - start
     set_meta = [{"name": s.name, "tokens": s.num_tokens, "sequences": s.num_sequences, "data": s.description}
                 for s in sets]
     run = {"neuron_stats": neuron_stats, "batch_size": batch_size, **(options or {})}
-    meta = new_meta(view, source or getattr(model, "name_or_path", "") or "in-memory model", set_meta, run,
-                    versions(), easy_ep_input)
+    meta = new_meta(view, source, set_meta, run, versions(), easy_ep_input)
     meta["timing"] = {"seconds": round(elapsed, 3), "tokens_per_second": round(total / max(elapsed, 1e-9), 1),
                       "device": str(device)}
     return Profile(meta, results)

@@ -1,0 +1,353 @@
+"""Running a model one decoder layer at a time, straight from its safetensors shards.
+
+For models larger than the device (or the RAM): the model is built on the meta device, and only what
+runs now holds memory -- the embedding and the modules outside the decoder layers, plus one decoder
+layer at a time, while the hidden states of every calibration batch wait between layers::
+
+    with LayerwiseModel("model-dir", dtype="bfloat16", device="cuda") as run:
+        run.embed(batches)                           # batch input_ids -> hidden states entering layer 0
+        for index in run.layer_indices:
+            with run.loaded(index):                  # this layer's weights from the shards; the next prefetched
+                for b in range(len(batches)):
+                    run.forward(index, b)            # the layer's output replaces batch b's hidden states
+
+Weights are read with ``safetensors`` and loaded by transformers' own loader
+(``convert_and_load_state_dict_in_model``: the renamings, per-expert merges and fp32-kept modules
+``from_pretrained`` applies), fed only the layer's tensors; non-persistent buffers (rotary
+frequencies) are initialised by the model's ``_init_weights``, as ``from_pretrained`` does. Each
+layer is called with exactly the arguments the model's own forward passes it (attention masks per
+layer type, position embeddings, ...): a pass of the model in which the earlier layers return their
+input and layer ``i`` records its arguments and stops, so no family table is needed and hybrid
+models get each layer's own mask. A layer's output is the same as in the whole model.
+
+While layer ``i`` computes, a background thread reads layer ``i+1``'s tensors from disk. Hidden
+states stay on the device when they fit beside the largest layer, else wait in CPU memory (pinned on
+CUDA), which the run says.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoModelForCausalLM
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import convert_and_load_state_dict_in_model
+from transformers.utils import logging as hf_logging
+
+from moekit.arch.view import MoEModelView
+from moekit.edit import stream
+from moekit.model_io import ModelLoadError, available_memory, check_device, check_dtype, load_config, \
+    remote_code_trusted
+
+log = logging.getLogger("moekit")
+
+try:  # transformers 5: where from_pretrained's loader takes its settings
+    from transformers.modeling_utils import LoadStateDictConfig
+except ImportError:  # pragma: no cover - every transformers moekit supports has it
+    LoadStateDictConfig = None  # type: ignore[assignment,misc]
+
+
+class _Stop(Exception):
+    """Raised by the layer whose arguments were wanted, to end the recording pass there."""
+
+
+def resolve_dtype(config: Any, tensors: list[stream.TensorInfo], dtype: str | torch.dtype) -> torch.dtype:
+    """The dtype ``from_pretrained(dtype=dtype)`` computes in: the named one, else the config's, else the stored one."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    return stored if isinstance(stored, torch.dtype) else stream.stored_dtype(tensors) or torch.float32
+
+
+def _quiet_loading() -> contextlib.AbstractContextManager[None]:
+    """transformers' "Loading weights" bar would print once per layer."""
+    @contextlib.contextmanager
+    def quiet() -> Iterator[None]:
+        enabled = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            if enabled:
+                hf_logging.enable_progress_bar()
+    return quiet()
+
+
+class LayerwiseModel:
+    """A local safetensors checkpoint, run decoder layer by decoder layer on one device (see the module doc)."""
+
+    def __init__(self, source: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu",
+                 keep_hidden_on_device: bool | None = None) -> None:
+        check_dtype(dtype)
+        check_device(device)
+        if device in ("auto", "meta"):
+            raise ModelLoadError(f"--device {device}: layer-by-layer runs compute on one device; use cpu, cuda or "
+                                 "cuda:N")
+        config = load_config(source)
+        files = stream.safetensors_files(source)
+        if files is None:
+            raise ModelLoadError(f"{source}: layer-by-layer runs read a local safetensors checkpoint; download it "
+                                 "first (e.g. huggingface-cli download) and pass its directory")
+        if getattr(config, "quantization_config", None) is not None:
+            raise ModelLoadError(f"{source} is quantized ({_quant_method(config)}); layer-by-layer profiling reads "
+                                 "unquantized weights only (prune and apply edit quantized checkpoints; to profile, "
+                                 "dequantize it first or profile it whole on a GPU)")
+        self.source, self.device = source, torch.device(device)
+        self.tensors = stream.read_source(files, source)
+        self.dtype = resolve_dtype(config, self.tensors, dtype)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=self.dtype, trust_remote_code=remote_code_trusted())
+        self.model = model.eval()
+        view = MoEModelView.from_model(self.model)
+        if not view.family_known:  # the view probes the routing of unlisted families on the stored routers
+            stream.load_router_tensors(view, self.tensors)
+            view = MoEModelView.from_model(self.model)
+        self.view = view
+        list_path = view.layers[0].path.rpartition(".")[0].rpartition(".")[0]
+        self.layer_list_path = list_path
+        self.base_path = list_path.rpartition(".")[0]  # the decoder: embedding, decoder layers, norm
+        self.base = self.model.get_submodule(self.base_path)
+        layers = self.model.get_submodule(list_path)
+        if not isinstance(layers, nn.ModuleList):
+            raise ModelLoadError(f"{source}: its decoder layers ({list_path}) are not a ModuleList; moekit cannot run "
+                                 "this model layer by layer")
+        self.layers = layers
+        self.layer_indices = list(range(len(layers)))
+        self.conversions = get_model_conversion_mapping(self.model)
+        self.dtype_plan = self.model._get_dtype_plan(self.dtype) if hasattr(self.model, "_get_dtype_plan") else {}
+        self._names_by_layer, self._outer_names = self._group_tensors()
+        self.hidden: list[torch.Tensor] = []
+        self._inputs: list[torch.Tensor] = []
+        self.keep_hidden_on_device = keep_hidden_on_device
+        self._prefetch: tuple[int, threading.Thread, dict[str, Any]] | None = None
+
+    # -- which stored tensors feed what ------------------------------------------------------------------------------
+    def _group_tensors(self) -> tuple[dict[int, list[stream.TensorInfo]], list[stream.TensorInfo]]:
+        names = stream.NameMap(self.view)
+        lm_head = self.model.get_output_embeddings()
+        head_names = {f"{n}." for n, m in self.model.named_modules() if m is lm_head} if lm_head is not None else set()
+        prefix = self.layer_list_path + "."
+        by_layer: dict[int, list[stream.TensorInfo]] = {}
+        outer: list[stream.TensorInfo] = []
+        for info in self.tensors:
+            targets = [t for t in names.targets(info.name) if t in names.meta]
+            if not targets:
+                continue  # not loaded by transformers either (unexpected or ignored keys)
+            target = targets[0]
+            if target.startswith(prefix):
+                by_layer.setdefault(int(target[len(prefix):].split(".")[0]), []).append(info)
+            elif not any(target.startswith(h) for h in head_names):  # the LM head is never run here
+                outer.append(info)
+        return by_layer, outer
+
+    def layer_bytes(self, index: int) -> int:
+        layer = self.layers[index]
+        return sum(int(p.numel()) * p.element_size() for p in layer.parameters())
+
+    # -- loading and freeing -----------------------------------------------------------------------------------------
+    def _read(self, infos: list[stream.TensorInfo]) -> dict[str, torch.Tensor]:
+        """The tensors, read from disk into CPU memory (one file handle per shard)."""
+        out: dict[str, torch.Tensor] = {}
+        by_file: dict[Path, list[str]] = {}
+        for info in infos:
+            by_file.setdefault(info.path, []).append(info.name)
+        for path, file_names in by_file.items():
+            with safe_open(str(path), "pt") as handle:
+                for name in file_names:
+                    out[name] = handle.get_tensor(name)
+        return out
+
+    def _materialize_buffers(self, module: nn.Module) -> None:
+        """Non-persistent buffers (not in any checkpoint) on the device, initialised as from_pretrained does."""
+        for sub in module.modules():
+            meta = [n for n, b in sub.named_buffers(recurse=False) if b is not None and b.is_meta]
+            if not meta:
+                continue
+            for name in meta:
+                sub._buffers[name] = torch.empty_like(sub._buffers[name], device=self.device)
+            self.model._init_weights(sub)
+
+    def _load(self, module: nn.Module, where: str, tensors: dict[str, torch.Tensor]) -> None:
+        self._materialize_buffers(module)
+        config = LoadStateDictConfig(device_map={"": str(self.device)}, dtype=self.dtype, dtype_plan=self.dtype_plan,
+                                     weight_mapping=self.conversions)
+        with _quiet_loading():
+            info, _ = convert_and_load_state_dict_in_model(self.model, tensors, config)
+        errors = [*getattr(info, "error_msgs", []), *(getattr(info, "conversion_errors", {}) or {}).values()]
+        if getattr(info, "mismatched_keys", None):
+            errors.append(f"shapes differ from the config: {sorted(map(str, info.mismatched_keys))[:3]}")
+        missing = [n for n, p in module.named_parameters() if p.is_meta]
+        missing += [n for n, b in module.named_buffers() if b is not None and b.is_meta]
+        if missing or errors:
+            what = f"{len(missing)} weight(s) of {where} are missing from the checkpoint (e.g. {', '.join(missing[:3])})" \
+                if missing else f"loading {where} failed: {'; '.join(map(str, errors[:3]))}"
+            raise ModelLoadError(f"cannot load {self.source}: {what}. The checkpoint is incomplete or its config does "
+                                 "not match its weights")
+
+    def _outer_modules(self) -> list[tuple[str, nn.Module]]:
+        """Direct children of the base model other than the decoder layers (embedding, rotary, norm)."""
+        out = []
+        for name, child in self.base.named_children():
+            full = f"{self.base_path}.{name}" if self.base_path else name
+            if full != self.layer_list_path:
+                out.append((full, child))
+        return out
+
+    def _load_outer(self) -> None:
+        tensors = self._read(self._outer_names)
+        for full, child in self._outer_modules():
+            self._materialize_buffers(child)
+        config = LoadStateDictConfig(device_map={"": str(self.device)}, dtype=self.dtype, dtype_plan=self.dtype_plan,
+                                     weight_mapping=self.conversions)
+        with _quiet_loading():
+            convert_and_load_state_dict_in_model(self.model, tensors, config)
+        for full, child in self._outer_modules():
+            missing = [n for n, p in child.named_parameters() if p.is_meta]
+            if missing:
+                raise ModelLoadError(f"cannot load {self.source}: weights of {full} are missing from the checkpoint "
+                                     f"(e.g. {missing[0]}). The checkpoint is incomplete")
+
+    def _start_prefetch(self, index: int) -> None:
+        if index >= len(self.layers) or self._prefetch is not None:
+            return
+        box: dict[str, Any] = {}
+
+        def read() -> None:
+            try:
+                box["tensors"] = self._read(self._names_by_layer.get(index, []))
+            except BaseException as err:  # handed to the main thread, which raises it
+                box["error"] = err
+        thread = threading.Thread(target=read, name=f"moekit-prefetch-layer-{index}", daemon=True)
+        thread.start()
+        self._prefetch = (index, thread, box)
+
+    def _take_prefetched(self, index: int) -> dict[str, torch.Tensor]:
+        if self._prefetch is None or self._prefetch[0] != index:
+            self._drop_prefetch()
+            return self._read(self._names_by_layer.get(index, []))
+        _, thread, box = self._prefetch
+        thread.join()
+        self._prefetch = None
+        if "error" in box:
+            raise box["error"]
+        return box["tensors"]
+
+    def _drop_prefetch(self) -> None:
+        if self._prefetch is not None:
+            self._prefetch[1].join()
+            self._prefetch = None
+
+    @contextlib.contextmanager
+    def loaded(self, index: int) -> Iterator[nn.Module]:
+        """Decoder layer ``index`` with its weights on the device (the next layer's read starts meanwhile); freed
+        (back to the meta device) on exit."""
+        layer = self.layers[index]
+        tensors = self._take_prefetched(index)
+        try:
+            self._load(layer, f"{self.layer_list_path}.{index}", tensors)
+            del tensors
+            self._start_prefetch(index + 1)
+            yield layer
+        finally:
+            layer.to_empty(device="meta")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    # -- running -----------------------------------------------------------------------------------------------------
+    def layer_call(self, index: int, input_ids: torch.Tensor) -> tuple[tuple[Any, ...], dict[str, Any], torch.Tensor]:
+        """(positional args after the hidden states, keyword args, hidden states) the model's forward passes decoder
+        layer ``index`` for ``input_ids``, found by a pass in which the earlier layers return their input."""
+        found: dict[str, Any] = {}
+
+        def passthrough(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            return hidden_states
+
+        def record(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            found.update(args=args, kwargs=kwargs, hidden=hidden_states)
+            raise _Stop
+
+        patched = [self.layers[j] for j in range(index + 1)]
+        for j, layer in enumerate(patched):
+            layer.forward = record if j == index else passthrough  # instance attributes, removed below
+        try:
+            self.base(input_ids=input_ids.to(self.device), use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            for layer in patched:
+                layer.__dict__.pop("forward", None)
+        if "kwargs" not in found:
+            raise ModelLoadError(f"the model's forward never called decoder layer {index}; moekit cannot run it "
+                                 "layer by layer")
+        return found["args"], found["kwargs"], found["hidden"]
+
+    def embed(self, batches: Sequence[torch.Tensor]) -> None:
+        """Load the modules outside the decoder layers and compute every batch's hidden states entering layer 0."""
+        self._load_outer()
+        self._inputs = list(batches)
+        self._start_prefetch(0)
+        hidden = []
+        with torch.inference_mode():
+            for ids in self._inputs:
+                hidden.append(self._store(self.layer_call(0, ids)[2]))
+        self.hidden = hidden
+
+    def _store(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self._keep_on_device():
+            return hidden
+        stored = hidden.to("cpu")
+        return stored.pin_memory() if self.device.type == "cuda" else stored
+
+    def _keep_on_device(self) -> bool:
+        if self.keep_hidden_on_device is None:
+            if self.device.type == "cpu":
+                self.keep_hidden_on_device = True
+            else:
+                hidden = int(getattr(self.model.config, "hidden_size", 0) or 0)
+                total = sum(int(ids.numel()) for ids in self._inputs) * hidden * torch.empty((), dtype=self.dtype) \
+                    .element_size()
+                largest = max((self.layer_bytes(i) for i in self.layer_indices), default=0)
+                free = available_memory(str(self.device)) or 0
+                self.keep_hidden_on_device = total + 3 * largest < free
+                if not self.keep_hidden_on_device:
+                    log.info("the hidden states of the calibration data (%.2f GiB) wait in CPU memory between layers: "
+                             "they do not fit on %s beside the layers", total / 2**30, self.device)
+        return self.keep_hidden_on_device
+
+    def forward(self, index: int, batch: int) -> torch.Tensor:
+        """Run loaded layer ``index`` on batch ``batch``'s hidden states, keep and return its output."""
+        args, kwargs, _ = self.layer_call(index, self._inputs[batch])
+        hidden = self.hidden[batch].to(self.device, non_blocking=True)
+        out = self.layers[index](hidden, *args, **kwargs)
+        out = out[0] if isinstance(out, tuple) else out
+        self.hidden[batch] = self._store(out)
+        return out
+
+    def close(self) -> None:
+        self._drop_prefetch()
+        self.hidden, self._inputs = [], []
+        self.model.to_empty(device="meta")
+
+    def __enter__(self) -> LayerwiseModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _quant_method(config: Any) -> str:
+    quant = config.quantization_config
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    return str(method or "quantization_config")
