@@ -316,6 +316,10 @@ def prune(
         "--progressive", help="--method naee: re-collect each layer's inputs after pruning the layers before.")]
     = False,
     device: Annotated[str, typer.Option(help="--method naee: cpu, cuda, cuda:N or auto.")] = "cpu",
+    sequential: Annotated[bool | None, typer.Option(
+        "--sequential/--whole-model", help="--method naee: run the model one decoder layer at a time from its "
+        "shards (the same plan, memory of one layer) or whole [default: layer by layer only when the whole model "
+        "does not fit the device].", show_default=False)] = None,
     plan_only: Annotated[bool, typer.Option(
         "--plan-only", help="Write the plan (JSON) to --out and stop; apply it later with moekit apply.")] = False,
     dry_run: Annotated[bool, typer.Option(
@@ -395,7 +399,8 @@ def prune(
                               seed=seed, top_k=top_k, allow_regroup=allow_regroup)
         if loaded is None:
             plan = naee_plan_from_data(model, data or [], request, seed=seed, device=device, dtype=dtype,
-                                       search=naee_search, progressive=progressive, naee_tokens=naee_tokens)
+                                       search=naee_search, progressive=progressive, naee_tokens=naee_tokens,
+                                       sequential=sequential, say=_note)
         else:
             plan = plan_from_profile(model, loaded, request, profile_path=profile)
         if dry_run:
@@ -499,6 +504,14 @@ def profile_collect(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Check the inputs and print the memory and disk the run needs, then stop.")] = False,
+    sequential: Annotated[bool | None, typer.Option(
+        "--sequential/--whole-model", help="Run one decoder layer at a time from the checkpoint's shards (memory of "
+        "one layer; same profile) or the whole model at once [default: layer by layer only when the whole model "
+        "does not fit the device].", show_default=False)] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue an interrupted layer-by-layer profile from the last saved layer (its state is "
+        "kept beside OUT, in .OUT.moekit-resume, saved every 5 minutes; MOEKIT_RESUME_INTERVAL=seconds changes "
+        "that). Give the same command and options as before.")] = False,
 ) -> None:
     """Run calibration text through the model and save what routers and experts did (a profile).
 
@@ -512,6 +525,11 @@ def profile_collect(
     torchrun --nproc-per-node N -m moekit profile MODEL --data ... --device cuda --out prof
     (each rank runs every N-th batch; rank 0 writes the profile of all of them).
 
+    \b
+    Models larger than the GPU or the RAM run layer by layer (--sequential): the embedding and one
+    decoder layer at a time are loaded from the safetensors shards (the next one read meanwhile), and
+    every batch's hidden states wait between layers, on the device or in CPU memory.
+
     Example: moekit profile ./tiny-qwen3-moe --data code=./src --data prose=notes.txt --seq-len 128 --out prof
     """
     from moekit.distributed import is_main_process
@@ -520,8 +538,8 @@ def profile_collect(
     _quiet_transformers()
     result = profile_model(model, data, out_dir, seq_len=seq_len, max_tokens=max_tokens, seed=seed,
                            batch_size=batch_size, device=device, dtype=dtype, neuron_stats=neuron_stats,
-                           overwrite=overwrite, tokenizer=tokenizer, dry_run=dry_run,
-                           say=_note if is_main_process() else None)
+                           overwrite=overwrite, tokenizer=tokenizer, dry_run=dry_run, sequential=sequential,
+                           resume=resume, say=_note if is_main_process() else None)
 
     if result is None:
         out.print("dry run: nothing was loaded or written", highlight=False)

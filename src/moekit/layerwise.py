@@ -44,8 +44,14 @@ from transformers.utils import logging as hf_logging
 
 from moekit.arch.view import MoEModelView
 from moekit.edit import stream
-from moekit.model_io import ModelLoadError, available_memory, check_device, check_dtype, load_config, \
-    remote_code_trusted
+from moekit.model_io import (
+    ModelLoadError,
+    available_memory,
+    check_device,
+    check_dtype,
+    load_config,
+    remote_code_trusted,
+)
 
 log = logging.getLogger("moekit")
 
@@ -91,15 +97,16 @@ class LayerwiseModel:
     def __init__(self, source: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu",
                  keep_hidden_on_device: bool | None = None) -> None:
         check_dtype(dtype)
-        check_device(device)
         if device in ("auto", "meta"):
             raise ModelLoadError(f"--device {device}: layer-by-layer runs compute on one device; use cpu, cuda or "
                                  "cuda:N")
-        config = load_config(source)
-        files = stream.safetensors_files(source)
-        if files is None:
+        check_device(device)
+        if not Path(source).is_dir():
             raise ModelLoadError(f"{source}: layer-by-layer runs read a local safetensors checkpoint; download it "
                                  "first (e.g. huggingface-cli download) and pass its directory")
+        config = load_config(source)
+        files = stream.safetensors_files(source)
+        assert files is not None  # a directory: its files, or an error naming what is missing
         if getattr(config, "quantization_config", None) is not None:
             raise ModelLoadError(f"{source} is quantized ({_quant_method(config)}); layer-by-layer profiling reads "
                                  "unquantized weights only (prune and apply edit quantized checkpoints; to profile, "
@@ -179,25 +186,37 @@ class LayerwiseModel:
                 sub._buffers[name] = torch.empty_like(sub._buffers[name], device=self.device)
             self.model._init_weights(sub)
 
-    def _load(self, module: nn.Module, where: str, tensors: dict[str, torch.Tensor]) -> None:
-        self._materialize_buffers(module)
+    def _convert_and_load(self, tensors: dict[str, torch.Tensor]) -> list[str]:
+        """Load stored ``tensors`` into the meta model as from_pretrained would; the errors transformers reports."""
         config = LoadStateDictConfig(device_map={"": str(self.device)}, dtype=self.dtype, dtype_plan=self.dtype_plan,
                                      weight_mapping=self.conversions)
         with _quiet_loading():
             info, _ = convert_and_load_state_dict_in_model(self.model, tensors, config)
-        errors = [*getattr(info, "error_msgs", []), *(getattr(info, "conversion_errors", {}) or {}).values()]
+        errors = [str(e) for e in [*getattr(info, "error_msgs", []),
+                                   *(getattr(info, "conversion_errors", {}) or {}).values()]]
         if getattr(info, "mismatched_keys", None):
             errors.append(f"shapes differ from the config: {sorted(map(str, info.mismatched_keys))[:3]}")
+        return errors
+
+    def _check_loaded(self, module: nn.Module, where: str, errors: list[str]) -> None:
         missing = [n for n, p in module.named_parameters() if p.is_meta]
         missing += [n for n, b in module.named_buffers() if b is not None and b.is_meta]
-        if missing or errors:
-            what = f"{len(missing)} weight(s) of {where} are missing from the checkpoint (e.g. {', '.join(missing[:3])})" \
-                if missing else f"loading {where} failed: {'; '.join(map(str, errors[:3]))}"
-            raise ModelLoadError(f"cannot load {self.source}: {what}. The checkpoint is incomplete or its config does "
-                                 "not match its weights")
+        if missing:
+            what = (f"{len(missing)} weight(s) of {where} are missing from the checkpoint "
+                    f"(e.g. {', '.join(missing[:3])})")
+        elif errors:
+            what = f"loading {where} failed: {'; '.join(errors[:3])}"
+        else:
+            return
+        raise ModelLoadError(f"cannot load {self.source}: {what}. The checkpoint is incomplete or its config does not "
+                             "match its weights")
+
+    def _load(self, module: nn.Module, where: str, tensors: dict[str, torch.Tensor]) -> None:
+        self._materialize_buffers(module)
+        self._check_loaded(module, where, self._convert_and_load(tensors))
 
     def _outer_modules(self) -> list[tuple[str, nn.Module]]:
-        """Direct children of the base model other than the decoder layers (embedding, rotary, norm)."""
+        """Direct children of the decoder other than its layers (embedding, rotary embedding, final norm)."""
         out = []
         for name, child in self.base.named_children():
             full = f"{self.base_path}.{name}" if self.base_path else name
@@ -206,18 +225,12 @@ class LayerwiseModel:
         return out
 
     def _load_outer(self) -> None:
-        tensors = self._read(self._outer_names)
-        for full, child in self._outer_modules():
+        outer = self._outer_modules()
+        for _, child in outer:
             self._materialize_buffers(child)
-        config = LoadStateDictConfig(device_map={"": str(self.device)}, dtype=self.dtype, dtype_plan=self.dtype_plan,
-                                     weight_mapping=self.conversions)
-        with _quiet_loading():
-            convert_and_load_state_dict_in_model(self.model, tensors, config)
-        for full, child in self._outer_modules():
-            missing = [n for n, p in child.named_parameters() if p.is_meta]
-            if missing:
-                raise ModelLoadError(f"cannot load {self.source}: weights of {full} are missing from the checkpoint "
-                                     f"(e.g. {missing[0]}). The checkpoint is incomplete")
+        errors = self._convert_and_load(self._read(self._outer_names))
+        for full, child in outer:
+            self._check_loaded(child, full, errors)
 
     def _start_prefetch(self, index: int) -> None:
         if index >= len(self.layers) or self._prefetch is not None:
@@ -293,16 +306,23 @@ class LayerwiseModel:
                                  "layer by layer")
         return found["args"], found["kwargs"], found["hidden"]
 
-    def embed(self, batches: Sequence[torch.Tensor]) -> None:
-        """Load the modules outside the decoder layers and compute every batch's hidden states entering layer 0."""
+    def embed(self, batches: Sequence[torch.Tensor], hidden: Sequence[torch.Tensor] | None = None,
+              first_layer: int = 0) -> None:
+        """Load the modules outside the decoder layers and compute every batch's hidden states entering layer 0
+        (or take ``hidden``, those entering ``first_layer``, saved by an interrupted run)."""
         self._load_outer()
         self._inputs = list(batches)
-        self._start_prefetch(0)
-        hidden = []
+        self._start_prefetch(first_layer)
+        if hidden is not None:
+            if len(hidden) != len(self._inputs):
+                raise ModelLoadError(f"{len(hidden)} saved hidden states for {len(self._inputs)} batches")
+            self.hidden = [self._store(h.to(self.device)) for h in hidden]
+            return
+        states = []
         with torch.inference_mode():
             for ids in self._inputs:
-                hidden.append(self._store(self.layer_call(0, ids)[2]))
-        self.hidden = hidden
+                states.append(self._store(self.layer_call(0, ids)[2]))
+        self.hidden = states
 
     def _store(self, hidden: torch.Tensor) -> torch.Tensor:
         if self._keep_on_device():
@@ -326,13 +346,15 @@ class LayerwiseModel:
                              "they do not fit on %s beside the layers", total / 2**30, self.device)
         return self.keep_hidden_on_device
 
-    def forward(self, index: int, batch: int) -> torch.Tensor:
-        """Run loaded layer ``index`` on batch ``batch``'s hidden states, keep and return its output."""
+    def forward(self, index: int, batch: int, keep: bool = True) -> torch.Tensor:
+        """Run loaded layer ``index`` on batch ``batch``'s hidden states and return its output; ``keep``: the output
+        replaces the batch's hidden states (the input of the next layer)."""
         args, kwargs, _ = self.layer_call(index, self._inputs[batch])
         hidden = self.hidden[batch].to(self.device, non_blocking=True)
         out = self.layers[index](hidden, *args, **kwargs)
         out = out[0] if isinstance(out, tuple) else out
-        self.hidden[batch] = self._store(out)
+        if keep:
+            self.hidden[batch] = self._store(out)
         return out
 
     def close(self) -> None:
@@ -345,6 +367,18 @@ class LayerwiseModel:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def layerwise_possible(source: str | Path, device: str) -> bool:
+    """Whether ``source`` can run layer by layer on ``device``: a local unquantized safetensors checkpoint, one
+    device."""
+    if device in ("auto", "meta"):
+        return False
+    try:
+        files = stream.safetensors_files(source)
+    except ModelLoadError:
+        return False
+    return files is not None and getattr(load_config(source), "quantization_config", None) is None
 
 
 def _quant_method(config: Any) -> str:

@@ -39,24 +39,54 @@ class RunNeeds:
     output_free_bytes: int | None
     device: str
     device_free_bytes: int | None
+    resident_bytes: int = 0  # layer by layer: the weights outside the decoder layers (embedding, norms), always held
+    calibration_bytes: int = 0  # layer by layer: the hidden states of every calibration token, kept between layers
 
-    def lines(self) -> list[str]:
+    @property
+    def whole_bytes(self) -> int:
+        """Device memory of a whole-model run: every weight and one batch of activations."""
+        return self.model_bytes + self.activation_bytes
+
+    @property
+    def layerwise_bytes(self) -> int:
+        """Device memory of a layer-by-layer run: the weights outside the layers, one layer, one batch (the hidden
+        states of the other batches wait in CPU memory when they do not fit)."""
+        return self.resident_bytes + self.largest_layer_bytes + self.activation_bytes
+
+    def fits_whole(self) -> bool:
+        return self.device_free_bytes is None or self.whole_bytes <= self.device_free_bytes
+
+    def lines(self, layerwise: bool = False) -> list[str]:
         size = format_bytes
-        return [f"model weights {size(self.model_bytes)} (largest layer {size(self.largest_layer_bytes)}), "
-                f"activations per batch {size(self.activation_bytes)}; {self.device} has "
-                f"{size(self.device_free_bytes)} free",
-                f"output about {size(self.output_bytes)}; {self.output_dir} has {size(self.output_free_bytes)} free"]
+        lines = [f"model weights {size(self.model_bytes)} (largest layer {size(self.largest_layer_bytes)}), "
+                 f"activations per batch {size(self.activation_bytes)}; {self.device} has "
+                 f"{size(self.device_free_bytes)} free"]
+        if layerwise:
+            lines.append(f"layer by layer: {size(self.layerwise_bytes)} on {self.device} (weights outside the layers "
+                         f"{size(self.resident_bytes)}, one layer, one batch), hidden states of all calibration "
+                         f"tokens {size(self.calibration_bytes)}")
+        lines.append(f"output about {size(self.output_bytes)}; {self.output_dir} has {size(self.output_free_bytes)} "
+                     "free")
+        return lines
 
-    def check(self, needs_device: bool = True) -> None:
+    def check(self, needs_device: bool = True, layerwise: bool = False) -> None:
         """Refuse what cannot succeed, with what to do."""
         if self.output_free_bytes is not None and self.output_bytes > self.output_free_bytes:
             raise UserError(f"the output needs about {self.output_bytes / GiB:.2f} GiB but {self.output_dir} has "
                             f"{self.output_free_bytes / GiB:.2f} GiB free; free space or write elsewhere (--out)")
-        needed = self.model_bytes + self.activation_bytes
-        if needs_device and self.device_free_bytes is not None and needed > self.device_free_bytes:
-            raise UserError(f"the model needs {needed / GiB:.2f} GiB on {self.device} (weights and one batch of "
-                            f"activations) but {self.device_free_bytes / GiB:.2f} GiB are free; use --dtype bfloat16, "
-                            "--device auto (every GPU of this host), a smaller --batch-size, or a larger machine")
+        free = self.device_free_bytes
+        if not needs_device or free is None:
+            return
+        if layerwise and self.layerwise_bytes > free:
+            raise UserError(f"even layer by layer the run needs {self.layerwise_bytes / GiB:.2f} GiB on {self.device} "
+                            f"(one decoder layer, the weights outside the layers and one batch) but {free / GiB:.2f} "
+                            "GiB are free; use a smaller --batch-size or --seq-len, --dtype bfloat16, or a larger "
+                            "device")
+        if not layerwise and self.whole_bytes > free:
+            raise UserError(f"the model needs {self.whole_bytes / GiB:.2f} GiB on {self.device} (weights and one batch "
+                            f"of activations) but {free / GiB:.2f} GiB are free; profile it layer by layer "
+                            "(--sequential), use --dtype bfloat16, --device auto (every GPU of this host), a smaller "
+                            "--batch-size, or a larger machine")
 
 
 def check_disk_room(out: str | Path, needed: int) -> None:
@@ -87,20 +117,36 @@ def _layer_bytes(view: MoEModelView, element: int) -> int:
     return max(sizes, default=0) * element
 
 
-def profile_needs(source: str | Path, out: str | Path, *, dtype: str, device: str, batch_size: int, seq_len: int,
-                  sets: int, neuron_stats: bool) -> RunNeeds:
-    """Needs of profiling ``source``: the model on ``device``, one batch of hidden states, a small profile."""
+def _resident_bytes(view: MoEModelView, element: int) -> int:
+    """Bytes of the weights a layer-by-layer run holds throughout: all but the decoder layers and the LM head."""
+    model = view.model
+    layer_list = model.get_submodule(view.layers[0].path.rpartition(".")[0].rpartition(".")[0])
+    head = model.get_output_embeddings()
+    skipped = {id(p) for p in layer_list.parameters()} | ({id(p) for p in head.parameters()} if head else set())
+    embedding = model.get_input_embeddings()
+    kept = {id(p) for p in embedding.parameters()} if embedding is not None else set()  # a tied head: held once
+    return sum(int(p.numel()) for p in model.parameters() if id(p) not in skipped or id(p) in kept) * element
+
+
+def profile_needs(source: str | Path, out: str | Path | None, *, dtype: str, device: str, batch_size: int, seq_len: int,
+                  sets: int, neuron_stats: bool, max_tokens: int | None = None) -> RunNeeds:
+    """Needs of profiling ``source``: the model on ``device``, one batch of hidden states, a small profile (and, for a
+    layer-by-layer run, the hidden states of up to ``max_tokens`` tokens per set). ``out`` None: no output (its
+    size and disk are not looked at)."""
     view = MoEModelView.from_model(load_structure(source))
     model_bytes = weight_bytes(source, dtype, view.model)
     element = element_bytes(view.model, dtype)
     hidden = int(getattr(view.model.config, "hidden_size", 0) or view.layers[0].router_weight.shape[-1])
     experts = max(layer.num_experts for layer in view.layers)
     per_layer = experts * (16 + experts) + (2 * experts * view.layers[0].intermediate_size if neuron_stats else 0)
-    output_dir, free = _free_disk(Path(out).resolve().parent)
+    output_dir, free = _free_disk(Path(out).resolve().parent) if out is not None else (Path(), None)
     return RunNeeds(model_bytes=model_bytes, largest_layer_bytes=_layer_bytes(view, element),
                     activation_bytes=2 * batch_size * seq_len * hidden * element,
-                    output_bytes=8 * sets * per_layer * len(view.layers), output_dir=output_dir,
-                    output_free_bytes=free, device=device, device_free_bytes=_device_free(device))
+                    output_bytes=8 * sets * per_layer * len(view.layers) if out is not None else 0,
+                    output_dir=output_dir,
+                    output_free_bytes=free, device=device, device_free_bytes=_device_free(device),
+                    resident_bytes=_resident_bytes(view, element),
+                    calibration_bytes=sets * -(-(max_tokens or 0) // seq_len) * seq_len * hidden * element)
 
 
 def prune_needs(source: str | Path, out: str | Path, *, kept: int, dtype: str = "auto") -> RunNeeds:

@@ -11,7 +11,7 @@ the budget, protections, group and top-k constraints, the output path).
 from __future__ import annotations
 
 import shlex
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,12 +105,18 @@ def naee_plan_from_data(source: str | Path, data: list[str], request: PlanReques
                         max_tokens: int | None = 65_536, seed: int = 0, batch_size: int = 8, device: str = "cpu",
                         dtype: str = "auto", search: str = "auto", progressive: bool = False,
                         naee_tokens: int = 4096, tokenizer: str | Path | None = None,
-                        progress: bool = True) -> dict[str, Any]:
-    """NAEE's plan for the model at ``source`` from calibration text (``NAME=PATH`` sets)."""
+                        progress: bool = True, sequential: bool | None = None,
+                        say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """NAEE's plan for the model at ``source`` from calibration text (``NAME=PATH`` sets).
+
+    ``sequential``: run the model one decoder layer at a time (``moekit.layerwise``; the same plan); None chooses
+    it, and says so through ``say``, when the whole model does not fit the device."""
     from moekit.data import DataError, DataSpec, load_calibration_set, load_tokenizer
     from moekit.model_io import load_config, load_model
     from moekit.plan import kept_count
-    from moekit.plan.naee import check_search_options, make_naee_plan
+    from moekit.layerwise import LayerwiseModel, layerwise_possible
+    from moekit.needs import format_bytes, profile_needs
+    from moekit.plan.naee import check_search_options, make_naee_plan, make_naee_plan_layerwise
     from moekit.profile.collect import DEFAULT_SEQ_LEN, max_positions
 
     check_search_options(search, naee_tokens, batch_size)
@@ -122,11 +128,22 @@ def naee_plan_from_data(source: str | Path, data: list[str], request: PlanReques
     kept_count(structure.num_experts, request)  # budget errors before any weight loads
     limit = max_positions(load_config(source))
     seq_len = seq_len or min(DEFAULT_SEQ_LEN, limit or DEFAULT_SEQ_LEN)
+    needs = profile_needs(source, None, dtype=dtype, device=device, batch_size=batch_size, seq_len=seq_len,
+                          sets=len(data), neuron_stats=False, max_tokens=max_tokens)
+    if sequential is None:
+        sequential = not needs.fits_whole() and layerwise_possible(source, device)
+        if sequential and say is not None:
+            say(f"the whole model needs {format_bytes(needs.whole_bytes)} on {device} but "
+                f"{format_bytes(needs.device_free_bytes)} are free: NAEE runs it layer by layer (as --sequential)")
+    needs.check(layerwise=sequential)
     tok = load_tokenizer(tokenizer or source)
     sets = [load_calibration_set(DataSpec.parse(d), tok, seq_len, max_tokens, seed) for d in data]
-    model = load_model(source, dtype=dtype, device=device)
-    return make_naee_plan(model, sets, request, search=search, progressive=progressive, max_tokens=naee_tokens,
-                          batch_size=batch_size, source=describe_source(source), progress=progress)
+    options = dict(search=search, progressive=progressive, max_tokens=naee_tokens, batch_size=batch_size,
+                   source=describe_source(source), progress=progress)
+    if sequential:
+        with LayerwiseModel(source, dtype=dtype, device=device) as run:
+            return make_naee_plan_layerwise(run, sets, request, **options)
+    return make_naee_plan(load_model(source, dtype=dtype, device=device), sets, request, **options)
 
 
 def evaluate_model(source: str | Path, tasks: list[str] | None = None, texts: dict[str, str | Path] | None = None,

@@ -22,6 +22,7 @@ is allowed.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections.abc import Iterable, Sequence
@@ -36,8 +37,10 @@ from moekit.arch.view import MoELayer, MoEModelView, routing_override
 from moekit.data import CalibrationSet
 from moekit.edit.card import prune_plan_record
 from moekit.edit.keep import KeepMap, PlanError, validate_keep
+from moekit.layerwise import LayerwiseModel
 from moekit.plan import PlanRequest, kept_count, layer_entries, plan_details, protections, routing_groups
 from moekit.profile import collect_profile
+from moekit.profile.collect import collect_profile_layerwise
 from moekit.summary import summarize
 
 SEARCHES = ("auto", "exhaustive", "greedy", "beam")
@@ -70,17 +73,11 @@ def collect_block_inputs(model: nn.Module, view: MoEModelView, sets: Sequence[Ca
                 hidden = args[0]
                 inputs[index].append(hidden.reshape(-1, hidden.shape[-1]).detach())
             handles.append(layer.block.register_forward_pre_hook(hook))
-    taken = 0
     try:
         with routing_override(view, masks or {}), torch.inference_mode():
-            for cset in sets:
-                for first in range(0, cset.num_sequences, batch_size):
-                    if taken >= max_tokens:
-                        break
-                    mask = cset.attention_mask[first:first + batch_size]
-                    model(input_ids=cset.input_ids[first:first + batch_size].to(device), use_cache=False)
-                    valid.append(mask.reshape(-1).bool())
-                    taken += int(mask.sum())
+            for ids, mask in _naee_batches(sets, max_tokens, batch_size):
+                model(input_ids=ids.to(device), use_cache=False)
+                valid.append(mask.reshape(-1).bool())
     finally:
         for handle in handles:
             handle.remove()
@@ -163,6 +160,64 @@ def check_search_options(search: str, max_tokens: int, batch_size: int, beam_wid
                             + (" (calibration tokens per layer in NAEE's loss)" if what == "--naee-tokens" else ""))
 
 
+def _naee_batches(sets: Sequence[CalibrationSet], max_tokens: int,
+                  batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input_ids, attention_mask) of the batches whose block inputs NAEE uses: in order, until ``max_tokens`` real
+    tokens are taken (the last batch may go past; the surplus is cut)."""
+    chosen, taken = [], 0
+    for cset in sets:
+        for first in range(0, cset.num_sequences, batch_size):
+            if taken >= max_tokens:
+                break
+            mask = cset.attention_mask[first:first + batch_size]
+            chosen.append((cset.input_ids[first:first + batch_size], mask))
+            taken += int(mask.sum())
+    return chosen
+
+
+class _Search:
+    """NAEE's per-layer decisions and what the plan records of them (shared by the whole-model and the
+    layer-by-layer runs)."""
+
+    def __init__(self, view: MoEModelView, profile: Any, request: PlanRequest, search: str, exhaustive_limit: int,
+                 beam_width: int) -> None:
+        self.view, self.profile, self.request = view, profile, request
+        self.search, self.exhaustive_limit, self.beam_width = search, exhaustive_limit, beam_width
+        self.kept = kept_count(view.num_experts, request)
+        self.supers, self.protected = protections(view, profile, request)
+        self.groups = routing_groups(view, self.kept, request.allow_regroup)
+        self.decided: dict[int, torch.Tensor] = {}
+        self.keep: KeepMap = {}
+        self.details: dict[int, list[dict[str, Any]]] = {}
+        self.searches: list[dict[str, Any]] = []
+
+    def decide(self, layer: MoELayer, inputs: torch.Tensor) -> None:
+        reasons = {e: why for (i, e), why in self.protected.items() if i == layer.index}
+        result = search_layer(self.view, layer, inputs, self.view.num_experts - self.kept, search=self.search,
+                              protected=reasons, groups=self.groups, exhaustive_limit=self.exhaustive_limit,
+                              beam_width=self.beam_width)
+        self.keep[layer.index] = result.kept
+        mask = torch.zeros(layer.num_experts, dtype=torch.bool, device=layer.router_weight.device)
+        mask[result.kept] = True
+        self.decided[layer.index] = mask
+        how = f"NAEE {result.search} search ({result.evaluated} subsets), retained-set loss {result.loss:.6g}"
+        self.details[layer.index] = layer_entries(result.single_removal_loss, set(result.kept), reasons,
+                                                  f"kept: in the retained set of lowest loss; {how}",
+                                                  f"dropped: outside the retained set of lowest loss; {how}")
+        self.searches.append({"layer": layer.index, "search": result.search, "evaluated": result.evaluated,
+                              "loss": result.loss, "tokens": int(inputs.shape[0])})
+
+    def record(self, progressive: bool, max_tokens: int, source: str, **extra: Any) -> dict[str, Any]:
+        validate_keep(self.view, self.keep, allow_regroup=self.request.allow_regroup)
+        record = plan_details(self.profile, self.request, self.kept, self.supers, None, __doc__.split("\n\n")[0])
+        record["naee"] = {"search": self.search, "progressive": progressive, "max_tokens": max_tokens,
+                          "exhaustive_limit": self.exhaustive_limit, "beam_width": self.beam_width,
+                          "layers": self.searches, "score": "reconstruction loss when the expert alone is removed",
+                          **extra}
+        return prune_plan_record(source, summarize(self.view), self.keep, "naee", record, self.details,
+                                 top_k=self.request.top_k)
+
+
 def make_naee_plan(model: nn.Module, sets: Sequence[CalibrationSet], request: PlanRequest, *,
                    search: str = "auto", progressive: bool = False, max_tokens: int = 4096, batch_size: int = 8,
                    exhaustive_limit: int = 5000, beam_width: int = 4, source: str = "",
@@ -174,34 +229,67 @@ def make_naee_plan(model: nn.Module, sets: Sequence[CalibrationSet], request: Pl
     check_search_options(search, max_tokens, batch_size, beam_width)
     view = MoEModelView.from_model(model)
     profile = collect_profile(model, sets, batch_size, progress=progress)
-    kept = kept_count(view.num_experts, request)
-    supers, protected = protections(view, profile, request)
-    groups = routing_groups(view, kept, request.allow_regroup)
+    searcher = _Search(view, profile, request, search, exhaustive_limit, beam_width)
     inputs = {} if progressive else collect_block_inputs(model, view, sets, max_tokens, batch_size)
-    decided: dict[int, torch.Tensor] = {}
-    keep: KeepMap = {}
-    details: dict[int, list[dict[str, Any]]] = {}
-    searches = []
     for layer in tqdm(view.layers, desc="NAEE search", unit="layer", disable=not progress):
         if progressive:
-            inputs = collect_block_inputs(model, view, sets, max_tokens, batch_size, decided, [layer.index])
-        reasons = {e: why for (i, e), why in protected.items() if i == layer.index}
-        result = search_layer(view, layer, inputs[layer.index], view.num_experts - kept, search=search,
-                              protected=reasons, groups=groups, exhaustive_limit=exhaustive_limit,
-                              beam_width=beam_width)
-        keep[layer.index] = result.kept
-        mask = torch.zeros(layer.num_experts, dtype=torch.bool, device=layer.router_weight.device)
-        mask[result.kept] = True
-        decided[layer.index] = mask
-        how = f"NAEE {result.search} search ({result.evaluated} subsets), retained-set loss {result.loss:.6g}"
-        details[layer.index] = layer_entries(result.single_removal_loss, set(result.kept), reasons,
-                                             f"kept: in the retained set of lowest loss; {how}",
-                                             f"dropped: outside the retained set of lowest loss; {how}")
-        searches.append({"layer": layer.index, "search": result.search, "evaluated": result.evaluated,
-                         "loss": result.loss, "tokens": int(inputs[layer.index].shape[0])})
-    validate_keep(view, keep, allow_regroup=request.allow_regroup)
-    record = plan_details(profile, request, kept, supers, None, __doc__.split("\n\n")[0])
-    record["naee"] = {"search": search, "progressive": progressive, "max_tokens": max_tokens,
-                      "exhaustive_limit": exhaustive_limit, "beam_width": beam_width, "layers": searches,
-                      "score": "reconstruction loss when the expert alone is removed"}
-    return prune_plan_record(source, summarize(view), keep, "naee", record, details, top_k=request.top_k)
+            inputs = collect_block_inputs(model, view, sets, max_tokens, batch_size, searcher.decided, [layer.index])
+        searcher.decide(layer, inputs[layer.index])
+    return searcher.record(progressive, max_tokens, source)
+
+
+class _BlockReached(Exception):
+    """Raised by the hook that recorded a block's input: the rest of the layer need not run."""
+
+
+def _layer_block_inputs(run: LayerwiseModel, index: int, layer: MoELayer, batches: int) -> torch.Tensor:
+    """``[T, H]``: what enters the MoE block of loaded decoder layer ``index``, every batch in turn (each stops at
+    the block)."""
+    chunks: list[torch.Tensor] = []
+
+    def record(_module: nn.Module, args: tuple) -> None:
+        chunks.append(args[0].reshape(-1, args[0].shape[-1]).detach().clone())
+        raise _BlockReached
+
+    handle = layer.block.register_forward_pre_hook(record)
+    try:
+        for b in range(batches):
+            with contextlib.suppress(_BlockReached):
+                run.forward(index, b, keep=False)
+    finally:
+        handle.remove()
+    return torch.cat(chunks)
+
+
+def make_naee_plan_layerwise(run: LayerwiseModel, sets: Sequence[CalibrationSet], request: PlanRequest, *,
+                             search: str = "auto", progressive: bool = False, max_tokens: int = 4096,
+                             batch_size: int = 8, exhaustive_limit: int = 5000, beam_width: int = 4,
+                             source: str = "", progress: bool = True) -> dict[str, Any]:
+    """:func:`make_naee_plan` with the model run one decoder layer at a time (``moekit.layerwise``): the same plan.
+
+    Two passes over the layers: the profile (``collect_profile_layerwise``), then, per decoder layer, NAEE's
+    batches through it -- an MoE layer first runs up to its block to record the block's inputs, is searched
+    while its weights are loaded, then runs whole (with its experts masked in progressive mode) to give the next
+    layer its inputs."""
+    check_search_options(search, max_tokens, batch_size, beam_width)
+    view = run.view
+    profile = collect_profile_layerwise(run, sets, batch_size, progress=progress, source=source)
+    searcher = _Search(view, profile, request, search, exhaustive_limit, beam_width)
+    batches = _naee_batches(sets, max_tokens, batch_size)
+    valid = torch.cat([mask.reshape(-1).bool() for _, mask in batches])
+    moe_layers = {layer.index: layer for layer in view.layers}
+    run.embed([ids for ids, _ in batches])
+    with torch.inference_mode():
+        for index in tqdm(run.layer_indices, desc="NAEE search", unit="layer", disable=not progress):
+            with run.loaded(index):
+                layer = moe_layers.get(index)
+                if layer is not None:
+                    with routing_override(view, searcher.decided if progressive else {}):
+                        inputs = _layer_block_inputs(run, index, layer, len(batches))
+                    searcher.decide(layer, inputs[valid.to(inputs.device)][:max_tokens])
+                    del inputs
+                # the next layer's inputs: with this layer's experts masked too in progressive mode
+                with routing_override(view, searcher.decided if progressive else {}):
+                    for b in range(len(batches)):
+                        run.forward(index, b)
+    return searcher.record(progressive, max_tokens, source, layer_by_layer=True)

@@ -11,6 +11,8 @@ or, from a model directory to a saved profile with every input checked before an
 from __future__ import annotations
 
 import inspect
+import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,12 +27,15 @@ from moekit.data import CalibrationSet, DataError, DataSpec, load_calibration_se
 from moekit.data.tokenizer import load_tokenizer  # re-exported: callers import it from here
 from moekit.distributed import data_parallel
 from moekit.environment import versions
-from moekit.layerwise import LayerwiseModel
+from moekit.layerwise import LayerwiseModel, layerwise_possible
 from moekit.model_io import check_device, check_dtype, describe_source, load_config, load_model
-from moekit.needs import profile_needs
+from moekit.needs import format_bytes, profile_needs
 from moekit.outputs import check_output
 from moekit.profile.capture import capturing
 from moekit.profile.profile_file import Profile, new_meta
+from moekit.profile.resume import LayerwiseState, ResumeError, resume_dir, run_fingerprint
+
+log = logging.getLogger("moekit")
 
 MAX_POSITION_KEYS = ("max_position_embeddings", "max_seq_len", "n_positions", "seq_length")
 
@@ -122,33 +127,78 @@ def _rank_batches(sets: Sequence[CalibrationSet], batch_size: int, rank: int,
 
 def collect_profile_layerwise(run: LayerwiseModel, sets: Sequence[CalibrationSet], batch_size: int = 8,
                               neuron_stats: bool = False, progress: bool = True, source: str | None = None,
-                              options: dict[str, Any] | None = None, distributed: bool = False) -> Profile:
+                              options: dict[str, Any] | None = None, distributed: bool = False,
+                              state: LayerwiseState | None = None, resume: bool = False) -> Profile:
     """:func:`collect_profile`, one decoder layer at a time (``moekit.layerwise``): the same statistics, with only
     one layer's weights and the batches' hidden states in memory. Data parallelism as in :func:`collect_profile`
-    (each rank streams every layer over its share of the batches)."""
+    (each rank streams every layer over its share of the batches).
+
+    ``state``: where the run saves what it needs to continue after an interruption (``moekit.profile.resume``);
+    ``resume``: continue from it instead of starting at layer 0."""
     _check_sets(sets, batch_size)
     view, device = run.view, run.device
     total = sum(s.num_tokens for s in sets)
     start = time.perf_counter()
     rank, world = _rank_and_world(distributed)
     batches = _rank_batches(sets, batch_size, rank, world)
+    first_layer, saved_at = 0, None
     with capturing(view, len(sets), neuron_stats) as capture, torch.inference_mode():
-        run.embed([ids for _, ids, _ in batches])
+        if resume and state is not None:
+            saved = state.load()
+            _same_on_every_rank(saved.done, world, device)
+            for index, named in saved.stats.items():
+                capture.layers[index].stats.tensors = {name: t.to(device) for name, t in named.items()}
+                capture.layers[index].easy_ep_input = saved.easy_ep_input.get(index, "not run")
+            run.embed([ids for _, ids, _ in batches], hidden=saved.hidden, first_layer=saved.done)
+            first_layer = saved_at = saved.done
+        else:
+            run.embed([ids for _, ids, _ in batches])
         masks = [mask.to(device, non_blocking=True) for _, _, mask in batches]
-        bar = tqdm(run.layer_indices, unit="layer", desc="profiling layer by layer", disable=not progress)
-        for index in bar:
-            with run.loaded(index):
-                for b, (set_index, _, _) in enumerate(batches):
-                    capture.state.begin_batch(set_index, masks[b])
-                    run.forward(index, b)
-            bar.set_postfix_str(f"{total * (index + 1) / len(run.layer_indices) / (time.perf_counter() - start):.0f} "
-                                "tok/s")
-        bar.close()
+        layers = run.layer_indices[first_layer:]
+        bar = tqdm(layers, unit="layer", desc="profiling layer by layer", disable=not progress,
+                   initial=first_layer, total=len(run.layer_indices))
+        try:
+            for index in layers:
+                with run.loaded(index):
+                    for b, (set_index, _, _) in enumerate(batches):
+                        capture.state.begin_batch(set_index, masks[b])
+                        run.forward(index, b)
+                done = index + 1 - first_layer
+                bar.set_postfix_str(f"{total * done / len(run.layer_indices) / (time.perf_counter() - start):.0f} "
+                                    "tok/s")
+                if state is not None and index + 1 < len(run.layer_indices) and state.due():
+                    state.save(index + 1, {i: c.stats.tensors for i, c in capture.layers.items() if c.stats.tensors},
+                               {i: c.easy_ep_input for i, c in capture.layers.items()}, run.hidden)
+                    saved_at = index + 1
+        except BaseException:
+            if state is not None and saved_at is not None and rank == 0:
+                log.warning("the state after %d of %d decoder layers is saved in %s: run the same command with "
+                            "--resume to continue from there", saved_at, len(run.layer_indices), state.directory)
+            raise
+        finally:
+            bar.close()
         if world > 1:
             capture.all_reduce_(device)
-    return _finish(view, capture, sets, total, start, neuron_stats, batch_size, options,
-                   source or str(run.source), device)
+    profile = _finish(view, capture, sets, total, start, neuron_stats, batch_size, options,
+                      source or str(run.source), device)
+    if first_layer:
+        profile.meta["timing"]["resumed_at_layer"] = first_layer
+    return profile
 
+
+def _same_on_every_rank(done: int, world: int, device: torch.device) -> None:
+    """Every rank resumes from the same layer (a rank killed between two saves would not)."""
+    if world == 1:
+        return
+    import torch.distributed as dist
+
+    low = torch.tensor([done], device=device)
+    high = low.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if int(low) != int(high):
+        raise ResumeError(f"the ranks saved different layers ({int(low)} to {int(high)}); the state cannot be "
+                          "resumed: delete it and run again without --resume")
 
 def _finish(view: MoEModelView, capture: Any, sets: Sequence[CalibrationSet], total: int, start: float,
             neuron_stats: bool, batch_size: int, options: dict[str, Any] | None, source: str,
@@ -182,6 +232,7 @@ def profile_model(source: str | Path, data: Sequence[str | DataSpec], out: str |
                   max_tokens: int | None = 262_144, seed: int = 0, batch_size: int = 8, device: str = "cpu",
                   dtype: str = "auto", neuron_stats: bool = False, overwrite: bool = False,
                   tokenizer: str | Path | None = None, progress: bool = True, dry_run: bool = False,
+                  sequential: bool | None = None, resume: bool = False,
                   say: Callable[[str], None] | None = None) -> Profile | None:
     """Profile the model at ``source`` on named sets (``"NAME=PATH"``) and save to ``out``.
 
@@ -189,7 +240,9 @@ def profile_model(source: str | Path, data: Sequence[str | DataSpec], out: str |
     data (read, tokenised and packed first), sequence length against the model's maximum.
     ``seq_len`` defaults to 2048 or the model's maximum, whichever is smaller. What the run needs
     (``moekit.needs``: memory, disk) is given to ``say`` and checked before anything loads; ``dry_run``
-    stops there and returns None. Launched by torchrun
+    stops there and returns None. ``sequential``: run the model one decoder layer at a time from its shards
+    (``moekit.layerwise``; same statistics, memory of one layer); None (default) chooses it, and says so, when the
+    whole model does not fit the device's free memory. Launched by torchrun
     (``torchrun --nproc-per-node N -m moekit profile ...``), every rank runs its share of the sequences
     and rank 0 writes the profile of all of them (``moekit.distributed``).
     """
@@ -212,20 +265,57 @@ def profile_model(source: str | Path, data: Sequence[str | DataSpec], out: str |
     if seq_len < 1 or (limit is not None and seq_len > limit):
         raise DataError(f"--seq-len {seq_len} is outside what the model handles (1 to {limit} positions)")
     needs = profile_needs(source, out_path, dtype=dtype, device=device, batch_size=batch_size, seq_len=seq_len,
-                          sets=len(specs), neuron_stats=neuron_stats)
-    for line in needs.lines() if say is not None else ():
+                          sets=len(specs), neuron_stats=neuron_stats, max_tokens=max_tokens)
+    if sequential is None:  # layer by layer when the whole model does not fit and the checkpoint allows it
+        sequential = not needs.fits_whole() and layerwise_possible(source, device)
+        if sequential and say is not None:
+            say(f"the whole model needs {format_bytes(needs.whole_bytes)} on {device} but "
+                f"{format_bytes(needs.device_free_bytes)} are free: profiling layer by layer (as --sequential)")
+    for line in needs.lines(layerwise=sequential) if say is not None else ():
         say(line)
-    needs.check()
+    needs.check(layerwise=sequential)
+    saved = resume_dir(out_path)
+    if resume and not sequential:
+        raise ResumeError("--resume continues an interrupted layer-by-layer profile: add --sequential")
+    if resume and not saved.exists():
+        raise ResumeError(f"nothing to resume: {saved} does not exist (a layer-by-layer run keeps its state there "
+                          "until it writes the profile); run without --resume")
+    if sequential and not resume and saved.exists():
+        raise ResumeError(f"an interrupted run of this profile left its state in {saved}; continue it with "
+                          f"--resume, or delete {saved} to start over")
     if dry_run:
         return None
     tok = load_tokenizer(tokenizer or source)
     sets = [load_calibration_set(spec, tok, seq_len, max_tokens, seed) for spec in specs]
     with data_parallel(device) as rank:  # under torchrun: this rank's share of the sequences
-        model = load_model(source, dtype=dtype, device=rank.device)
         options = {"seq_len": seq_len, "max_tokens": max_tokens, "seed": seed, "dtype": dtype, "device": device,
-                   "tokenizer": describe_source(tokenizer or source), "world_size": rank.world}
-        profile = collect_profile(model, sets, batch_size, neuron_stats, progress and rank.writes,
-                                  describe_source(source), options, distributed=rank.world > 1)
+                   "tokenizer": describe_source(tokenizer or source), "world_size": rank.world,
+                   "sequential": sequential}
+        if sequential:
+            fingerprint = run_fingerprint(describe_source(source), sets,
+                                          {**options, "batch_size": batch_size, "neuron_stats": neuron_stats})
+            state = LayerwiseState(saved, fingerprint, rank.rank, interval=resume_interval())
+            with LayerwiseModel(source, dtype=dtype, device=rank.device) as run:
+                profile = collect_profile_layerwise(run, sets, batch_size, neuron_stats, progress and rank.writes,
+                                                    describe_source(source), options, distributed=rank.world > 1,
+                                                    state=state, resume=resume)
+        else:
+            model = load_model(source, dtype=dtype, device=rank.device)
+            profile = collect_profile(model, sets, batch_size, neuron_stats, progress and rank.writes,
+                                      describe_source(source), options, distributed=rank.world > 1)
         if rank.writes:
             profile.save(out_path, overwrite=overwrite, sources=sources, inputs=inputs)
+        if sequential:
+            state.remove()
     return profile
+
+
+def resume_interval() -> float:
+    """Seconds between saves of a layer-by-layer run's state (``MOEKIT_RESUME_INTERVAL``, default 300)."""
+    from moekit.profile.resume import DEFAULT_INTERVAL
+
+    value = os.environ.get("MOEKIT_RESUME_INTERVAL")
+    try:
+        return float(value) if value else DEFAULT_INTERVAL
+    except ValueError:
+        raise DataError(f"MOEKIT_RESUME_INTERVAL={value!r} is not a number of seconds") from None
