@@ -1,8 +1,9 @@
 """Running a model one decoder layer at a time, straight from its safetensors shards.
 
 For models larger than the device (or the RAM): the model is built on the meta device, and only what
-runs now holds memory -- the embedding and the modules outside the decoder layers, plus one decoder
-layer at a time, while the hidden states of every calibration batch wait between layers::
+runs now holds memory -- the embedding while the token ids become hidden states, then one decoder
+layer at a time (with the small modules outside the layers: rotary embedding, norm), while the hidden
+states of every calibration batch wait between layers::
 
     with LayerwiseModel("model-dir", dtype="bfloat16", device="cuda") as run:
         run.embed(batches)                           # batch input_ids -> hidden states entering layer 0
@@ -18,7 +19,8 @@ frequencies) are initialised by the model's ``_init_weights``, as ``from_pretrai
 layer is called with exactly the arguments the model's own forward passes it (attention masks per
 layer type, position embeddings, ...): a pass of the model in which the earlier layers return their
 input and layer ``i`` records its arguments and stops, so no family table is needed and hybrid
-models get each layer's own mask. A layer's output is the same as in the whole model.
+models get each layer's own mask. A layer's output is the same as in the whole model. The LM head is
+never loaded.
 
 While layer ``i`` computes, a background thread reads layer ``i+1``'s tensors from disk. Hidden
 states stay on the device when they fit beside the largest layer, else wait in CPU memory (pinned on
@@ -279,9 +281,13 @@ class LayerwiseModel:
                 torch.cuda.empty_cache()
 
     # -- running -----------------------------------------------------------------------------------------------------
-    def layer_call(self, index: int, input_ids: torch.Tensor) -> tuple[tuple[Any, ...], dict[str, Any], torch.Tensor]:
+    def layer_call(self, index: int, batch: int) -> tuple[tuple[Any, ...], dict[str, Any], torch.Tensor]:
         """(positional args after the hidden states, keyword args, hidden states) the model's forward passes decoder
-        layer ``index`` for ``input_ids``, found by a pass in which the earlier layers return their input."""
+        layer ``index`` for batch ``batch``, found by a pass in which the earlier layers return their input.
+
+        Before the first layer (``embed``) the pass starts from the batch's token ids; afterwards from an
+        uninitialised tensor shaped like its hidden states (what the model computes before its layers -- masks,
+        position embeddings -- depends on their shape, dtype and device only), so the embedding is not needed."""
         found: dict[str, Any] = {}
 
         def passthrough(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -294,8 +300,13 @@ class LayerwiseModel:
         patched = [self.layers[j] for j in range(index + 1)]
         for j, layer in enumerate(patched):
             layer.forward = record if j == index else passthrough  # instance attributes, removed below
+        if batch < len(self.hidden):
+            stored = self.hidden[batch]
+            inputs = {"inputs_embeds": torch.empty(stored.shape, dtype=stored.dtype, device=self.device)}
+        else:
+            inputs = {"input_ids": self._inputs[batch].to(self.device)}
         try:
-            self.base(input_ids=input_ids.to(self.device), use_cache=False)
+            self.base(**inputs, use_cache=False)
         except _Stop:
             pass
         finally:
@@ -317,12 +328,21 @@ class LayerwiseModel:
             if len(hidden) != len(self._inputs):
                 raise ModelLoadError(f"{len(hidden)} saved hidden states for {len(self._inputs)} batches")
             self.hidden = [self._store(h.to(self.device)) for h in hidden]
+            self._free_embedding()
             return
-        states = []
+        self.hidden = []
         with torch.inference_mode():
-            for ids in self._inputs:
-                states.append(self._store(self.layer_call(0, ids)[2]))
-        self.hidden = states
+            for b in range(len(self._inputs)):
+                self.hidden.append(self._store(self.layer_call(0, b)[2]))
+        self._free_embedding()
+
+    def _free_embedding(self) -> None:
+        """The embedding is needed only to start: from now on the layers start from the stored hidden states."""
+        embedding = self.model.get_input_embeddings()
+        if embedding is not None and not any(p.is_meta for p in embedding.parameters()):
+            embedding.to_empty(device="meta")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     def _store(self, hidden: torch.Tensor) -> torch.Tensor:
         if self._keep_on_device():
@@ -349,7 +369,7 @@ class LayerwiseModel:
     def forward(self, index: int, batch: int, keep: bool = True) -> torch.Tensor:
         """Run loaded layer ``index`` on batch ``batch``'s hidden states and return its output; ``keep``: the output
         replaces the batch's hidden states (the input of the next layer)."""
-        args, kwargs, _ = self.layer_call(index, self._inputs[batch])
+        args, kwargs, _ = self.layer_call(index, batch)
         hidden = self.hidden[batch].to(self.device, non_blocking=True)
         out = self.layers[index](hidden, *args, **kwargs)
         out = out[0] if isinstance(out, tuple) else out

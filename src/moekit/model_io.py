@@ -144,7 +144,12 @@ def load_structure(source: str | Path) -> PreTrainedModel:
 def available_memory(device: str) -> int | None:
     """Free bytes on ``device`` (a CUDA device, or the CPU's available RAM on Linux); None if unknown."""
     if device.startswith("cuda") and torch.cuda.is_available():
-        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+        index = torch.device(device)
+        free, total = torch.cuda.mem_get_info(index)
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+        if fraction is not None:  # a cap set with torch.cuda.set_per_process_memory_fraction counts too
+            free = min(free, int(fraction(index) * total) - torch.cuda.memory_reserved(index))
+        return max(int(free), 0)
     if device == "cpu" and hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in os.sysconf_names:
         return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     return None

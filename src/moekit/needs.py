@@ -39,7 +39,7 @@ class RunNeeds:
     output_free_bytes: int | None
     device: str
     device_free_bytes: int | None
-    resident_bytes: int = 0  # layer by layer: the weights outside the decoder layers (embedding, norms), always held
+    resident_bytes: int = 0  # layer by layer: the weights outside the decoder layers and the LM head (the embedding)
     calibration_bytes: int = 0  # layer by layer: the hidden states of every calibration token, kept between layers
 
     @property
@@ -49,9 +49,9 @@ class RunNeeds:
 
     @property
     def layerwise_bytes(self) -> int:
-        """Device memory of a layer-by-layer run: the weights outside the layers, one layer, one batch (the hidden
-        states of the other batches wait in CPU memory when they do not fit)."""
-        return self.resident_bytes + self.largest_layer_bytes + self.activation_bytes
+        """Device memory of a layer-by-layer run: the embedding (first) or one layer (then), and one batch (the
+        hidden states of the other batches wait in CPU memory when they do not fit)."""
+        return max(self.resident_bytes, self.largest_layer_bytes) + self.activation_bytes
 
     def fits_whole(self) -> bool:
         return self.device_free_bytes is None or self.whole_bytes <= self.device_free_bytes
@@ -62,9 +62,9 @@ class RunNeeds:
                  f"activations per batch {size(self.activation_bytes)}; {self.device} has "
                  f"{size(self.device_free_bytes)} free"]
         if layerwise:
-            lines.append(f"layer by layer: {size(self.layerwise_bytes)} on {self.device} (weights outside the layers "
-                         f"{size(self.resident_bytes)}, one layer, one batch), hidden states of all calibration "
-                         f"tokens {size(self.calibration_bytes)}")
+            lines.append(f"layer by layer: {size(self.layerwise_bytes)} on {self.device} (the embedding "
+                         f"{size(self.resident_bytes)} or one layer, and one batch), hidden states of up to "
+                         f"{size(self.calibration_bytes)} for the calibration tokens")
         lines.append(f"output about {size(self.output_bytes)}; {self.output_dir} has {size(self.output_free_bytes)} "
                      "free")
         return lines
@@ -79,7 +79,7 @@ class RunNeeds:
             return
         if layerwise and self.layerwise_bytes > free:
             raise UserError(f"even layer by layer the run needs {self.layerwise_bytes / GiB:.2f} GiB on {self.device} "
-                            f"(one decoder layer, the weights outside the layers and one batch) but {free / GiB:.2f} "
+                            f"(the embedding or one decoder layer, and one batch) but {free / GiB:.2f} "
                             "GiB are free; use a smaller --batch-size or --seq-len, --dtype bfloat16, or a larger "
                             "device")
         if not layerwise and self.whole_bytes > free:
@@ -118,7 +118,7 @@ def _layer_bytes(view: MoEModelView, element: int) -> int:
 
 
 def _resident_bytes(view: MoEModelView, element: int) -> int:
-    """Bytes of the weights a layer-by-layer run holds throughout: all but the decoder layers and the LM head."""
+    """Bytes of the weights a layer-by-layer run loads outside the decoder layers (all but the LM head)."""
     model = view.model
     layer_list = model.get_submodule(view.layers[0].path.rpartition(".")[0].rpartition(".")[0])
     head = model.get_output_embeddings()

@@ -112,10 +112,10 @@ def naee_plan_from_data(source: str | Path, data: list[str], request: PlanReques
     ``sequential``: run the model one decoder layer at a time (``moekit.layerwise``; the same plan); None chooses
     it, and says so through ``say``, when the whole model does not fit the device."""
     from moekit.data import DataError, DataSpec, load_calibration_set, load_tokenizer
-    from moekit.model_io import load_config, load_model
-    from moekit.plan import kept_count
     from moekit.layerwise import LayerwiseModel, layerwise_possible
+    from moekit.model_io import load_config, load_model
     from moekit.needs import format_bytes, profile_needs
+    from moekit.plan import kept_count
     from moekit.plan.naee import check_search_options, make_naee_plan, make_naee_plan_layerwise
     from moekit.profile.collect import DEFAULT_SEQ_LEN, max_positions
 
