@@ -145,6 +145,8 @@ def available_memory(device: str) -> int | None:
     """Free bytes on ``device`` (a CUDA device, or the CPU's available RAM on Linux); None if unknown."""
     if device.startswith("cuda") and torch.cuda.is_available():
         index = torch.device(device)
+        if index.index is None:
+            index = torch.device("cuda", torch.cuda.current_device())
         free, total = torch.cuda.mem_get_info(index)
         fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
         if fraction is not None:  # a cap set with torch.cuda.set_per_process_memory_fraction counts too
