@@ -3,7 +3,8 @@
 For models larger than the device (or the RAM): the model is built on the meta device, and only what
 runs now holds memory -- the embedding while the token ids become hidden states, then one decoder
 layer at a time (with the small modules outside the layers: rotary embedding, norm), while the hidden
-states of every calibration batch wait between layers::
+states of every calibration batch wait between layers (in pinned CPU memory on a GPU, unless they
+are small beside its free memory)::
 
     with LayerwiseModel("model-dir", dtype="bfloat16", device="cuda") as run:
         run.embed(batches)                           # batch input_ids -> hidden states entering layer 0
@@ -22,9 +23,9 @@ input and layer ``i`` records its arguments and stops, so no family table is nee
 models get each layer's own mask. A layer's output is the same as in the whole model. The LM head is
 never loaded.
 
-While layer ``i`` computes, a background thread reads layer ``i+1``'s tensors from disk. Hidden
-states stay on the device when they fit beside the largest layer, else wait in CPU memory (pinned on
-CUDA), which the run says.
+While layer ``i`` computes, a background thread reads layer ``i+1``'s tensors from disk and converts
+them on the CPU (into a second meta model, pinned), so the main thread only copies a few large
+tensors to the device. Arguments are found once per layer and batch shape.
 """
 
 from __future__ import annotations
@@ -79,20 +80,6 @@ def resolve_dtype(config: Any, tensors: list[stream.TensorInfo], dtype: str | to
     return stored if isinstance(stored, torch.dtype) else stream.stored_dtype(tensors) or torch.float32
 
 
-def _quiet_loading() -> contextlib.AbstractContextManager[None]:
-    """transformers' "Loading weights" bar would print once per layer."""
-    @contextlib.contextmanager
-    def quiet() -> Iterator[None]:
-        enabled = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
-        try:
-            yield
-        finally:
-            if enabled:
-                hf_logging.enable_progress_bar()
-    return quiet()
-
-
 class LayerwiseModel:
     """A local safetensors checkpoint, run decoder layer by decoder layer on one device (see the module doc)."""
 
@@ -116,9 +103,8 @@ class LayerwiseModel:
         self.source, self.device = source, torch.device(device)
         self.tensors = stream.read_source(files, source)
         self.dtype = resolve_dtype(config, self.tensors, dtype)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=self.dtype, trust_remote_code=remote_code_trusted())
-        self.model = model.eval()
+        self.model = self._meta_model(config)
+        self._staging = self._meta_model(config)  # where the prefetch thread loads the next layer, on the CPU
         view = MoEModelView.from_model(self.model)
         if not view.family_known:  # the view probes the routing of unlisted families on the stored routers
             stream.load_router_tensors(view, self.tensors)
@@ -141,6 +127,14 @@ class LayerwiseModel:
         self._inputs: list[torch.Tensor] = []
         self.keep_hidden_on_device = keep_hidden_on_device
         self._prefetch: tuple[int, threading.Thread, dict[str, Any]] | None = None
+        self._calls: dict[tuple[Any, ...], tuple[tuple[Any, ...], dict[str, Any]]] = {}
+        self._bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar would print once per layer
+
+    def _meta_model(self, config: Any) -> nn.Module:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=self.dtype, trust_remote_code=remote_code_trusted())
+        return model.eval()
 
     # -- which stored tensors feed what ------------------------------------------------------------------------------
     def _group_tensors(self) -> tuple[dict[int, list[stream.TensorInfo]], list[stream.TensorInfo]]:
@@ -166,17 +160,13 @@ class LayerwiseModel:
         return sum(int(p.numel()) * p.element_size() for p in layer.parameters())
 
     # -- loading and freeing -----------------------------------------------------------------------------------------
-    def _read(self, infos: list[stream.TensorInfo]) -> dict[str, torch.Tensor]:
-        """The tensors, read from disk into CPU memory (one file handle per shard)."""
-        out: dict[str, torch.Tensor] = {}
-        by_file: dict[Path, list[str]] = {}
-        for info in infos:
-            by_file.setdefault(info.path, []).append(info.name)
-        for path, file_names in by_file.items():
-            with safe_open(str(path), "pt") as handle:
-                for name in file_names:
-                    out[name] = handle.get_tensor(name)
-        return out
+    @contextlib.contextmanager
+    def _opened(self, infos: list[stream.TensorInfo]) -> Iterator[dict[str, Any]]:
+        """Lazy slices of the stored tensors (one open handle per shard): transformers' loader reads them with its
+        own worker threads, as from_pretrained does."""
+        with contextlib.ExitStack() as stack:
+            handles = {path: stack.enter_context(safe_open(str(path), "pt")) for path in {i.path for i in infos}}
+            yield {info.name: handles[info.path].get_slice(info.name) for info in infos}
 
     def _materialize_buffers(self, module: nn.Module) -> None:
         """Non-persistent buffers (not in any checkpoint) on the device, initialised as from_pretrained does."""
@@ -188,12 +178,13 @@ class LayerwiseModel:
                 sub._buffers[name] = torch.empty_like(sub._buffers[name], device=self.device)
             self.model._init_weights(sub)
 
-    def _convert_and_load(self, tensors: dict[str, torch.Tensor]) -> list[str]:
-        """Load stored ``tensors`` into the meta model as from_pretrained would; the errors transformers reports."""
-        config = LoadStateDictConfig(device_map={"": str(self.device)}, dtype=self.dtype, dtype_plan=self.dtype_plan,
-                                     weight_mapping=self.conversions)
-        with _quiet_loading():
-            info, _ = convert_and_load_state_dict_in_model(self.model, tensors, config)
+    def _convert_and_load(self, tensors: dict[str, torch.Tensor], model: nn.Module | None = None,
+                          device: torch.device | None = None) -> list[str]:
+        """Load stored ``tensors`` into a meta model (default: the one that runs, on its device) as from_pretrained
+        would; the errors transformers reports."""
+        config = LoadStateDictConfig(device_map={"": str(device or self.device)}, dtype=self.dtype,
+                                     dtype_plan=self.dtype_plan, weight_mapping=self.conversions)
+        info, _ = convert_and_load_state_dict_in_model(model if model is not None else self.model, tensors, config)
         errors = [str(e) for e in [*getattr(info, "error_msgs", []),
                                    *(getattr(info, "conversion_errors", {}) or {}).values()]]
         if getattr(info, "mismatched_keys", None):
@@ -201,8 +192,8 @@ class LayerwiseModel:
         return errors
 
     def _check_loaded(self, module: nn.Module, where: str, errors: list[str]) -> None:
-        missing = [n for n, p in module.named_parameters() if p.is_meta]
-        missing += [n for n, b in module.named_buffers() if b is not None and b.is_meta]
+        """Every weight (and persistent buffer) of ``module`` loaded, and transformers reported no error."""
+        missing = [n for n, t in module.state_dict().items() if t.is_meta]
         if missing:
             what = (f"{len(missing)} weight(s) of {where} are missing from the checkpoint "
                     f"(e.g. {', '.join(missing[:3])})")
@@ -212,10 +203,6 @@ class LayerwiseModel:
             return
         raise ModelLoadError(f"cannot load {self.source}: {what}. The checkpoint is incomplete or its config does not "
                              "match its weights")
-
-    def _load(self, module: nn.Module, where: str, tensors: dict[str, torch.Tensor]) -> None:
-        self._materialize_buffers(module)
-        self._check_loaded(module, where, self._convert_and_load(tensors))
 
     def _outer_modules(self) -> list[tuple[str, nn.Module]]:
         """Direct children of the decoder other than its layers (embedding, rotary embedding, final norm)."""
@@ -230,34 +217,48 @@ class LayerwiseModel:
         outer = self._outer_modules()
         for _, child in outer:
             self._materialize_buffers(child)
-        errors = self._convert_and_load(self._read(self._outer_names))
+        with self._opened(self._outer_names) as tensors:
+            errors = self._convert_and_load(tensors)
         for full, child in outer:
             self._check_loaded(child, full, errors)
+
+    def _stage(self, index: int) -> dict[str, torch.Tensor]:
+        """Decoder layer ``index``'s weights, read from disk and converted as from_pretrained converts them, in CPU
+        memory (pinned when the device is a GPU): its state dict, ready to be copied to the device."""
+        staged = self._staging.get_submodule(self.layer_list_path)[index]
+        try:
+            with self._opened(self._names_by_layer.get(index, [])) as tensors:
+                errors = self._convert_and_load(tensors, self._staging, torch.device("cpu"))
+            self._check_loaded(staged, f"{self.layer_list_path}.{index}", errors)
+            state = staged.state_dict()
+            return {k: v.pin_memory() for k, v in state.items()} if self.device.type == "cuda" else dict(state)
+        finally:
+            staged.to_empty(device="meta")
 
     def _start_prefetch(self, index: int) -> None:
         if index >= len(self.layers) or self._prefetch is not None:
             return
         box: dict[str, Any] = {}
 
-        def read() -> None:
+        def stage() -> None:
             try:
-                box["tensors"] = self._read(self._names_by_layer.get(index, []))
+                box["state"] = self._stage(index)
             except BaseException as err:  # handed to the main thread, which raises it
                 box["error"] = err
-        thread = threading.Thread(target=read, name=f"moekit-prefetch-layer-{index}", daemon=True)
+        thread = threading.Thread(target=stage, name=f"moekit-prefetch-layer-{index}", daemon=True)
         thread.start()
         self._prefetch = (index, thread, box)
 
     def _take_prefetched(self, index: int) -> dict[str, torch.Tensor]:
         if self._prefetch is None or self._prefetch[0] != index:
             self._drop_prefetch()
-            return self._read(self._names_by_layer.get(index, []))
+            return self._stage(index)
         _, thread, box = self._prefetch
         thread.join()
         self._prefetch = None
         if "error" in box:
             raise box["error"]
-        return box["tensors"]
+        return box["state"]
 
     def _drop_prefetch(self) -> None:
         if self._prefetch is not None:
@@ -266,19 +267,20 @@ class LayerwiseModel:
 
     @contextlib.contextmanager
     def loaded(self, index: int) -> Iterator[nn.Module]:
-        """Decoder layer ``index`` with its weights on the device (the next layer's read starts meanwhile); freed
-        (back to the meta device) on exit."""
+        """Decoder layer ``index`` with its weights on the device, freed (back to the meta device) on exit. Its
+        weights were read and converted by a background thread while the previous layer ran; the next layer's
+        start now."""
         layer = self.layers[index]
-        tensors = self._take_prefetched(index)
+        state = self._take_prefetched(index)
         try:
-            self._load(layer, f"{self.layer_list_path}.{index}", tensors)
-            del tensors
+            self._materialize_buffers(layer)
+            layer.load_state_dict({k: v.to(self.device, non_blocking=True) for k, v in state.items()}, assign=True)
+            del state
             self._start_prefetch(index + 1)
             yield layer
         finally:
             layer.to_empty(device="meta")
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+            self._calls.clear()
 
     # -- running -----------------------------------------------------------------------------------------------------
     def layer_call(self, index: int, batch: int) -> tuple[tuple[Any, ...], dict[str, Any], torch.Tensor]:
@@ -344,43 +346,66 @@ class LayerwiseModel:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    def _store(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _store(self, hidden: torch.Tensor, batch: int | None = None) -> torch.Tensor:
+        """Where batch ``batch``'s hidden states wait for the next layer: on the device, or copied (without waiting)
+        into the batch's pinned CPU buffer, reused from layer to layer (same stream: read before overwritten)."""
         if self._keep_on_device():
             return hidden
-        stored = hidden.to("cpu")
-        return stored.pin_memory() if self.device.type == "cuda" else stored
+        if self.device.type != "cuda":
+            return hidden.to("cpu")
+        buffer = self.hidden[batch] if batch is not None and batch < len(self.hidden) else None
+        if buffer is None or buffer.device.type != "cpu" or buffer.shape != hidden.shape or \
+                buffer.dtype != hidden.dtype:
+            buffer = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
+        return buffer.copy_(hidden, non_blocking=True)
+
+    def hidden_states(self) -> list[torch.Tensor]:
+        """Every batch's hidden states entering the next layer, complete (pending copies waited for)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return self.hidden
 
     def _keep_on_device(self) -> bool:
+        """Hidden states stay on a GPU only when they are small beside its free memory (at most a tenth of what two
+        layers leave): a batch's working memory through an MoE layer is several times its hidden states and cannot
+        be known before it runs, while a copy to pinned CPU memory and back costs little next to a layer."""
         if self.keep_hidden_on_device is None:
             if self.device.type == "cpu":
                 self.keep_hidden_on_device = True
             else:
                 hidden = int(getattr(self.model.config, "hidden_size", 0) or 0)
-                total = sum(int(ids.numel()) for ids in self._inputs) * hidden * torch.empty((), dtype=self.dtype) \
-                    .element_size()
+                element = torch.empty((), dtype=self.dtype).element_size()
+                total = sum(int(ids.numel()) for ids in self._inputs) * hidden * element
                 largest = max((self.layer_bytes(i) for i in self.layer_indices), default=0)
                 free = available_memory(str(self.device)) or 0
-                self.keep_hidden_on_device = total + 3 * largest < free
+                self.keep_hidden_on_device = total <= (free - 2 * largest) / 10
                 if not self.keep_hidden_on_device:
-                    log.info("the hidden states of the calibration data (%.2f GiB) wait in CPU memory between layers: "
-                             "they do not fit on %s beside the layers", total / 2**30, self.device)
+                    log.info("the hidden states of the calibration data (%.2f GiB) wait in pinned CPU memory between "
+                             "layers", total / 2**30)
         return self.keep_hidden_on_device
 
     def forward(self, index: int, batch: int, keep: bool = True) -> torch.Tensor:
         """Run loaded layer ``index`` on batch ``batch``'s hidden states and return its output; ``keep``: the output
         replaces the batch's hidden states (the input of the next layer)."""
-        args, kwargs, _ = self.layer_call(index, batch)
-        hidden = self.hidden[batch].to(self.device, non_blocking=True)
+        stored = self.hidden[batch]
+        key = (index, tuple(stored.shape), stored.dtype)
+        if key not in self._calls:  # the arguments depend on the shape alone: found once per layer and shape
+            self._calls[key] = self.layer_call(index, batch)[:2]
+        args, kwargs = self._calls[key]
+        hidden = stored.to(self.device, non_blocking=True)
         out = self.layers[index](hidden, *args, **kwargs)
         out = out[0] if isinstance(out, tuple) else out
         if keep:
-            self.hidden[batch] = self._store(out)
+            self.hidden[batch] = self._store(out, batch)
         return out
 
     def close(self) -> None:
         self._drop_prefetch()
         self.hidden, self._inputs = [], []
+        self._calls.clear()
         self.model.to_empty(device="meta")
+        if self._bars:
+            hf_logging.enable_progress_bar()
 
     def __enter__(self) -> LayerwiseModel:
         return self

@@ -168,7 +168,7 @@ def collect_profile_layerwise(run: LayerwiseModel, sets: Sequence[CalibrationSet
                                     "tok/s")
                 if state is not None and index + 1 < len(run.layer_indices) and state.due():
                     state.save(index + 1, {i: c.stats.tensors for i, c in capture.layers.items() if c.stats.tensors},
-                               {i: c.easy_ep_input for i, c in capture.layers.items()}, run.hidden)
+                               {i: c.easy_ep_input for i, c in capture.layers.items()}, run.hidden_states())
                     saved_at = index + 1
         except BaseException:
             if state is not None and saved_at is not None and rank == 0:
