@@ -70,3 +70,19 @@ def test_a_model_that_does_not_fit_is_a_clear_error(monkeypatch) -> None:
     result = runner.invoke(app, ["eval", str(MODEL_DIR), "--text", f"code={TEXTS_DIR / 'code-eval.jsonl'}"])
     assert result.exit_code == 2
     assert "does not fit" in result.stderr and "GiB" in result.stderr
+
+
+def test_eval_dry_run_prints_what_the_run_needs_and_refuses_what_cannot_fit(tmp_path, monkeypatch) -> None:
+    import moekit.needs as needs
+
+    args = ["eval", str(MODEL_DIR), "--task", "arc_easy", "--max-length", "256", "--batch-size", "4"]
+    result = runner.invoke(app, [*args, "--dry-run", "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    assert "model weights" in result.stderr and "dry run" in result.stdout and not (tmp_path / "r.json").exists()
+    config = json.loads((MODEL_DIR / "config.json").read_text())
+    estimate = needs.eval_needs(MODEL_DIR, dtype="float32", device="cpu", batch_size=4, seq_len=256)
+    # hidden states in and out (float32) and the float32 log-probabilities over the vocabulary, per token
+    assert estimate.activation_bytes == 4 * 256 * (2 * config["hidden_size"] * 4 + 4 * config["vocab_size"])
+    monkeypatch.setattr(needs, "_device_free", lambda device: estimate.model_bytes)  # weights fit, one batch not
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 2 and "GiB are free" in refused.stderr

@@ -336,3 +336,41 @@ def test_hub_ids_keep_the_in_memory_path(monkeypatch, tmp_path):
     result = prune_to_checkpoint("someone/tiny-moe", {i: [0, 1, 2, 3] for i in range(3)}, tmp_path / "out")
     assert calls == ["someone/tiny-moe"] and result.after.num_experts == 4
     _loads_cleanly(result.out)
+
+
+def _hand_written(path: Path, entries: dict[str, tuple[str, list[int], int, int]], data: bytes) -> Path:
+    header = {name: {"dtype": d, "shape": s, "data_offsets": [a, b]} for name, (d, s, a, b) in entries.items()}
+    blob = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+    return path
+
+
+@pytest.mark.parametrize(("entries", "size"), [
+    ({"a": ("F32", [2], 0, 8), "b": ("F32", [2], 8, 16)}, 20),  # bytes left over after the last tensor
+    ({"a": ("F32", [3], 0, 8)}, 8),  # 3 floats in 8 bytes
+    ({"a": ("F32", [2], 0, 8), "b": ("F32", [1], 12, 16)}, 16),  # a gap between tensors
+    ({"a": ("F32", [2], 0, 8), "b": ("F32", [2], 4, 12)}, 12),  # overlapping tensors
+], ids=["trailing", "size", "gap", "overlap"])
+def test_headers_safetensors_refuses_are_refused_without_mapping_the_file(entries, size, tmp_path):
+    from safetensors import SafetensorError, safe_open
+
+    from moekit.edit.safetensors_io import read_header
+
+    path = _hand_written(tmp_path / "bad.safetensors", entries, bytes(size))
+    with pytest.raises((SafetensorError, OSError)):  # the library's own verdict on the same bytes
+        with safe_open(str(path), "pt"):
+            pass
+    with pytest.raises(ModelLoadError, match="not a valid safetensors file"):
+        read_header(path)
+
+
+def test_fp8_and_int8_headers_are_accepted(tmp_path):
+    from safetensors import safe_open
+
+    from moekit.edit.safetensors_io import read_header
+
+    path = _hand_written(tmp_path / "ok.safetensors", {"w": ("F8_E4M3", [2, 4], 0, 8), "s": ("F32", [1], 8, 12),
+                                                       "q": ("I8", [4], 12, 16)}, bytes(16))
+    with safe_open(str(path), "pt") as handle:
+        assert sorted(handle.keys()) == ["q", "s", "w"]
+    assert [(t.name, t.nbytes) for t in read_header(path)] == [("w", 8), ("s", 4), ("q", 4)]

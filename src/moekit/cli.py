@@ -35,6 +35,8 @@ _OS_ERRORS = {
     errno.ENOTDIR: ("a file was given where a directory is needed", "check the paths given"),
     errno.ENAMETOOLONG: ("a file name is too long", "choose a shorter path"),
     errno.EIO: ("an input/output error from the disk", "check the disk and run again"),
+    errno.ENOMEM: ("out of memory", "free memory or use a larger machine; a profile or NAEE can run layer by layer "
+                                    "(--sequential), with a smaller --batch-size"),
 }
 
 
@@ -72,7 +74,7 @@ class _ErrorBoundary(TyperGroup):
         except UserError as error:
             _fail(error)
         except Exception as error:
-            code = _os_errno(error)
+            code = errno.ENOMEM if isinstance(error, MemoryError) else _os_errno(error)
             if code not in _OS_ERRORS:
                 _report_bug()
             what, todo = _OS_ERRORS[code]
@@ -732,6 +734,8 @@ def eval_command(
         "--allow-task-data-outside", help="Let a task YAML's data_path point outside the YAML's folder (absolute "
         "paths, ..); refused by default so that a task file you were given cannot read your other files.")]
     = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Check the inputs and print the memory the run needs, then stop.")] = False,
 ) -> None:
     """Measure a model: benchmark accuracy (acc / acc_norm as lm-eval defines them) and perplexity.
 
@@ -747,7 +751,11 @@ def eval_command(
     results = evaluate_model(model, task, {spec.name: spec.path for spec in specs}, limit=limit,
                              num_fewshot=num_fewshot, max_length=max_length, batch_size=batch_size,
                              device=device, dtype=dtype, data_dir=data_dir, prompts=prompt, stride=stride,
-                             tokenizer=tokenizer, allow_task_data_outside=allow_task_data_outside)
+                             tokenizer=tokenizer, allow_task_data_outside=allow_task_data_outside,
+                             dry_run=dry_run, say=_note)
+    if results is None:
+        out.print("dry run: nothing was loaded or written", highlight=False)
+        return
     table = Table(title=escape(model))
     for col in ("task", "metric", "value", "stderr", "n"):
         table.add_column(col, justify="left" if col in ("task", "metric") else "right")

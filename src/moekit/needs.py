@@ -65,8 +65,9 @@ class RunNeeds:
             lines.append(f"layer by layer: {size(self.layerwise_bytes)} on {self.device} (the embedding "
                          f"{size(self.resident_bytes)} or one layer, and one batch), hidden states of up to "
                          f"{size(self.calibration_bytes)} for the calibration tokens")
-        lines.append(f"output about {size(self.output_bytes)}; {self.output_dir} has {size(self.output_free_bytes)} "
-                     "free")
+        if self.output_bytes or self.output_free_bytes is not None:
+            lines.append(f"output about {size(self.output_bytes)}; {self.output_dir} has "
+                         f"{size(self.output_free_bytes)} free")
         return lines
 
     def check(self, needs_device: bool = True, layerwise: bool = False) -> None:
@@ -147,6 +148,22 @@ def profile_needs(source: str | Path, out: str | Path | None, *, dtype: str, dev
                     output_free_bytes=free, device=device, device_free_bytes=_device_free(device),
                     resident_bytes=_resident_bytes(view, element),
                     calibration_bytes=sets * -(-(max_tokens or 0) // seq_len) * seq_len * hidden * element)
+
+
+def eval_needs(source: str | Path, *, dtype: str, device: str, batch_size: int, seq_len: int) -> RunNeeds:
+    """Needs of evaluating ``source``: the whole model on ``device`` and one batch of sequences of ``seq_len``
+    tokens, whose float32 log-probabilities over the vocabulary are usually the largest activation (task items
+    are padded to the longest in their batch, usually far below ``seq_len``; perplexity windows reach it)."""
+    view = MoEModelView.from_model(load_structure(source))
+    element = element_bytes(view.model, dtype)
+    config = view.model.config
+    hidden = int(getattr(config, "hidden_size", 0) or view.layers[0].router_weight.shape[-1])
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    tokens = batch_size * seq_len
+    return RunNeeds(model_bytes=weight_bytes(source, dtype, view.model),
+                    largest_layer_bytes=_layer_bytes(view, element),
+                    activation_bytes=tokens * (2 * hidden * element + 4 * vocab), output_bytes=0, output_dir=Path(),
+                    output_free_bytes=None, device=device, device_free_bytes=_device_free(device))
 
 
 def prune_needs(source: str | Path, out: str | Path, *, kept: int, dtype: str = "auto") -> RunNeeds:

@@ -151,15 +151,19 @@ def evaluate_model(source: str | Path, tasks: list[str] | None = None, texts: di
                    batch_size: int = 8, device: str = "cpu", dtype: str = "auto",
                    data_dir: str | Path | None = None, progress: bool = True, prompts: list[str] | None = None,
                    max_new_tokens: int = 48, stride: int | None = None,
-                   tokenizer: str | Path | None = None, allow_task_data_outside: bool = False) -> dict[str, Any]:
+                   tokenizer: str | Path | None = None, allow_task_data_outside: bool = False,
+                   dry_run: bool = False, say: Callable[[str], None] | None = None) -> dict[str, Any] | None:
     """Benchmark tasks, perplexity on named texts and greedy generation samples for the model at ``source``
     (what ``moekit eval`` runs). Every task file, text and the tokenizer (``tokenizer``, else the model's
     own) is read and checked before the model loads. A task YAML's ``data_path`` must lie in the YAML's
-    folder unless ``allow_task_data_outside``."""
+    folder unless ``allow_task_data_outside``. The memory the run needs (``moekit.needs.eval_needs``) is given
+    to ``say`` and checked before the model loads; ``dry_run`` stops there and returns None."""
     from moekit.data import DataError, load_tokenizer, read_documents
     from moekit.eval import EvalError, evaluate, perplexity, resolve_task
     from moekit.eval.custom import load_task_spec
-    from moekit.model_io import load_model
+    from moekit.model_io import check_device, check_dtype, load_config, load_model
+    from moekit.needs import eval_needs
+    from moekit.profile.collect import DEFAULT_SEQ_LEN, max_positions
 
     if not tasks and not texts and not prompts:
         raise EvalError("say what to measure: --task NAME, --text NAME=PATH and/or --prompt TEXT (each repeatable)")
@@ -171,6 +175,16 @@ def evaluate_model(source: str | Path, tasks: list[str] | None = None, texts: di
              for t in tasks or []]
     for name in tasks:
         resolve_task(name, data_dir=data_dir, num_fewshot=num_fewshot, limit=1)
+    check_dtype(dtype)
+    check_device(device)
+    limit_positions = max_positions(load_config(source))
+    needs = eval_needs(source, dtype=dtype, device=device, batch_size=batch_size,
+                       seq_len=max_length or min(DEFAULT_SEQ_LEN, limit_positions or DEFAULT_SEQ_LEN))
+    for line in needs.lines() if say is not None else ():
+        say(line)
+    needs.check()
+    if dry_run:
+        return None
     tok = load_tokenizer(tokenizer or source)
     model = load_model(source, dtype=dtype, device=device)
     results: dict[str, Any] = {"model": describe_source(source), "tasks": {}}

@@ -1,0 +1,171 @@
+"""Pruning a checkpoint several times larger than the memory the process may use (CPU, any machine).
+
+A checkpoint of random bf16 weights with Qwen3-30B-A3B's layer shapes (hidden 2048, experts of 768,
+top-8; ``--experts`` experts and ``--layers`` layers, vocabulary ``--vocab``) is written with
+``benchmarks/scale.py``'s writer. Then ``moekit prune`` is run as a user runs it, under
+``prlimit --as=CAP`` (the address space of the process: every allocation and every mapping counts),
+with CAP = the checkpoint's size / ``--ratio``, keeping every second expert (``--keep-json``). For
+contrast, the in-memory path (``from_pretrained``, prune, ``save_pretrained``) is run under the same
+cap in a child process.
+
+Checked afterwards: the command's exit status, the output's tensors (every name the plan expects,
+sizes adding up) and, for a sample of kept experts, their bytes against the source's. Reported: time,
+peak RSS (``ru_maxrss`` of the child), the cap and the checkpoint's size.
+
+What this does not show: speed under memory pressure from other processes, or a disk slower than this
+machine's (the page cache holds part of the checkpoint).
+
+    python benchmarks/prune_under_memory_cap.py            # 12 layers of 64 experts: about 8 GB, cap 2 GiB
+
+Writes benchmarks/results/prune-under-memory-cap.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def peak_rss_child(cap: int, args: list[str]) -> dict:
+    """Run ``args`` under ``prlimit --as=cap``: exit status, seconds, the child's peak RSS (``os.wait4``) and the
+    last lines of its output."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TQDM_DISABLE": "1"}
+    start = time.perf_counter()
+    proc = subprocess.Popen(["prlimit", f"--as={cap}", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    err = proc.stderr.read()
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    return {"exit": os.waitstatus_to_exitcode(status), "seconds": time.perf_counter() - start,
+            "peak_rss_bytes": usage.ru_maxrss * 1024, "stderr_tail": err.strip().splitlines()[-3:],
+            "stdout_tail": out.strip().splitlines()[-2:]}
+
+
+def in_memory_child(source: str, keep_file: str, out: str) -> None:
+    sys.path.insert(0, str(ROOT / "src"))
+    from moekit.edit import _prune_in_memory
+
+    keep = {int(k): v for k, v in json.loads(Path(keep_file).read_text()).items()}
+    _prune_in_memory(source, keep, Path(out))
+
+
+def check_output(source: Path, out: Path, keep: dict[int, list[int]], samples: int = 6) -> dict:
+    """The pruned checkpoint holds the kept experts, renumbered, byte for byte."""
+    from safetensors import safe_open
+
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    src_index = json.loads((source / "model.safetensors.index.json").read_text())["weight_map"]
+    expert_names = [n for n in index if ".mlp.experts." in n]
+    kept = len(next(iter(keep.values())))
+    layers = len(keep)
+    expected_expert_tensors = layers * kept * 3
+    compared = 0
+    for name in expert_names[:: max(1, len(expert_names) // samples)][:samples]:
+        parts = name.split(".")
+        layer, new_id = int(parts[2]), int(parts[5])
+        old = name.replace(f".experts.{new_id}.", f".experts.{keep[layer][new_id]}.")
+        with safe_open(str(out / index[name]), "pt") as a, safe_open(str(source / src_index[old]), "pt") as b:
+            if not bool((a.get_tensor(name) == b.get_tensor(old)).all()):
+                return {"ok": False, "why": f"{name} differs from the source's {old}"}
+        compared += 1
+    ok = len(expert_names) == expected_expert_tensors
+    return {"ok": ok, "expert_tensors": len(expert_names), "expected_expert_tensors": expected_expert_tensors,
+            "tensors": len(index), "sampled_experts_equal_to_source": compared}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--child-in-memory", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--experts", type=int, default=64)
+    parser.add_argument("--vocab", type=int, default=32768)
+    parser.add_argument("--shard-gb", type=float, default=2.0)
+    parser.add_argument("--ratio", type=float, default=4.0, help="checkpoint size / memory cap")
+    parser.add_argument("--work", type=Path, default=None)
+    args = parser.parse_args()
+    if args.child_in_memory:
+        in_memory_child(*args.child_in_memory)
+        return
+
+    work = Path(tempfile.mkdtemp(prefix="moekit-capped-", dir=args.work))
+    try:
+        source = work / "source"
+        start = time.perf_counter()
+        build = [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); from scale import build; "
+                 "from pathlib import Path; build(Path(sys.argv[2]), *map(int, sys.argv[3:6]), float(sys.argv[6]))",
+                 str(ROOT / "benchmarks"), str(source), str(args.layers), str(args.experts), str(args.vocab),
+                 str(args.shard_gb)]
+        subprocess.run(build, check=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+        built = time.perf_counter() - start
+        checkpoint = sum(f.stat().st_size for f in source.glob("*.safetensors"))
+        cap = int(checkpoint / args.ratio)
+        keep = {layer: list(range(0, args.experts, 2)) for layer in range(args.layers)}
+        keep_file = work / "keep.json"
+        keep_file.write_text(json.dumps({str(k): v for k, v in keep.items()}))
+        streamed = peak_rss_child(cap, [sys.executable, "-m", "moekit", "prune", str(source), "--keep-json",
+                                        str(keep_file), "--out", str(work / "pruned")])
+        verified = check_output(source, work / "pruned", keep) if streamed["exit"] == 0 else {"ok": False}
+        output = sum(f.stat().st_size for f in (work / "pruned").glob("*.safetensors")) \
+            if streamed["exit"] == 0 else 0
+        shutil.rmtree(work / "pruned", ignore_errors=True)
+        in_memory = peak_rss_child(cap, [sys.executable, __file__, "--child-in-memory", str(source), str(keep_file),
+                                         str(work / "pruned-memory")])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    result = {"benchmark": "prune_under_memory_cap", "args": {k: v for k, v in vars(args).items()
+                                                              if k not in ("child_in_memory", "work")},
+              "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                          "cpus": os.cpu_count()},
+              "checkpoint_bytes": checkpoint, "cap_bytes": cap, "checkpoint_over_cap": checkpoint / cap,
+              "output_bytes": output, "build_seconds": built,
+              "streaming_prune": {**streamed, "output_check": verified},
+              "in_memory_prune": in_memory}
+    out_dir = ROOT / "benchmarks" / "results"
+    (out_dir / "prune-under-memory-cap.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / "prune-under-memory-cap.md").write_text(report(result))
+    print(report(result))
+
+
+def report(r: dict) -> str:
+    gib = 2**30
+    s, m = r["streaming_prune"], r["in_memory_prune"]
+    check = s["output_check"]
+    lines = [
+        "# Pruning a checkpoint larger than the memory allowed (CPU)", "",
+        f"Written by `benchmarks/prune_under_memory_cap.py` ({r['machine']['platform']}, {r['machine']['cpus']} "
+        f"CPUs). Checkpoint: Qwen3-30B-A3B layer shapes, {r['args']['layers']} layers of {r['args']['experts']} "
+        f"experts, random bf16 weights, {r['checkpoint_bytes'] / gib:.2f} GiB in shards of "
+        f"{r['args']['shard_gb']} GB. Address space capped with `prlimit --as` at {r['cap_bytes'] / gib:.2f} GiB "
+        f"(the checkpoint is {r['checkpoint_over_cap']:.1f} x the cap). Half the experts of every layer removed.",
+        "",
+        "| run | exit | seconds | peak RSS | result |",
+        "|---|---|---|---|---|",
+        f"| `moekit prune --keep-json` (streaming) | {s['exit']} | {s['seconds']:.1f} | "
+        f"{s['peak_rss_bytes'] / gib:.2f} GiB | "
+        + (f"{r['output_bytes'] / gib:.2f} GiB written; {check['expert_tensors']} expert tensors "
+           f"(expected {check['expected_expert_tensors']}), {check['sampled_experts_equal_to_source']} sampled kept "
+           "experts byte-equal to the source |" if check.get("ok") else "failed: " + " ".join(s["stderr_tail"]) + " |"),
+        f"| in-memory path (`from_pretrained`, prune, `save_pretrained`) | {m['exit']} | {m['seconds']:.1f} | "
+        f"{m['peak_rss_bytes'] / gib:.2f} GiB | "
+        + ("completed" if m["exit"] == 0 else "failed: " + (m["stderr_tail"][-1] if m["stderr_tail"] else "")) + " |",
+        "",
+        "Not shown: speed under memory pressure from other processes, or on a disk slower than this machine's "
+        "(the page cache held part of the checkpoint).", "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
