@@ -80,6 +80,23 @@ def test_only_the_running_layer_holds_weights(tiny_checkpoint) -> None:
         assert all(p.is_meta for p in head.parameters())  # the LM head is never loaded
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "jamba", "nemotron_h"])
+def test_per_expert_tensors_are_read_straight_into_their_stacked_parameter(family: str, tiny_checkpoint) -> None:
+    """Every stored per-expert tensor of these families is placed by moekit (no intermediate stack), and what it
+    builds equals what from_pretrained builds."""
+    path = tiny_checkpoint(family)
+    reference = load_model(path).state_dict()
+    with LayerwiseModel(path) as model:
+        for index in model.layer_indices:
+            stored = model._names_by_layer.get(index, [])
+            placed, rest = model._placed_experts(stored)
+            assert not [t.name for t in rest if ".experts." in t.name and "experts.gate" not in t.name], index
+            state = model._stage(index)
+            for rel, tensor in state.items():
+                assert torch.equal(tensor, reference[f"{model.layer_list_path}.{index}.{rel}"]), (index, rel)
+            assert bool(placed) == any(layer.index == index for layer in model.view.layers)
+
+
 def test_missing_layer_weights_are_a_clear_error(tiny_checkpoint, tmp_path) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -99,6 +116,10 @@ def test_missing_layer_weights_are_a_clear_error(tiny_checkpoint, tmp_path) -> N
         with pytest.raises(ModelLoadError, match=r"missing from the checkpoint \(e.g. self_attn.q_proj.weight"), \
                 model.loaded(2):
             pass
+    save_file({k: v for k, v in tensors.items() if k != "model.layers.1.mlp.experts.3.up_proj.weight"},
+              broken / "model.safetensors", metadata={"format": "pt"})
+    with LayerwiseModel(broken) as model, pytest.raises(ModelLoadError, match=r"lacks the stored tensors of expert"):
+        model._stage(1)
 
 
 def test_hub_ids_and_quantized_checkpoints_are_refused_before_loading(tiny_checkpoint, tmp_path) -> None:

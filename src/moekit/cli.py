@@ -79,8 +79,9 @@ class _ErrorBoundary(TyperGroup):
                 _report_bug()
             what, todo = _OS_ERRORS[code]
             filename = getattr(error, "filename", None)
+            detail = str(getattr(error, "strerror", None) or error)
             _fail(f"{what}{f' ({filename})' if filename else ''}: {todo}, then run again. Nothing half-written was "
-                  f"left at the output. [{getattr(error, 'strerror', None) or error}]")
+                  f"left at the output.{f' [{detail}]' if detail else ''}")
         except KeyboardInterrupt:
             err.print("interrupted: nothing half-written was left at the output", markup=False, highlight=False)
             raise typer.Exit(130) from None
@@ -164,13 +165,19 @@ def _quiet_transformers() -> None:
 
 
 class _WarningsToConsole(logging.Handler):
+    """moekit's log on the console: warnings marked as such, information (what a run chose) as plain notes."""
+
     def emit(self, record: logging.LogRecord) -> None:
-        err.print(f"[yellow]warning:[/] {escape(record.getMessage())}", soft_wrap=True)
+        if record.levelno >= logging.WARNING:
+            err.print(f"[yellow]warning:[/] {escape(record.getMessage())}", soft_wrap=True)
+        else:
+            _note(record.getMessage())
 
 
 _MOEKIT_LOG = logging.getLogger("moekit")
 if not any(isinstance(h, _WarningsToConsole) for h in _MOEKIT_LOG.handlers):
-    _MOEKIT_LOG.addHandler(_WarningsToConsole(logging.WARNING))
+    _MOEKIT_LOG.addHandler(_WarningsToConsole(logging.INFO))
+    _MOEKIT_LOG.setLevel(logging.INFO)
     _MOEKIT_LOG.propagate = False
 
 

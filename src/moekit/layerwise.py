@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +66,18 @@ except ImportError:  # pragma: no cover - every transformers moekit supports has
     LoadStateDictConfig = None  # type: ignore[assignment,misc]
 
 
+@dataclass(frozen=True)
+class _Placement:
+    """Where one stored per-expert tensor goes: rows ``[pattern * n, (pattern + 1) * n)`` of ``target[expert]``."""
+
+    target: str
+    shape: tuple[int, ...]  # the stacked parameter's
+    dtype: torch.dtype
+    info: stream.TensorInfo
+    expert: int
+    pattern: int
+
+
 class _Stop(Exception):
     """Raised by the layer whose arguments were wanted, to end the recording pass there."""
 
@@ -81,10 +95,14 @@ def resolve_dtype(config: Any, tensors: list[stream.TensorInfo], dtype: str | to
 
 
 class LayerwiseModel:
-    """A local safetensors checkpoint, run decoder layer by decoder layer on one device (see the module doc)."""
+    """A local safetensors checkpoint, run decoder layer by decoder layer on one device (see the module doc).
+
+    ``keep_hidden_on_device``: where the batches' hidden states wait between layers (None: on the device when
+    they are small beside its free memory). ``read_ahead``: read the next layer while one runs (None: when CPU
+    memory holds the extra layer)."""
 
     def __init__(self, source: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu",
-                 keep_hidden_on_device: bool | None = None) -> None:
+                 keep_hidden_on_device: bool | None = None, read_ahead: bool | None = None) -> None:
         check_dtype(dtype)
         if device in ("auto", "meta"):
             raise ModelLoadError(f"--device {device}: layer-by-layer runs compute on one device; use cpu, cuda or "
@@ -126,6 +144,7 @@ class LayerwiseModel:
         self.hidden: list[torch.Tensor] = []
         self._inputs: list[torch.Tensor] = []
         self.keep_hidden_on_device = keep_hidden_on_device
+        self.read_ahead = read_ahead
         self._prefetch: tuple[int, threading.Thread, dict[str, Any]] | None = None
         self._calls: dict[tuple[Any, ...], tuple[tuple[Any, ...], dict[str, Any]]] = {}
         self._bars = hf_logging.is_progress_bar_enabled()
@@ -138,7 +157,7 @@ class LayerwiseModel:
 
     # -- which stored tensors feed what ------------------------------------------------------------------------------
     def _group_tensors(self) -> tuple[dict[int, list[stream.TensorInfo]], list[stream.TensorInfo]]:
-        names = stream.NameMap(self.view)
+        names = self._names = stream.NameMap(self.view)
         lm_head = self.model.get_output_embeddings()
         head_names = {f"{n}." for n, m in self.model.named_modules() if m is lm_head} if lm_head is not None else set()
         prefix = self.layer_list_path + "."
@@ -191,9 +210,11 @@ class LayerwiseModel:
             errors.append(f"shapes differ from the config: {sorted(map(str, info.mismatched_keys))[:3]}")
         return errors
 
-    def _check_loaded(self, module: nn.Module, where: str, errors: list[str]) -> None:
-        """Every weight (and persistent buffer) of ``module`` loaded, and transformers reported no error."""
-        missing = [n for n, t in module.state_dict().items() if t.is_meta]
+    def _check_loaded(self, module: nn.Module | dict[str, torch.Tensor], where: str, errors: list[str]) -> None:
+        """Every weight (and persistent buffer) of ``module`` (or of a state dict) loaded, and transformers reported
+        no error."""
+        state = module if isinstance(module, dict) else module.state_dict()
+        missing = [n for n, t in state.items() if t.is_meta]
         if missing:
             what = (f"{len(missing)} weight(s) of {where} are missing from the checkpoint "
                     f"(e.g. {', '.join(missing[:3])})")
@@ -222,21 +243,122 @@ class LayerwiseModel:
         for full, child in outer:
             self._check_loaded(child, full, errors)
 
+    def _placed_experts(self, infos: list[stream.TensorInfo]) -> tuple[dict[str, list[_Placement]],
+                                                                        list[stream.TensorInfo]]:
+        """Split a layer's stored tensors into per-expert tensors that moekit copies straight into their stacked
+        parameter (target name -> where each goes) and the rest, which transformers' loader converts.
+
+        Placed: the per-expert tensors of a converter made of ``MergeModulelist(dim=0)``, optionally followed by
+        ``Concatenate(dim=1)`` (every MoE family's experts in transformers 5): expert ``j`` of source pattern ``p``
+        is rows ``[p * n, (p + 1) * n)`` of ``target[j]``, which is what stacking then concatenating computes, with
+        one copy from the file into the target and no intermediate stack (transformers' loader holds each
+        parameter's sources, their stack and their concatenation at once: three times the layer)."""
+        placed: dict[str, list[_Placement]] = {}
+        rest: list[stream.TensorInfo] = []
+        for info in infos:
+            placement = self._placement(info)
+            if placement is None:
+                rest.append(info)
+            else:
+                placed.setdefault(placement.target, []).append(placement)
+        return placed, rest
+
+    def _placement(self, info: stream.TensorInfo) -> _Placement | None:
+        names = self._names
+        role = names.role(info.name)
+        if role.kind != "expert" or role.scale or role.expert is None or role.target is None:
+            return None
+        target, converter, pattern = names._rename(info.name)
+        if converter is None or pattern is None or any(key in target for key in self.dtype_plan):
+            return None
+        ops = [type(op).__name__ for op in converter.operations]
+        dims = [getattr(op, "dim", None) for op in converter.operations]
+        if ops not in (["MergeModulelist"], ["MergeModulelist", "Concatenate"]) or any(d not in (0, 1) for d in dims) \
+                or dims[0] != 0 or (len(dims) == 2 and dims[1] != 1) or \
+                getattr(converter.operations[-1], "num_shards_attribute", None) is not None:
+            return None
+        shape = names.meta.get(target)
+        patterns = len(converter.source_patterns)
+        if shape is None or len(shape) != len(info.shape) + 1 or not info.shape or \
+                shape[1] != patterns * info.shape[0] or tuple(shape[2:]) != tuple(info.shape[1:]) or \
+                (len(ops) == 1 and patterns != 1):
+            return None
+        dtype = self._staging.get_parameter(target).dtype
+        if stream.ST_DTYPES.get(str(dtype).removeprefix("torch.")) != info.dtype:
+            return None  # a cast: transformers' loader does it
+        return _Placement(target, tuple(shape), dtype, info, role.expert, converter.source_patterns.index(pattern))
+
+    def _fill(self, target: str, placements: list[_Placement]) -> torch.Tensor:
+        """The stacked parameter ``target``, every expert's stored bytes read straight into its rows (pinned memory
+        when the device is a GPU); an error if an expert's tensor is missing."""
+        first = placements[0]
+        shape, dtype = first.shape, first.dtype
+        out = torch.empty(shape, dtype=dtype, pin_memory=self.device.type == "cuda")
+        raw = out.reshape(-1).view(torch.uint8).numpy()
+        patterns = shape[1] // first.info.shape[0]
+        expected = {(j, p) for j in range(shape[0]) for p in range(patterns)}
+        seen = set()
+        files: dict[Path, Any] = {}
+        try:
+            for placement in placements:
+                info = placement.info
+                start = (placement.expert * shape[1] + placement.pattern * info.shape[0]) * \
+                    (out[0, 0].numel() * out.element_size())
+                view = memoryview(raw)[start:start + info.nbytes]
+                handle = files.get(info.path)
+                if handle is None:
+                    handle = files[info.path] = open(info.path, "rb")
+                done = 0
+                while done < info.nbytes:
+                    got = os.preadv(handle.fileno(), [view[done:]], info.begin + done)
+                    if got <= 0:
+                        raise ModelLoadError(f"cannot load {self.source}: {info.path.name} ended while reading "
+                                             f"{info.name} (truncated?)")
+                    done += got
+                seen.add((placement.expert, placement.pattern))
+        finally:
+            for handle in files.values():
+                handle.close()
+        if seen != expected:
+            missing = sorted(expected - seen)[:3]
+            raise ModelLoadError(f"cannot load {self.source}: {target} lacks the stored tensors of expert(s) "
+                                 f"{', '.join(str(j) for j, _ in missing)}. The checkpoint is incomplete")
+        return out
+
     def _stage(self, index: int) -> dict[str, torch.Tensor]:
         """Decoder layer ``index``'s weights, read from disk and converted as from_pretrained converts them, in CPU
         memory (pinned when the device is a GPU): its state dict, ready to be copied to the device."""
+        where = f"{self.layer_list_path}.{index}"
         staged = self._staging.get_submodule(self.layer_list_path)[index]
+        placed, rest = self._placed_experts(self._names_by_layer.get(index, []))
         try:
-            with self._opened(self._names_by_layer.get(index, [])) as tensors:
+            with self._opened(rest) as tensors:
                 errors = self._convert_and_load(tensors, self._staging, torch.device("cpu"))
-            self._check_loaded(staged, f"{self.layer_list_path}.{index}", errors)
-            state = staged.state_dict()
-            return {k: v.pin_memory() for k, v in state.items()} if self.device.type == "cuda" else dict(state)
+            cuda = self.device.type == "cuda"
+            state = {k: (v.pin_memory() if cuda and not v.is_meta else v) for k, v in staged.state_dict().items()}
+            for target, placements in placed.items():
+                state[target[len(where) + 1:]] = self._fill(target, placements)
+            self._check_loaded(state, where, errors)
+            return state
         finally:
             staged.to_empty(device="meta")
 
+    def _reads_ahead(self) -> bool:
+        """Whether the next layer is read while one runs: only where CPU memory holds a second layer beside the one
+        running (on a GPU the running layer is on the device), with 1 GiB to spare; otherwise each layer is read
+        after the previous one is freed, which the run says."""
+        if self.read_ahead is None:
+            largest = max((self.layer_bytes(i) for i in self.layer_indices), default=0)
+            free = available_memory("cpu")
+            needed = largest * (2 if self.device.type == "cpu" else 1) + 2**30
+            self.read_ahead = free is None or free >= needed
+            if not self.read_ahead:
+                log.info("not reading the next layer ahead: %.2f GiB of CPU memory are free and two layers need "
+                         "%.2f GiB", (free or 0) / 2**30, needed / 2**30)
+        return self.read_ahead
+
     def _start_prefetch(self, index: int) -> None:
-        if index >= len(self.layers) or self._prefetch is not None:
+        if index >= len(self.layers) or self._prefetch is not None or not self._reads_ahead():
             return
         box: dict[str, Any] = {}
 
@@ -275,6 +397,7 @@ class LayerwiseModel:
         try:
             self._materialize_buffers(layer)
             layer.load_state_dict({k: v.to(self.device, non_blocking=True) for k, v in state.items()}, assign=True)
+            layer.requires_grad_(False)  # no autograd graph can keep a freed layer's weights alive
             del state
             self._start_prefetch(index + 1)
             yield layer

@@ -153,8 +153,61 @@ def available_memory(device: str) -> int | None:
             free = min(free, int(fraction(index) * total) - torch.cuda.memory_reserved(index))
         return max(int(free), 0)
     if device == "cpu" and hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in os.sysconf_names:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        free = int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        limited = cgroup_memory_free()
+        return min(free, limited) if limited is not None else free
     return None
+
+
+_UNLIMITED = 2**60
+
+
+def cgroup_memory_free(root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")) -> int | None:
+    """Memory this process may still use under its cgroup's memory limit (a container's, or one a scheduler set),
+    which the machine-wide free memory does not show; None without a limit. Inactive file cache counts as free.
+    The tightest limit of the cgroup and its ancestors wins (cgroup v2 ``memory.max``, v1
+    ``memory.limit_in_bytes``)."""
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        return None
+    best: int | None = None
+    for line in lines:
+        _, controllers, path = [*line.split(":", 2), "", ""][:3]
+        if controllers == "":
+            base, files = root, ("memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):
+            base, files = root / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        else:
+            continue
+        directory = base / path.lstrip("/")
+        while True:
+            free = _cgroup_free(directory, *files)
+            if free is not None:
+                best = free if best is None else min(best, free)
+            if directory == base or base not in directory.parents:
+                break
+            directory = directory.parent
+    return best
+
+
+def _cgroup_free(directory: Path, limit_file: str, usage_file: str, cache_key: str) -> int | None:
+    try:
+        limit_text = (directory / limit_file).read_text().strip()
+        if limit_text == "max" or int(limit_text) >= _UNLIMITED:
+            return None
+        usage = int((directory / usage_file).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    cache = 0
+    try:
+        for stat in (directory / "memory.stat").read_text().splitlines():
+            key, _, value = stat.partition(" ")
+            if key == cache_key:
+                cache = int(value)
+    except (OSError, ValueError):
+        pass
+    return max(int(limit_text) - usage + cache, 0)
 
 
 def element_bytes(structure: PreTrainedModel, dtype: str | torch.dtype = "auto") -> int:
