@@ -83,7 +83,8 @@ def in_cgroup(cap: int, args: list[str]) -> dict:
         out, err = proc.communicate()
         result = {"exit": proc.returncode, "seconds": time.perf_counter() - start,
                   "cgroup_peak_bytes": int((group / "memory.max_usage_in_bytes").read_text()),
-                  "stderr_notes": [line for line in err.splitlines() if not line.startswith(("profiling", "\r"))][-4:],
+                  "stderr_notes": [line for line in err.splitlines()
+                                   if line.strip() and not line.startswith(("profiling", "\r"))][-12:],
                   "stdout_tail": out.strip().splitlines()[-2:]}
     finally:
         for _ in range(50):  # the killed child's memory is uncharged shortly after it exits
@@ -248,7 +249,7 @@ def report(r: dict) -> str:
     else:
         ref, auto, refused, same = (p["uncapped_whole_model"], p["capped_default"], p["capped_whole_model"],
                                     p["equality"])
-        notes = [n for n in auto["stderr_notes"] if "layer by layer" in n][:1]
+        notes = [n for n in auto["stderr_notes"] if "as --sequential" in n or "ahead" in n]
         lines += [
             f"Profiling {r['args']['tokens']:,} calibration tokens (sequences of {r['args']['seq_len']}, batch 4), "
             f"in a memory cgroup limited to the same {r['cap_bytes'] / gib:.2f} GiB:", "",
@@ -258,7 +259,7 @@ def report(r: dict) -> str:
             f"RSS {ref['peak_rss_bytes'] / gib:.2f} GiB | |",
             f"| `moekit profile` under the limit | {auto['exit']} | {auto['seconds']:.1f} | cgroup "
             f"{auto['cgroup_peak_bytes'] / gib:.2f} GiB (page cache included) | "
-            + (f"said: \"{notes[0].strip()}\"; " if notes else "")
+            + "".join(f"said: \"{n.strip()}\"; " for n in notes)
             + (("statistics bit-identical to the reference" if same.get("identical") else
                 f"statistics differ by up to {same.get('max_abs_difference')}") if same else "no profile") + " |",
             f"| `moekit profile --whole-model` under the limit | {refused['exit']} | {refused['seconds']:.1f} | "

@@ -13,10 +13,12 @@ are small beside its free memory)::
                 for b in range(len(batches)):
                     run.forward(index, b)            # the layer's output replaces batch b's hidden states
 
-Weights are read with ``safetensors`` and loaded by transformers' own loader
-(``convert_and_load_state_dict_in_model``: the renamings, per-expert merges and fp32-kept modules
-``from_pretrained`` applies), fed only the layer's tensors; non-persistent buffers (rotary
-frequencies) are initialised by the model's ``_init_weights``, as ``from_pretrained`` does. Each
+Per-expert tensors are read straight into the stacked parameter transformers' converter would build
+from them (``_placed_experts``: one copy, no intermediate stack); the layer's other tensors are
+loaded by transformers' own loader (``convert_and_load_state_dict_in_model``: the renamings,
+conversions and fp32-kept modules ``from_pretrained`` applies), fed only the layer's tensors;
+non-persistent buffers (rotary frequencies) are initialised by the model's ``_init_weights``, as
+``from_pretrained`` does. Each
 layer is called with exactly the arguments the model's own forward passes it (attention masks per
 layer type, position embeddings, ...): a pass of the model in which the earlier layers return their
 input and layer ``i`` records its arguments and stops, so no family table is needed and hybrid
@@ -25,7 +27,9 @@ never loaded.
 
 While layer ``i`` computes, a background thread reads layer ``i+1``'s tensors from disk and converts
 them on the CPU (into a second meta model, pinned), so the main thread only copies a few large
-tensors to the device. Arguments are found once per layer and batch shape.
+tensors to the device -- where CPU memory holds the second layer (``read_ahead``; otherwise each
+layer is read after the previous one is freed, and the run says so). Arguments are found once per
+layer and batch shape.
 """
 
 from __future__ import annotations
