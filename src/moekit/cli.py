@@ -955,6 +955,52 @@ def moefy(
 
 
 @app.command()
+def upcycle(
+    model: Annotated[str, typer.Argument(help="A dense Llama/Mistral/Qwen3 model, or an MoE checkpoint.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="New directory for the upcycled checkpoint.")],
+    experts: Annotated[int | None, typer.Option(
+        help="Dense model: experts per layer, each a copy of the FFN.")] = None,
+    factor: Annotated[int | None, typer.Option(
+        help="MoE: copies of every expert (E experts become factor x E).")] = None,
+    top_k: Annotated[int | None, typer.Option(
+        "--top-k", help="Experts per token [default: 2 for a dense model; unchanged for an MoE, which is not exact "
+        "at step 0 -- factor x the old top-k is].", show_default=False)] = None,
+    router_std: Annotated[float | None, typer.Option(
+        "--router-std", help="Dense model: std of the random router (0: zero router) [default: the config's "
+        "initializer_range].", show_default=False)] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random router.")] = 0,
+    dtype: Annotated[str, typer.Option(callback=_dtype_name, help="dtype to load and save in.")] = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Upcycle: copy a dense model's FFN into experts, or duplicate an MoE's experts (no training here).
+
+    \b
+    Dense -> MoE (sparse upcycling): every expert a copy of the FFN, a random router; the top-k
+    weights sum to 1, so the MoE computes the dense model at step 0. Llama/Mistral become Mixtral,
+    Qwen3 becomes Qwen3-MoE, as stock checkpoints.
+    E -> factor x E: every expert copied factor times with its router row. Exact at step 0 with
+    --top-k factor x the old top-k (for softmax or renormalised routing); with the top-k unchanged
+    each token picks copies of fewer experts. The record gives the measured logit difference.
+    Then train with moekit recover, which breaks the symmetry between the copies.
+
+    Example: moekit upcycle ./smollm2-135m --experts 8 --top-k 2 --out ./smollm2-8x
+    """
+    from moekit.upcycle import upcycle_to_checkpoint
+
+    _quiet_transformers()
+    path, record = upcycle_to_checkpoint(model, out_dir, experts=experts, factor=factor, top_k=top_k,
+                                         router_std=router_std, seed=seed, dtype=dtype, overwrite=overwrite)
+    difference = record["step0_max_logit_difference"]
+    if record["mode"] == "duplicate" and difference > 1e-3:
+        _note(f"not exact at step 0: the logits moved by up to {difference:.3g} (each token now picks copies of "
+              f"fewer experts); --top-k {record['factor'] * record['top_k']['before']} keeps the model exact")
+    what = (f"{record['experts']} copies of the FFN per layer, top-{record['top_k']}" if record["mode"] == "dense"
+            else f"{record['experts']['before']} -> {record['experts']['after']} experts per layer, "
+                 f"top-{record['top_k']['after']}")
+    _wrote(f"{path}: {what}; largest logit difference to the source at step 0 {difference:.3g}")
+
+
+@app.command()
 def recover(
     model: Annotated[str, typer.Argument(help="An MoE checkpoint (from moekit moefy or moekit prune, or any).")],
     data: Annotated[list[str], typer.Option(

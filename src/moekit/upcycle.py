@@ -1,0 +1,194 @@
+"""Upcycling: a dense model's FFNs copied into experts, or an MoE's experts duplicated into more experts.
+
+**Dense -> MoE** (sparse upcycling, Komatsuzaki et al. 2023, "Sparse Upcycling: Training Mixture-of-Experts
+from Dense Checkpoints"): every expert of a layer is a copy of the dense FFN, attention, norms and
+embeddings are kept bit for bit, and the router is drawn at random (normal, std ``router_std``,
+seeded; ``router_std=0`` gives a zero router). Whatever the router selects, the top-K weights sum to 1
+(the families written here renormalise them: Mixtral always, Qwen3-MoE with ``norm_topk_prob``), and
+the experts are equal, so the upcycled model computes the dense model at step 0 up to round-off
+(tested). Llama and Mistral become stock Mixtral checkpoints, Qwen3 stock Qwen3-MoE ones. Training
+(``moekit recover``) is what breaks the symmetry between the copies.
+
+**E -> m*E** (expert upcycling, as in "Expert Upcycling: Shifting the Compute-Efficient Frontier of
+Mixture-of-Experts"; the duplication rule here is uniform): every expert of every MoE layer is
+duplicated ``factor`` times (copies next to each other, so group-limited layouts would keep their
+groups), the router's rows, biases and correction biases with it; shared experts and everything else are
+kept. Exactness at step 0 depends on the routing maths and the new top-K:
+
+- with ``top_k = factor * K`` every token selects all copies of its original K experts, and the
+  copies' weights add up to the original weight wherever weights are a softmax over all experts or are
+  renormalised to sum 1 over the selected ones (Mixtral, Qwen-MoE, OLMoE, DeepSeek-V3's normalised
+  sigmoid, ...): exact. Unnormalised sigmoid weights (each copy keeps the whole weight) and DBRX's p-norm
+  with p != 1 are not;
+- with the top-K unchanged (the paper's setting, the default) a token selects copies of its top
+  K/factor experts instead of its top K: not exact; recovery training is needed.
+
+The difference of the logits before and after, on random token ids, is measured and recorded
+either way (``step0_max_logit_difference``), so the record says what the maths above predicts.
+Group-limited routing (``n_group > 1``) is refused: its group scores would count an expert's copies
+twice. The paper's utility-based non-uniform duplication (copies for the experts with the largest
+gradient importance) is not implemented: every expert gets ``factor`` copies.
+
+Both work on a model loaded into memory (``from_pretrained``), unlike pruning's streaming editor: meant
+for testbeds and models that fit the RAM.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PreTrainedModel
+
+from moekit.arch.view import MoEModelView
+from moekit.edit.checkpoint import check_output_dir, write_checkpoint
+from moekit.edit.prune import prune_layer, set_count_attributes, set_top_k
+from moekit.errors import UserError
+from moekit.model_io import describe_source, load_config, load_model
+
+# Dense model type -> the stock MoE family that shares its blocks.
+UPCYCLE_FAMILIES = {"llama": "mixtral", "mistral": "mixtral", "qwen3": "qwen3_moe"}
+PROBE_SEED = 1234
+
+
+class UpcycleError(UserError):
+    """A model or setting upcycling cannot handle; the message says why."""
+
+
+def upcycled_config(dense: Any, experts: int, top_k: int) -> Any:
+    """The config of the MoE that a dense config upcycles into (checked)."""
+    model_type = getattr(dense, "model_type", "?")
+    target = UPCYCLE_FAMILIES.get(model_type)
+    if target is None:
+        raise UpcycleError(f"upcycle converts {', '.join(sorted(UPCYCLE_FAMILIES))} models; {model_type!r} has no "
+                           "mapping yet")
+    if getattr(dense, "hidden_act", "silu") != "silu" or getattr(dense, "mlp_bias", False):
+        raise UpcycleError("upcycle needs a SwiGLU FFN with SiLU and no biases (what the MoE families' experts are)")
+    if target == "mixtral" and getattr(dense, "attention_bias", False):
+        raise UpcycleError("the dense model has attention biases, which Mixtral's attention lacks")
+    if experts < 2:
+        raise UpcycleError(f"--experts {experts} must be at least 2")
+    if not 1 <= top_k <= experts:
+        raise UpcycleError(f"--top-k {top_k} must be between 1 and --experts {experts}")
+    config_class = CONFIG_MAPPING[target]
+    fields = config_class().to_dict()
+    kept = {k: v for k, v in dense.to_dict().items() if k in fields and k not in ("model_type", "architectures")}
+    inter = int(dense.intermediate_size)
+    if target == "mixtral":
+        extra = {"num_local_experts": experts, "intermediate_size": inter}
+    else:
+        extra = {"num_experts": experts, "moe_intermediate_size": inter, "norm_topk_prob": True,
+                 "decoder_sparse_step": 1, "mlp_only_layers": []}
+    architecture = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}[target]
+    return config_class(**{**kept, **extra, "num_experts_per_tok": top_k, "output_router_logits": False,
+                           "architectures": [architecture]})
+
+
+def upcycle_dense(dense: PreTrainedModel, experts: int, top_k: int, router_std: float | None = None,
+                  seed: int = 0) -> PreTrainedModel:
+    """The MoE whose every expert is a copy of ``dense``'s FFN (see the module doc); ``router_std`` None: the
+    dense config's ``initializer_range``."""
+    config = upcycled_config(dense.config, experts, top_k)
+    std = float(getattr(dense.config, "initializer_range", 0.02)) if router_std is None else float(router_std)
+    if std < 0:
+        raise UpcycleError(f"--router-std {router_std} must be at least 0")
+    first = next(dense.parameters())
+    moe = AutoModelForCausalLM.from_config(config, dtype=first.dtype).to(first.device)
+    dense_state = dense.state_dict()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in moe.state_dict().items():
+            if ".mlp." not in name:
+                tensor.copy_(dense_state[name])
+        for index, layer in enumerate(moe.model.layers):
+            mlp = dense.model.layers[index].mlp
+            gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], dim=0)  # [2I, H]
+            layer.mlp.experts.gate_up_proj.copy_(gate_up.expand(experts, -1, -1))
+            layer.mlp.experts.down_proj.copy_(mlp.down_proj.weight.expand(experts, -1, -1))
+            router = layer.mlp.gate.weight
+            drawn = torch.randn(router.shape, generator=generator) * std
+            router.copy_(drawn.to(router.dtype))
+    return moe.eval()
+
+
+def duplicate_experts(model: PreTrainedModel, factor: int, top_k: int | None = None) -> MoEModelView:
+    """Duplicate every expert of every MoE layer ``factor`` times in place (expert j's copies at
+    ``j*factor .. j*factor+factor-1``); ``top_k`` the new experts per token (default: unchanged)."""
+    view = MoEModelView.from_model(model)
+    if factor < 2:
+        raise UpcycleError(f"--factor {factor} must be at least 2")
+    spec = view.layers[0].routing
+    if spec.group_limited:
+        raise UpcycleError(f"{view.model_type} routes within {spec.n_group} expert groups; duplicating experts "
+                           "would count copies twice in the group scores, which upcycle does not handle")
+    experts = view.num_experts * factor
+    new_top_k = view.top_k if top_k is None else top_k
+    if not 1 <= new_top_k <= experts:
+        raise UpcycleError(f"--top-k {new_top_k} must be between 1 and the {experts} experts after duplication")
+    if spec.kind == "sparsemixer" and new_top_k != view.top_k:
+        raise UpcycleError("PhiMoE's sparsemixer routing is hard-wired to two experts per token; --top-k cannot "
+                           "change it")
+    with torch.no_grad():
+        for layer in view.layers:
+            prune_layer(layer, [j for j in range(layer.num_experts) for _ in range(factor)])
+    view.config_fields.set_expert_count(model.config, experts)
+    set_count_attributes(model, experts)
+    if new_top_k != view.top_k:
+        set_top_k(view, new_top_k)
+    return MoEModelView.from_model(model)
+
+
+def probe_logits(model: PreTrainedModel, seed: int = PROBE_SEED) -> torch.Tensor:
+    """The model's float32 logits on two sequences of random token ids: what upcycling is checked on."""
+    ids = torch.randint(0, int(model.config.vocab_size), (2, 32), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(input_ids=ids.to(next(model.parameters()).device)).logits.float()
+
+
+def upcycle_to_checkpoint(source: str | Path, out: str | Path, *, experts: int | None = None,
+                          factor: int | None = None, top_k: int | None = None, router_std: float | None = None,
+                          seed: int = 0, dtype: str = "auto", overwrite: bool = False) -> tuple[Path, dict[str, Any]]:
+    """Upcycle the model at ``source`` and write a stock checkpoint to ``out``: a dense model into ``experts``
+    copies of its FFN (top-``top_k``, default 2), or an MoE's experts ``factor`` times (``top_k`` default:
+    unchanged). Returns the path and the record saved as ``moekit_plan.json``."""
+    check_output_dir(out, source, overwrite)
+    config = load_config(source)
+    dense = getattr(config, "model_type", None) in UPCYCLE_FAMILIES
+    if dense and (experts is None or factor is not None):
+        raise UpcycleError(f"{source} is a dense {config.model_type} model: give --experts E (and --top-k), not "
+                           "--factor")
+    if not dense and (factor is None or experts is not None):
+        raise UpcycleError(f"{source} is not a dense {'/'.join(sorted(UPCYCLE_FAMILIES))} model: to duplicate an "
+                           "MoE's experts give --factor M (and --top-k), not --experts")
+    if dense:
+        upcycled_config(config, experts or 0, top_k or 2)  # errors before any weight loads
+    model = load_model(source, dtype=dtype)
+    reference = probe_logits(model)
+    if dense:
+        assert experts is not None
+        moe = upcycle_dense(model, experts, top_k or 2, router_std, seed)
+        difference = float((probe_logits(moe) - reference).abs().max())
+        record = {"format": "moekit.upcycle/1", "mode": "dense", "source": describe_source(source),
+                  "experts": experts, "top_k": top_k or 2,
+                  "router_std": router_std if router_std is not None else getattr(config, "initializer_range", 0.02),
+                  "seed": seed, "step0_max_logit_difference": difference}
+        what = (f"every FFN copied into {experts} experts, top-{top_k or 2} routing, router drawn with std "
+                f"{record['router_std']} (seed {seed})")
+    else:
+        assert factor is not None
+        before = MoEModelView.from_model(model)
+        old_experts, old_top_k = before.num_experts, before.top_k
+        view = duplicate_experts(model, factor, top_k)
+        moe = view.model
+        difference = float((probe_logits(moe) - reference).abs().max())
+        record = {"format": "moekit.upcycle/1", "mode": "duplicate", "source": describe_source(source),
+                  "factor": factor, "experts": {"before": old_experts, "after": view.num_experts},
+                  "top_k": {"before": old_top_k, "after": view.top_k}, "duplication": "uniform",
+                  "step0_max_logit_difference": difference}
+        what = (f"every expert duplicated {factor} times ({old_experts} -> {view.num_experts} per layer), "
+                f"top-{old_top_k} -> top-{view.top_k}")
+    card = (f"# {Path(out).name}\n\nUpcycled by `moekit upcycle` from `{describe_source(source)}`: {what}. "
+            f"Largest logit difference to the source on random tokens at step 0: {difference:.3g}. Not trained yet: "
+            f"train it with `moekit recover {Path(out).name} --teacher <the source> --data NAME=PATH`.\n")
+    return write_checkpoint(moe, out, source, record, card, overwrite=overwrite), record
