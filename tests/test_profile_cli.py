@@ -216,3 +216,22 @@ def test_dry_run_prints_what_the_run_needs_and_writes_nothing(tiny_checkpoint, t
     with pytest.raises(UserError, match="GiB are free"):
         replace(needs, device_free_bytes=needs.model_bytes).check()
     replace(needs, output_free_bytes=needs.output_bytes, device_free_bytes=needs.model_bytes * 2).check()
+
+
+def test_starved_experts_and_imbalance_are_flagged_by_hand() -> None:
+    from moekit.profile.analyze import balance_warnings
+
+    # layer 0: mean 7.75, expert 3 below a quarter of it (1.9375), MaxVio 10/7.75 - 1 = 0.29;
+    # layer 1: perfectly even; layer 2: mean 13, MaxVio 40/13 - 1 = 2.08, nobody below 3.25
+    profile = _hand_profile([[10, 10, 10, 1], [5, 5, 5, 5], [40, 4, 4, 4]], [[1] * 4] * 3)
+    rows = [layer_summary(profile, layer) for layer in range(3)]
+    assert [row["starved_experts"] for row in rows] == [[3], [], []]
+    assert [row["nearly_dead_experts"] for row in rows] == [[], [], []]
+    assert [round(row["max_violation"], 4) for row in rows] == [round(10 / 7.75 - 1, 4), 0.0, round(40 / 13 - 1, 4)]
+    warnings = balance_warnings(rows)
+    assert len(warnings) == 2
+    assert "1 of 3 MoE layers have starved experts" in warnings[0] and "frequency" in warnings[0]
+    assert "1 of 3 MoE layers are strongly imbalanced" in warnings[1] and "layer 2: 2.08" in warnings[1]
+    assert balance_warnings([rows[1]]) == []
+    dead = layer_summary(_hand_profile([[1000, 1000, 1000, 5]], [[1] * 4]), 0)  # 5 < 1% of the mean 751
+    assert dead["nearly_dead_experts"] == [3] and dead["starved_experts"] == [3]

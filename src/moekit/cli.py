@@ -629,14 +629,17 @@ def _print_analysis(report: dict[str, Any]) -> None:
               f"  sets: {escape(sets)}")
     table = Table(title=f"routing per MoE layer ({', '.join(report['analysed_sets'])})")
     chunk_sizes = list(report["layers"][0]["chunk_sparsity"])
-    for col in ("layer", "load CV", "max/mean", "load entropy", "router entropy", "dead", "TLS",
+    for col in ("layer", "load CV", "max/mean", "load entropy", "router entropy", "dead", "< 1/4 mean", "TLS",
                 *(f"CLS-{c}" for c in chunk_sizes)):
         table.add_column(col, justify="right")
     for row in report["layers"]:
         table.add_row(str(row["layer"]), f"{row['load_cv']:.3f}", f"{row['max_over_mean']:.2f}",
                       f"{row['load_entropy']:.3f}", f"{row['router_entropy']:.3f}", str(len(row["dead_experts"])),
-                      f"{row['token_sparsity']:.3f}", *(f"{row['chunk_sparsity'][c]:.3f}" for c in chunk_sizes))
+                      str(len(row["starved_experts"])), f"{row['token_sparsity']:.3f}",
+                      *(f"{row['chunk_sparsity'][c]:.3f}" for c in chunk_sizes))
     out.print(table)
+    for warning in report["warnings"]:
+        err.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
     supers = report["super_experts"]
     out.print("super experts: " + (", ".join(f"layer {s['layer']} expert {s['expert']} (max |act| "
                                              f"{s['act_max']:.3g} > {s['threshold']:.3g})" for s in supers)

@@ -90,6 +90,8 @@ def _run_demo_into(out: Path, progress: bool, ratio: float, say: Any) -> dict[st
     overlap = analysis["specialisation"]["overlap"]["code|prose"]["mean_jaccard"]
     sets = ", ".join(f"{s['name']} {s['tokens']:,} tokens" for s in profile.meta["sets"])
     say(f"2/4 profile: {sets}; overlap of code's and prose's most-used experts (Jaccard) {overlap:.2f}")
+    for warning in analysis["warnings"]:  # the bundled model is a small testbed, not balanced like released MoEs
+        say(f"    note: {warning}")
 
     tokenizer = load_tokenizer(MODEL_DIR)
     paths = {"original": MODEL_DIR}

@@ -3,8 +3,11 @@
 Definitions (``METHODS.md``), per MoE layer and over the chosen sets:
 
 - load share of expert j: count_j / sum(count); balance: coefficient of variation of the counts
-  (0 = perfectly even), max/mean load, normalised load entropy H(share)/log E (1 = even), and
-  dead experts (never routed to).
+  (0 = perfectly even), max/mean load, MaxVio = max/mean - 1, normalised load entropy
+  H(share)/log E (1 = even), dead experts (never routed to), starved experts (below a quarter of
+  the mean load) and nearly dead ones (below 1% of it). ``balance_warnings`` turns the layers that
+  miss the bar of released MoEs (MaxVio <= 0.5, no expert below a quarter of the mean) into
+  sentences on what that means for pruning.
 - router entropy: mean over tokens of H(softmax(z_t)) / log E.
 - token-level sparsity TLS = 1 - mean_t |S_t| / E; chunk-level sparsity for chunk length L
   CLS_L = 1 - mean over chunks of |union of S_t in the chunk| / E (BlockFFN).
@@ -31,6 +34,9 @@ from moekit.profile.profile_file import Profile
 from moekit.profile.stats import CHUNK_SIZES
 
 SUPER_EXPERT_QUANTILE = 0.995
+STARVED_SHARE = 0.25  # of the mean load: below it an expert is starved
+NEARLY_DEAD_SHARE = 0.01
+MAX_VIOLATION_BAR = 0.5  # released MoEs, balanced per layer, stay below it
 SUPER_EXPERT_GLOBAL_FRACTION = 0.1
 SUPER_EXPERT_LAYER_FRACTION = 0.75
 
@@ -64,10 +70,37 @@ def layer_summary(profile: Profile, layer: int, sets: list[str] | None = None) -
         "max_over_mean": float(counts.max() / mean) if mean > 0 else 0.0,
         "load_entropy": _entropy(share) / log_e,
         "router_entropy": float(profile.stat(layer, "router_entropy_sum", sets)) / max(tokens, 1) / log_e,
+        "max_violation": float(counts.max() / mean) - 1 if mean > 0 else 0.0,
         "dead_experts": [int(i) for i in torch.nonzero(counts == 0).flatten()],
+        "starved_experts": [int(i) for i in torch.nonzero(counts < STARVED_SHARE * mean).flatten()] if mean > 0 else [],
+        "nearly_dead_experts": [int(i) for i in torch.nonzero(counts < NEARLY_DEAD_SHARE * mean).flatten()]
+        if mean > 0 else [],
         "token_sparsity": 1 - float(counts.sum()) / max(tokens, 1) / experts,
         "chunk_sparsity": {str(size): 1 - float(chunks[c]) / experts for c, size in enumerate(CHUNK_SIZES)},
     }
+
+
+def balance_warnings(layers: list[dict[str, Any]]) -> list[str]:
+    """What the layers' balance means for pruning, for layers that miss the bar (none: an empty list)."""
+    starved = [row for row in layers if row["starved_experts"]]
+    uneven = [row for row in layers if row["max_violation"] > MAX_VIOLATION_BAR]
+    if not starved and not uneven:
+        return []
+    warnings = []
+    if starved:
+        worst = max(starved, key=lambda row: len(row["starved_experts"]))
+        nearly = sum(len(row["nearly_dead_experts"]) for row in starved)
+        warnings.append(
+            f"{len(starved)} of {len(layers)} MoE layers have starved experts (below a quarter of the mean load; "
+            f"layer {worst['layer']}: {len(worst['starved_experts'])}), {nearly} of them with almost no load (below "
+            "1%): removing them costs little, so frequency-based pruning will look nearly free here, while "
+            "per-token means (reap, ean_mean) rank them on few tokens. Released MoEs, balanced per layer, have none")
+    if uneven:
+        worst = max(uneven, key=lambda row: row["max_violation"])
+        warnings.append(f"{len(uneven)} of {len(layers)} MoE layers are strongly imbalanced (MaxVio = max/mean - 1 "
+                        f"above {MAX_VIOLATION_BAR}; layer {worst['layer']}: {worst['max_violation']:.2f}): "
+                        "criteria will disagree more than on a balanced model")
+    return warnings
 
 
 def super_experts(profile: Profile, sets: list[str] | None = None) -> list[SuperExpert]:
@@ -123,11 +156,13 @@ def set_specialisation(profile: Profile, preferred: int = 5) -> dict[str, Any]:
 def analyze_profile(profile: Profile, sets: list[str] | None = None) -> dict[str, Any]:
     """Everything above, JSON-serialisable."""
     layers = profile.fingerprint["moe_layers"]
+    summaries = [layer_summary(profile, layer, sets) for layer in layers]
     return {
         "model": profile.meta["model"],
         "sets": [{"name": s["name"], "tokens": s["tokens"]} for s in profile.meta["sets"]],
         "analysed_sets": sets or profile.set_names,
-        "layers": [layer_summary(profile, layer, sets) for layer in layers],
+        "layers": summaries,
+        "warnings": balance_warnings(summaries),
         "super_experts": [asdict(s) for s in super_experts(profile, sets)],
         "specialisation": set_specialisation(profile),
     }

@@ -67,24 +67,26 @@ class Section:
 
 
 def load_section(profile: Any) -> Section:
-    from moekit.profile.analyze import layer_summary
+    from moekit.profile.analyze import balance_warnings, layer_summary
 
     sets = ", ".join(f"{s['name']} ({s['tokens']:,} tokens)" for s in profile.meta["sets"])
     source = profile.meta.get("model", {}).get("source") or "?"
     rows = []
-    for layer in profile.fingerprint["moe_layers"]:
-        summary = layer_summary(profile, layer)
+    summaries = [layer_summary(profile, layer) for layer in profile.fingerprint["moe_layers"]]
+    for summary in summaries:
         dead = summary["dead_experts"]
-        rows.append([str(layer), f"{summary['load_entropy']:.3f}", f"{summary['max_over_mean']:.2f}",
-                     f"{summary['router_entropy']:.3f}", ", ".join(map(str, dead)) if dead else "-"])
-    return Section("expert-load", SECTION_TITLES["expert-load"], [
+        rows.append([str(summary["layer"]), f"{summary['load_entropy']:.3f}", f"{summary['max_over_mean']:.2f}",
+                     f"{summary['router_entropy']:.3f}", str(len(summary["starved_experts"])),
+                     ", ".join(map(str, dead)) if dead else "-"])
+    warnings = [Text("Warning: " + w) for w in balance_warnings(summaries)]
+    return Section("expert-load", SECTION_TITLES["expert-load"], [*warnings,
         Text(f"Profile of {source} on {sets}. Each row is an MoE layer, each column an expert; colour is the "
              "expert's share of the layer's routed tokens on that calibration set."),
         Image("expert_load.png", figures.load_heatmap(profile), "expert load per layer and calibration set"),
         Text("Balance per layer over all sets (load entropy 1 = perfectly even; router entropy normalised by "
              "log E)."),
-        Table(["layer", "load entropy", "max/mean load", "router entropy", "dead experts"], rows,
-              [True, True, True, True, False]),
+        Table(["layer", "load entropy", "max/mean load", "router entropy", "experts < 1/4 of the mean",
+               "dead experts"], rows, [True, True, True, True, True, False]),
     ])
 
 
