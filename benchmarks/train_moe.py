@@ -13,8 +13,13 @@ Testbeds (``TESTBEDS``; every one uses the SmolLM2 tokenizer, vocabulary 49,152,
 Data: the corpus built by ``benchmarks/corpus/build_corpus.py`` (code: Python, C, Go, Java; prose:
 English, German, French, Spanish, Russian; math word problems). Each step draws every sequence
 from a domain chosen uniformly, at a random offset of that domain's training stream (documents
-separated by <|endoftext|>). AdamW, bf16 autocast, linear warm-up then cosine decay, the family's
-load-balancing loss (Switch-style aux loss, coefficient 0.01) where it has one.
+separated by <|endoftext|>). AdamW, bf16 autocast, linear warm-up then cosine decay. Balancing
+(``--balancing``): ``per-layer`` (default) adds the Switch Transformer loss of every MoE layer,
+averaged over layers (``per_layer_balance_loss``, coefficient 0.01), as Megatron trains released MoEs;
+``pooled`` is transformers' ``load_balancing_loss_func``, which adds every layer's counts and
+probabilities into one vector before balancing -- it balances "expert j summed over layers", so a
+layer can starve experts while another compensates (the earlier testbeds were trained with it); the
+DeepSeek-V3 testbed's correction bias is updated either way.
 
 After training: per-domain held-out perplexity, and specialisation measured by moekit itself (the
 profiler on each domain's held-out text; per-domain load and the overlap of domains' most-used
@@ -75,6 +80,41 @@ TESTBEDS: dict[str, dict[str, Any]] = {
                             num_experts=16, num_experts_per_tok=4, norm_topk_prob=True),
 }
 BIAS_UPDATE_SPEED = 1e-3  # DeepSeek-V3's gamma for the aux-loss-free balancing bias
+
+
+BALANCING = ("per-layer", "pooled")
+
+
+def per_layer_balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
+    """The Switch Transformer load-balancing loss of each MoE layer, averaged over layers: for a layer with
+    router logits ``[T, E]``, ``E * sum_j f_j * P_j`` where ``f_j`` is the share of the T*k selections that
+    went to expert j (top-k of the logits) and ``P_j`` the mean softmax probability of j. 1 when balanced."""
+    losses = []
+    for logits in router_logits:
+        logits = logits.reshape(-1, logits.shape[-1]).float()
+        experts = logits.shape[-1]
+        probs = torch.softmax(logits, dim=-1)
+        chosen = torch.zeros_like(probs).scatter_(1, logits.topk(top_k, dim=-1).indices, 1.0)
+        share = chosen.mean(0) / top_k  # f_j, sums to 1
+        losses.append(experts * (share * probs.mean(0)).sum())
+    return torch.stack(losses).mean()
+
+
+def balance_of(profile: Any) -> dict[str, Any]:
+    """Per MoE layer, on held-out text of every domain: MaxVio (max load / mean load - 1), the share of experts
+    below a quarter of the mean load and below 1% of it; and whether the bar of released MoEs is met (MaxVio
+    <= 0.5 and no expert below a quarter of the mean, in every layer)."""
+    from moekit.profile.analyze import layer_summary
+
+    rows = []
+    for layer in profile.fingerprint["moe_layers"]:
+        row = layer_summary(profile, layer)
+        experts = len(profile.stat(layer, "count"))
+        rows.append({"layer": layer, "max_violation": round(row["max_violation"], 4),
+                     "below_quarter_of_mean": round(len(row["starved_experts"]) / experts, 4),
+                     "below_1pct_of_mean": round(len(row["nearly_dead_experts"]) / experts, 4)})
+    return {"layers": rows, "bar_met": all(r["max_violation"] <= 0.5 and r["below_quarter_of_mean"] == 0
+                                           for r in rows)}
 
 
 def build_config(name: str) -> Any:
@@ -172,7 +212,9 @@ def specialisation(model: Any, corpus: Path, domains: list[str], seq_len: int, t
 
 
 def train(name: str, corpus: Path, out: Path, minutes: float, steps: int | None, batch_size: int, seq_len: int,
-          lr: float, seed: int, device: str, eval_tokens: int) -> dict[str, Any]:
+          lr: float, seed: int, device: str, eval_tokens: int, balancing: str = "per-layer") -> dict[str, Any]:
+    if balancing not in BALANCING:
+        raise ValueError(f"unknown balancing {balancing!r}; valid: {', '.join(BALANCING)}")
     torch.manual_seed(seed)
     config = build_config(name)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device)
@@ -200,7 +242,10 @@ def train(name: str, corpus: Path, out: Path, minutes: float, steps: int | None,
             output = model(input_ids=batch[:, :-1], use_cache=False, output_router_logits=True)
         logits = output.logits.float()
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
-        aux = getattr(output, "aux_loss", None)
+        if balancing == "per-layer" and not has_bias and output.router_logits:
+            aux = per_layer_balance_loss(output.router_logits, view.top_k)
+        else:
+            aux = getattr(output, "aux_loss", None)
         total = loss + (config.router_aux_loss_coef * aux if aux is not None else 0.0)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -218,7 +263,7 @@ def train(name: str, corpus: Path, out: Path, minutes: float, steps: int | None,
     model.eval()
     ppl = heldout_perplexity(model, corpus, domains, seq_len, eval_tokens)
     spec = specialisation(model, corpus, domains, seq_len, eval_tokens)
-    spec.pop("profile")
+    balance = balance_of(spec.pop("profile"))
     target = out / name
     target.mkdir(parents=True, exist_ok=True)
     model.to(torch.bfloat16).save_pretrained(target, max_shard_size="15MB")
@@ -227,8 +272,12 @@ def train(name: str, corpus: Path, out: Path, minutes: float, steps: int | None,
         "testbed": name, "config": TESTBEDS[name], "parameters": sum(p.numel() for p in model.parameters()),
         "recipe": {"steps": step, "minutes": round(seconds / 60, 2), "batch_size": batch_size, "seq_len": seq_len,
                    "tokens_seen": step * batch_size * seq_len, "lr": lr, "seed": seed, "domains": domains,
-                   "mixture": "uniform over domains", "corpus_manifest": "benchmarks/corpus/out/manifest.json"},
-        "loss_curve": history, "heldout_perplexity": ppl, "specialisation": spec,
+                   "mixture": "uniform over domains", "corpus_manifest": "benchmarks/corpus/out/manifest.json",
+                   "balancing": "DeepSeek-V3 correction-bias updates" if has_bias else
+                   {"per-layer": "Switch loss per MoE layer, averaged over layers (per_layer_balance_loss)",
+                    "pooled": "transformers' load_balancing_loss_func (counts pooled over layers)"}[balancing],
+                   "aux_coefficient": config.router_aux_loss_coef},
+        "loss_curve": history, "heldout_perplexity": ppl, "specialisation": spec, "balance": balance,
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
@@ -267,11 +316,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--eval-tokens", type=int, default=65536, help="held-out tokens per domain")
+    parser.add_argument("--balancing", choices=BALANCING, default="per-layer",
+                        help="load balancing: the Switch loss of every layer, or transformers' pooled one")
     args = parser.parse_args()
     for name in args.testbed:
         record = train(name, args.corpus, args.out, args.minutes, args.steps, args.batch_size, args.seq_len,
-                       args.lr, args.seed, args.device, args.eval_tokens)
+                       args.lr, args.seed, args.device, args.eval_tokens, args.balancing)
         print(json.dumps({k: record[k] for k in ("testbed", "parameters", "recipe", "heldout_perplexity")}))
+        print("balance bar (MaxVio <= 0.5, no expert below a quarter of the mean, every layer) met:",
+              record["balance"]["bar_met"])
         print("mean top-expert Jaccard between domains:", record["specialisation"]["mean_jaccard"])
 
 

@@ -43,6 +43,8 @@ def test_training_script_runs_a_few_steps(tmp_path, monkeypatch) -> None:
     assert record["recipe"]["steps"] == 3 and record["recipe"]["tokens_seen"] == 3 * 2 * 16
     assert set(record["heldout_perplexity"]) == {"code", "prose"}
     assert 0 <= record["specialisation"]["mean_jaccard"] <= 1
+    assert record["recipe"]["balancing"].startswith("Switch loss per MoE layer")
+    assert len(record["balance"]["layers"]) == 2 and isinstance(record["balance"]["bar_met"], bool)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "tiny-test")
     assert model.config.num_experts == 4
     assert (tmp_path / "out" / "tiny-test" / "loss.png").is_file()
@@ -64,3 +66,24 @@ def test_corpus_subset_cuts_training_text_and_keeps_the_rest(tmp_path) -> None:
                               shards.load_split(corpus, "prose", split).tokens)
     with pytest.raises(FileExistsError):
         subset.write_subset(corpus, tmp_path / "small", train_tokens=450)
+
+
+def test_per_layer_balance_loss_by_hand_and_against_the_pooled_loss() -> None:
+    import torch
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    # balanced: every expert chosen equally often with equal mean probability -> exactly 1
+    even = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.1, 0.4, 0.3, 0.2], [0.2, 0.1, 0.4, 0.3],
+                                   [0.3, 0.2, 0.1, 0.4]]))
+    assert float(train_moe.per_layer_balance_loss((even,), top_k=1)) == pytest.approx(1.0)
+    # one layer sends every token to expert 0: f = (1, 0, 0, 0), P_0 = 0.7 -> 4 * 0.7
+    skewed = torch.log(torch.tensor([[0.7, 0.1, 0.1, 0.1]] * 4))
+    assert float(train_moe.per_layer_balance_loss((skewed,), top_k=1)) == pytest.approx(4 * 0.7)
+    # two layers starving opposite experts: pooled over layers they look balanced, per layer they do not
+    first = torch.log(torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1]] * 2))
+    second = torch.log(torch.tensor([[0.1, 0.1, 0.7, 0.1], [0.1, 0.1, 0.1, 0.7]] * 2))
+    per_layer = float(train_moe.per_layer_balance_loss((first, second), top_k=1))
+    pooled = float(load_balancing_loss_func((first, second), num_experts=4, top_k=1))
+    assert pooled == pytest.approx(1.0, abs=1e-6)  # the artefact: "expert j summed over layers" is even
+    # each layer: f = (.5, .5, 0, 0), P = (.4, .4, .1, .1)
+    assert per_layer == pytest.approx(4 * (0.5 * 0.4 + 0.5 * 0.4))
