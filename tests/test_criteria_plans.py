@@ -206,3 +206,65 @@ def test_naee_exhaustive_search_finds_the_true_optimum() -> None:
     assert greedy.loss >= result.loss - 1e-6
     protected = search_layer(view, layer, inputs[layer.index], 3, search="exhaustive", protected=[best[0]])
     assert best[0] in protected.kept
+
+
+def test_naee_token_budget_is_split_over_the_sets_by_weight() -> None:
+    from moekit.plan.naee import token_budgets
+
+    a = CalibrationSet("a", torch.zeros(4, 10, dtype=torch.long), torch.ones(4, 10, dtype=torch.long))
+    b = CalibrationSet("b", torch.zeros(1, 10, dtype=torch.long), torch.ones(1, 10, dtype=torch.long))
+    assert token_budgets([a, b], 20) == [10, 10]
+    assert token_budgets([a, b], 21) == [11, 10]  # the remainder to the first of the heaviest
+    assert token_budgets([a, b], 40, {"a": 3.0, "b": 1.0}) == [30, 10]
+    assert token_budgets([a, b], 100, {"a": 1.0, "b": 1.0}) == [40, 10]  # never more than a set holds
+    assert token_budgets([a, b], 20, {"a": 0.0, "b": 1.0}) == [0, 10]
+
+
+def test_naee_inputs_come_from_every_set_in_its_share() -> None:
+    """Two sets, 40 tokens: the first 20 real tokens of each (today's bug took all 40 from the first set)."""
+    model = build_tiny_model("qwen3_moe", num_experts=6)
+    view = MoEModelView.from_model(model)
+    a_ids, b_ids = random_ids(5, 2, 32), random_ids(6, 2, 32)
+    a = CalibrationSet("a", a_ids, torch.ones_like(a_ids))
+    b_mask = torch.ones_like(b_ids)
+    b_mask[0, 12:] = 0  # padding does not count
+    b = CalibrationSet("b", b_ids, b_mask)
+    both = collect_block_inputs(model, view, [a, b], 40)
+    alone_a = collect_block_inputs(model, view, [a], 20)
+    alone_b = collect_block_inputs(model, view, [b], 20)
+    for layer in view.layers:
+        assert both[layer.index].shape[0] == 40
+        torch.testing.assert_close(both[layer.index][:20], alone_a[layer.index])
+        torch.testing.assert_close(both[layer.index][20:], alone_b[layer.index])
+    # b weighs 3: a budget of 30 tokens, but b holds 12 + 32 = 44 real ones, so all 30 come from it
+    weighted = collect_block_inputs(model, view, [a, b], 40, weights={"a": 1.0, "b": 3.0})
+    assert weighted[view.layers[0].index].shape[0] == 10 + 30
+
+
+def test_naee_progressive_compares_with_the_original_block_on_the_original_inputs() -> None:
+    """Lu et al.'s progressive objective: the pruned block on the drifted inputs against the original model's
+    block output on its own inputs (not the unpruned block on the drifted inputs)."""
+    from moekit.plan import PlanRequest
+    from moekit.plan.naee import block_outputs, make_naee_plan, reconstruction_loss
+
+    model = build_tiny_model("qwen3_moe", num_experts=6)
+    view = MoEModelView.from_model(model)
+    ids = random_ids(3, 2, 32)
+    sets = [CalibrationSet("d", ids, torch.ones_like(ids))]
+    plan = make_naee_plan(model, sets, PlanRequest("naee", keep=4, protect_super=False), search="exhaustive",
+                          progressive=True, max_tokens=64, batch_size=2, progress=False)
+    first, second = view.layers[0], view.layers[1]
+    kept_first = plan["layers"][str(first.index)]["kept"]
+    mask = torch.zeros(6, dtype=torch.bool)
+    mask[kept_first] = True
+    original = collect_block_inputs(model, view, sets, 64, batch_size=2)[second.index]
+    drifted = collect_block_inputs(model, view, sets, 64, batch_size=2, masks={first.index: mask},
+                                   layers=[second.index])[second.index]
+    assert not torch.allclose(original, drifted)  # the first layer's pruning moved the second's inputs
+    reference = block_outputs(second, original)
+    dropped = plan["layers"][str(second.index)]["removed"]
+    expected = reconstruction_loss(view, second, drifted, reference, dropped)
+    recorded = plan["details"]["naee"]["layers"][1]["loss"]
+    assert recorded == pytest.approx(expected, rel=1e-6)
+    stale = reconstruction_loss(view, second, drifted, block_outputs(second, drifted), dropped)
+    assert stale != pytest.approx(expected, rel=1e-3)  # the two objectives differ here

@@ -165,3 +165,21 @@ def test_naee_from_the_command_line(tiny_checkpoint, tmp_path) -> None:
     assert plan["method"] == "naee"
     assert [entry["search"] for entry in plan["details"]["naee"]["layers"]] == ["exhaustive"] * 3
     assert all(entry["evaluated"] == 15 + 6 for entry in plan["details"]["naee"]["layers"])
+
+
+def test_naee_uses_every_named_set_by_its_weight_from_the_command_line(tiny_checkpoint, tmp_path) -> None:
+    source = tiny_checkpoint("mixtral", num_experts=6)
+    (tmp_path / "a.txt").write_text("a quick brown fox jumps over the lazy dog " * 40)
+    (tmp_path / "b.txt").write_text("def add(x, y):\n    return x + y\n" * 60)
+    args = ["prune", source, "--method", "naee", "--data", f"a={tmp_path / 'a.txt'}", "--data",
+            f"b={tmp_path / 'b.txt'}", "--keep", 4, "--naee-tokens", 200, "--no-protect-super", "--plan-only"]
+    assert run(*args, "--out", tmp_path / "even.json").exit_code == 0
+    even = json.loads((tmp_path / "even.json").read_text())["details"]["naee"]
+    assert even["tokens_per_set"] == {"a": 100, "b": 100}
+    assert all(entry["tokens"] == 200 for entry in even["layers"])
+    result = run(*args, "--set-weights", "a=1,b=3", "--out", tmp_path / "weighted.json")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "weighted.json").read_text())["details"]["naee"]["tokens_per_set"] == \
+        {"a": 50, "b": 150}
+    bad = run(*args, "--set-weights", "c=1", "--out", tmp_path / "bad.json")
+    assert bad.exit_code == 2 and "'c'" in bad.stderr

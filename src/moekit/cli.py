@@ -304,7 +304,8 @@ def prune(
     keep: Annotated[int | None, typer.Option("--keep", help="Experts kept per MoE layer (instead of --ratio).")] = None,
     set_weights: Annotated[str | None, typer.Option(
         "--set-weights", help="Weigh the profile's named sets, e.g. code=2,prose=1 (sets left out get 0); each "
-        "set counts per token, whatever its size. Default: every set weight 1.")] = None,
+        "set counts per token, whatever its size; with --method naee, the --data sets' shares of --naee-tokens. "
+        "Default: every set weight 1.")] = None,
     protect: Annotated[str | None, typer.Option(
         help="Experts never removed: LAYER:EXPERT pairs (3:17,5:2) or a file holding them.")] = None,
     no_protect_super: Annotated[bool, typer.Option(
@@ -404,7 +405,9 @@ def prune(
         loaded = Profile.load(profile) if profile is not None else None
         request = PlanRequest(method=method, ratio=ratio, keep=keep, protect_super=not no_protect_super,
                               protect=parse_protect(protect_text),
-                              set_weights=parse_set_weights(set_weights, loaded.set_names) if loaded else None,
+                              set_weights=parse_set_weights(set_weights, loaded.set_names) if loaded else
+                              (parse_set_weights(set_weights, [DataSpec.parse(d).name for d in data or []])
+                               if set_weights else None),
                               seed=seed, top_k=top_k, allow_regroup=allow_regroup)
         if loaded is None:
             plan = naee_plan_from_data(model, data or [], request, seed=seed, device=device, dtype=dtype,

@@ -14,10 +14,14 @@ Search (as in the paper, plus the usual relaxations for large E):
   the loss least (``beam`` keeps the ``beam_width`` best partial removals instead of one);
 - ``auto``: exhaustive when C(E, r) <= ``exhaustive_limit``, else beam.
 
-Progressive mode (the paper's option) re-collects each layer's inputs after the earlier layers
-were pruned (their experts masked), so later layers adapt to earlier decisions. Protected experts
-are never removed; group-limited routers remove the same number from every group unless regrouping
-is allowed.
+Progressive mode (the paper's option): layer l's candidates run on the inputs the model gives it once
+the earlier layers are pruned (their experts masked), and are compared with the original block's
+output on the original inputs, computed from the unpruned model -- so a layer's choice can make up
+for the drift its predecessors caused. Protected experts are never removed; group-limited routers
+remove the same number from every group unless regrouping is allowed.
+
+Calibration tokens: ``max_tokens`` in all, split over the named sets by their weights (``--set-weights``;
+equal by default), each set's first tokens in order; the tokens used per set are recorded.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from moekit.layerwise import LayerwiseModel
 from moekit.plan import PlanRequest, kept_count, layer_entries, plan_details, protections, routing_groups
 from moekit.profile import collect_profile
 from moekit.profile.collect import collect_profile_layerwise
+from moekit.score.criteria import check_set_weights
 from moekit.summary import summarize
 
 SEARCHES = ("auto", "exhaustive", "greedy", "beam")
@@ -58,14 +63,15 @@ class LayerSearchResult:
 
 def collect_block_inputs(model: nn.Module, view: MoEModelView, sets: Sequence[CalibrationSet], max_tokens: int,
                          batch_size: int = 8, masks: dict[int, torch.Tensor] | None = None,
-                         layers: Iterable[int] | None = None) -> dict[int, torch.Tensor]:
-    """Hidden states entering each MoE block on up to ``max_tokens`` real calibration tokens: ``{layer: [T, H]}``.
+                         layers: Iterable[int] | None = None,
+                         weights: dict[str, float] | None = None) -> dict[int, torch.Tensor]:
+    """Hidden states entering each MoE block on ``max_tokens`` real calibration tokens split over the sets by
+    ``weights`` (``token_budgets``): ``{layer: [T, H]}``.
 
     ``masks`` routes earlier layers with experts masked (progressive mode)."""
     wanted = set(layers) if layers is not None else {layer.index for layer in view.layers}
     device = model.get_input_embeddings().weight.device
     inputs: dict[int, list[torch.Tensor]] = {i: [] for i in wanted}
-    valid: list[torch.Tensor] = []
     handles = []
     for layer in view.layers:
         if layer.index in wanted:
@@ -73,16 +79,15 @@ def collect_block_inputs(model: nn.Module, view: MoEModelView, sets: Sequence[Ca
                 hidden = args[0]
                 inputs[index].append(hidden.reshape(-1, hidden.shape[-1]).detach())
             handles.append(layer.block.register_forward_pre_hook(hook))
+    batches, selection = _naee_batches(sets, token_budgets(sets, max_tokens, weights), batch_size)
     try:
         with routing_override(view, masks or {}), torch.inference_mode():
-            for ids, mask in _naee_batches(sets, max_tokens, batch_size):
+            for ids, _ in batches:
                 model(input_ids=ids.to(device), use_cache=False)
-                valid.append(mask.reshape(-1).bool())
     finally:
         for handle in handles:
             handle.remove()
-    keep = torch.cat(valid)
-    return {i: torch.cat(chunks)[keep.to(chunks[0].device)][:max_tokens] for i, chunks in inputs.items()}
+    return {i: torch.cat(chunks)[selection.to(chunks[0].device)] for i, chunks in inputs.items()}
 
 
 def _block_output(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -112,15 +117,25 @@ def _allowed(dropped: tuple[int, ...], groups: int, size: int, quota: int) -> bo
     return all(count <= quota for count in per)
 
 
+def block_outputs(layer: MoELayer, inputs: torch.Tensor) -> torch.Tensor:
+    """The unpruned block's output on ``inputs`` (``[T, H]``), in chunks."""
+    with torch.inference_mode():
+        return torch.cat([_block_output(layer.block, inputs[s:s + 4096]) for s in range(0, len(inputs), 4096)])
+
+
 def search_layer(view: MoEModelView, layer: MoELayer, inputs: torch.Tensor, remove: int, *, search: str = "auto",
                  protected: Iterable[int] = (), groups: int = 1, exhaustive_limit: int = 5000,
-                 beam_width: int = 4) -> LayerSearchResult:
-    """Choose ``remove`` experts of ``layer`` to drop, minimising the reconstruction loss on ``inputs``."""
+                 beam_width: int = 4, reference: torch.Tensor | None = None) -> LayerSearchResult:
+    """Choose ``remove`` experts of ``layer`` to drop, minimising the reconstruction loss on ``inputs`` against
+    ``reference`` (default: the unpruned block's output on ``inputs``; progressive mode passes the original
+    model's block output on the original inputs)."""
     if search not in SEARCHES:
         raise ValueError(f"unknown NAEE search {search!r}; valid: {', '.join(SEARCHES)}")
     num_experts = layer.num_experts
-    with torch.inference_mode():
-        reference = torch.cat([_block_output(layer.block, inputs[s:s + 4096]) for s in range(0, len(inputs), 4096)])
+    if reference is None:
+        reference = block_outputs(layer, inputs)
+    if reference.shape != inputs.shape:
+        raise ValueError(f"NAEE reference {list(reference.shape)} does not match the inputs {list(inputs.shape)}")
     candidates = [e for e in range(num_experts) if e not in set(protected)]
     size, quota = num_experts // groups, remove // groups
     evaluated = 0
@@ -160,19 +175,39 @@ def check_search_options(search: str, max_tokens: int, batch_size: int, beam_wid
                             + (" (calibration tokens per layer in NAEE's loss)" if what == "--naee-tokens" else ""))
 
 
-def _naee_batches(sets: Sequence[CalibrationSet], max_tokens: int,
-                  batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(input_ids, attention_mask) of the batches whose block inputs NAEE uses: in order, until ``max_tokens`` real
-    tokens are taken (the last batch may go past; the surplus is cut)."""
-    chosen, taken = [], 0
-    for cset in sets:
+def token_budgets(sets: Sequence[CalibrationSet], max_tokens: int,
+                  weights: dict[str, float] | None = None) -> list[int]:
+    """How many of ``max_tokens`` each set gives NAEE: split by the sets' weights (equal when None), rounded down,
+    the remainder to the heaviest sets first; never more than a set has."""
+    w = [float((weights or {}).get(s.name, 0.0 if weights else 1.0)) for s in sets]
+    total = sum(w)
+    if total <= 0:
+        raise PlanError("NAEE's set weights are all zero: give at least one calibration set a positive weight")
+    budgets = [int(max_tokens * x / total) for x in w]
+    for i in sorted(range(len(sets)), key=lambda i: -w[i])[: max_tokens - sum(budgets)]:
+        if w[i] > 0:
+            budgets[i] += 1
+    return [min(b, s.num_tokens) for b, s in zip(budgets, sets, strict=True)]
+
+
+def _naee_batches(sets: Sequence[CalibrationSet], budgets: Sequence[int],
+                  batch_size: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """The batches NAEE runs -- each set's, in order, until its budget of real tokens is reached -- and the
+    ``[tokens]`` bool selection of the real tokens used (each set's first ``budget``), over the batches' tokens
+    in order."""
+    chosen, selection = [], []
+    for cset, budget in zip(sets, budgets, strict=True):
+        taken = 0
         for first in range(0, cset.num_sequences, batch_size):
-            if taken >= max_tokens:
+            if taken >= budget:
                 break
             mask = cset.attention_mask[first:first + batch_size]
             chosen.append((cset.input_ids[first:first + batch_size], mask))
-            taken += int(mask.sum())
-    return chosen
+            valid = mask.reshape(-1).bool()
+            keep = valid & (torch.cumsum(valid.long(), 0) + taken <= budget)
+            selection.append(keep)
+            taken += int(valid.sum())
+    return chosen, torch.cat(selection) if selection else torch.zeros(0, dtype=torch.bool)
 
 
 class _Search:
@@ -190,12 +225,19 @@ class _Search:
         self.keep: KeepMap = {}
         self.details: dict[int, list[dict[str, Any]]] = {}
         self.searches: list[dict[str, Any]] = []
+        self.tokens_per_set: dict[str, int] = {}
+        self.weights = check_set_weights(request.set_weights, profile.set_names) if request.set_weights else None
 
-    def decide(self, layer: MoELayer, inputs: torch.Tensor) -> None:
+    def budgets(self, sets: Sequence[CalibrationSet], max_tokens: int) -> list[int]:
+        budgets = token_budgets(sets, max_tokens, self.weights)
+        self.tokens_per_set = {s.name: b for s, b in zip(sets, budgets, strict=True)}
+        return budgets
+
+    def decide(self, layer: MoELayer, inputs: torch.Tensor, reference: torch.Tensor | None = None) -> None:
         reasons = {e: why for (i, e), why in self.protected.items() if i == layer.index}
         result = search_layer(self.view, layer, inputs, self.view.num_experts - self.kept, search=self.search,
                               protected=reasons, groups=self.groups, exhaustive_limit=self.exhaustive_limit,
-                              beam_width=self.beam_width)
+                              beam_width=self.beam_width, reference=reference)
         self.keep[layer.index] = result.kept
         mask = torch.zeros(layer.num_experts, dtype=torch.bool, device=layer.router_weight.device)
         mask[result.kept] = True
@@ -211,6 +253,10 @@ class _Search:
         validate_keep(self.view, self.keep, allow_regroup=self.request.allow_regroup)
         record = plan_details(self.profile, self.request, self.kept, self.supers, None, __doc__.split("\n\n")[0])
         record["naee"] = {"search": self.search, "progressive": progressive, "max_tokens": max_tokens,
+                          "tokens_per_set": self.tokens_per_set,
+                          "objective": "pruned block on the inputs after the earlier layers were pruned vs the "
+                          "original block on the original inputs" if progressive else
+                          "pruned vs unpruned block on the original inputs",
                           "exhaustive_limit": self.exhaustive_limit, "beam_width": self.beam_width,
                           "layers": self.searches, "score": "reconstruction loss when the expert alone is removed",
                           **extra}
@@ -230,11 +276,15 @@ def make_naee_plan(model: nn.Module, sets: Sequence[CalibrationSet], request: Pl
     view = MoEModelView.from_model(model)
     profile = collect_profile(model, sets, batch_size, progress=progress)
     searcher = _Search(view, profile, request, search, exhaustive_limit, beam_width)
-    inputs = {} if progressive else collect_block_inputs(model, view, sets, max_tokens, batch_size)
+    searcher.budgets(sets, max_tokens)
+    original = collect_block_inputs(model, view, sets, max_tokens, batch_size, weights=searcher.weights)
     for layer in tqdm(view.layers, desc="NAEE search", unit="layer", disable=not progress):
-        if progressive:
-            inputs = collect_block_inputs(model, view, sets, max_tokens, batch_size, searcher.decided, [layer.index])
-        searcher.decide(layer, inputs[layer.index])
+        if progressive:  # the drifted inputs, against the original block on the original inputs
+            drifted = collect_block_inputs(model, view, sets, max_tokens, batch_size, searcher.decided, [layer.index],
+                                           weights=searcher.weights)[layer.index]
+            searcher.decide(layer, drifted, block_outputs(layer, original.pop(layer.index)))
+        else:
+            searcher.decide(layer, original.pop(layer.index))
     return searcher.record(progressive, max_tokens, source)
 
 
@@ -242,9 +292,9 @@ class _BlockReached(Exception):
     """Raised by the hook that recorded a block's input: the rest of the layer need not run."""
 
 
-def _layer_block_inputs(run: LayerwiseModel, index: int, layer: MoELayer, batches: int) -> torch.Tensor:
-    """``[T, H]``: what enters the MoE block of loaded decoder layer ``index``, every batch in turn (each stops at
-    the block)."""
+def _layer_block_inputs(run: LayerwiseModel, index: int, layer: MoELayer, batches: Sequence[int]) -> torch.Tensor:
+    """``[T, H]``: what enters the MoE block of loaded decoder layer ``index``, for ``batches`` in turn (each stops
+    at the block)."""
     chunks: list[torch.Tensor] = []
 
     def record(_module: nn.Module, args: tuple) -> None:
@@ -253,7 +303,7 @@ def _layer_block_inputs(run: LayerwiseModel, index: int, layer: MoELayer, batche
 
     handle = layer.block.register_forward_pre_hook(record)
     try:
-        for b in range(batches):
+        for b in batches:
             with contextlib.suppress(_BlockReached):
                 run.forward(index, b, keep=False)
     finally:
@@ -269,27 +319,40 @@ def make_naee_plan_layerwise(run: LayerwiseModel, sets: Sequence[CalibrationSet]
 
     Two passes over the layers: the profile (``collect_profile_layerwise``), then, per decoder layer, NAEE's
     batches through it -- an MoE layer first runs up to its block to record the block's inputs, is searched
-    while its weights are loaded, then runs whole (with its experts masked in progressive mode) to give the next
-    layer its inputs."""
+    while its weights are loaded, then runs whole to give the next layer its inputs. In progressive mode two
+    streams of hidden states go through the layers: the original model's (for the reference outputs) and the
+    pruned one's (earlier layers' experts masked: the inputs the candidates run on)."""
     check_search_options(search, max_tokens, batch_size, beam_width)
     view = run.view
     profile = collect_profile_layerwise(run, sets, batch_size, progress=progress, source=source)
     searcher = _Search(view, profile, request, search, exhaustive_limit, beam_width)
-    batches = _naee_batches(sets, max_tokens, batch_size)
-    valid = torch.cat([mask.reshape(-1).bool() for _, mask in batches])
+    batches, selection = _naee_batches(sets, searcher.budgets(sets, max_tokens), batch_size)
+    original = list(range(len(batches)))
+    drifted = list(range(len(batches), 2 * len(batches))) if progressive else original
     moe_layers = {layer.index: layer for layer in view.layers}
-    run.embed([ids for ids, _ in batches])
+    run.embed([ids for ids, _ in batches] * (2 if progressive else 1))
     with torch.inference_mode():
         for index in tqdm(run.layer_indices, desc="NAEE search", unit="layer", disable=not progress):
             with run.loaded(index):
                 layer = moe_layers.get(index)
                 if layer is not None:
-                    with routing_override(view, searcher.decided if progressive else {}):
-                        inputs = _layer_block_inputs(run, index, layer, len(batches))
-                    searcher.decide(layer, inputs[valid.to(inputs.device)][:max_tokens])
+                    with routing_override(view, {}):
+                        inputs = _layer_block_inputs(run, index, layer, original)
+                    inputs = inputs[selection.to(inputs.device)]
+                    if progressive:
+                        reference = block_outputs(layer, inputs)
+                        with routing_override(view, searcher.decided):
+                            inputs = _layer_block_inputs(run, index, layer, drifted)
+                        searcher.decide(layer, inputs[selection.to(inputs.device)], reference)
+                        del reference
+                    else:
+                        searcher.decide(layer, inputs)
                     del inputs
-                # the next layer's inputs: with this layer's experts masked too in progressive mode
-                with routing_override(view, searcher.decided if progressive else {}):
-                    for b in range(len(batches)):
+                with routing_override(view, {}):  # the original stream
+                    for b in original:
                         run.forward(index, b)
+                if progressive:  # the pruned stream: this layer's experts masked now too
+                    with routing_override(view, searcher.decided):
+                        for b in drifted:
+                            run.forward(index, b)
     return searcher.record(progressive, max_tokens, source, layer_by_layer=True)
