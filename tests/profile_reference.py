@@ -75,9 +75,13 @@ def reference_profile(model, input_ids: torch.Tensor, attention_mask: torch.Tens
             if not valid[t]:
                 continue
             tokens += 1
-            p = torch.softmax(logits[t].double(), dim=-1)
+            if layer.routing.kind in ("sigmoid_topk", "topk_sigmoid"):  # the family's own scores
+                p = torch.sigmoid(logits[t].double())
+                q = p / p.sum()
+            else:
+                p = q = torch.softmax(logits[t].double(), dim=-1)
             stats["router_prob_sum"] += p
-            entropy += float(-(p * p.log()).sum())
+            entropy += float(-(q * q.log()).sum())
             routed = torch.zeros(hidden.shape[-1], dtype=torch.float64)
             pairs = []
             with torch.no_grad():

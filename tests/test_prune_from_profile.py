@@ -183,3 +183,30 @@ def test_naee_uses_every_named_set_by_its_weight_from_the_command_line(tiny_chec
         {"a": 50, "b": 150}
     bad = run(*args, "--set-weights", "c=1", "--out", tmp_path / "bad.json")
     assert bad.exit_code == 2 and "'c'" in bad.stderr
+
+
+def test_router_mass_uses_the_familys_sigmoid_scores_and_refuses_old_profiles() -> None:
+    """DeepSeek-V3 scores experts with sigmoid(z): router_mass sums those, not softmax(z); a profile without the
+    record of which probabilities it summed (moekit before the fix) is refused for router_mass on such a model."""
+    from moekit.edit.keep import PlanError
+    from moekit.plan import make_prune_plan
+    from moekit.tiny import build_tiny_model
+
+    model = build_tiny_model("deepseek_v3")
+    view = MoEModelView.from_model(model)
+    ids = random_ids(4, 2, 16)
+    profile = collect_profile(model, [CalibrationSet("d", ids, torch.ones_like(ids))], progress=False)
+    layer = view.layers[0]
+    hidden = {}
+    handle = layer.router.register_forward_pre_hook(lambda m, a: hidden.__setitem__("x", a[0].reshape(-1, 64)))
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    expected = torch.sigmoid(layer.router_logits(hidden["x"]).double()).sum(0)
+    torch.testing.assert_close(profile.stat(layer.index, "router_prob_sum"), expected, rtol=1e-5, atol=1e-5)
+    assert profile.meta["router_probabilities"][str(layer.index)] == "sigmoid"
+    make_prune_plan(view, profile, PlanRequest("router_mass", keep=4, protect_super=False))
+    del profile.meta["router_probabilities"]
+    with pytest.raises(PlanError, match="profile the model again"):
+        make_prune_plan(view, profile, PlanRequest("router_mass", keep=4, protect_super=False))
+    make_prune_plan(view, profile, PlanRequest("reap", keep=4, protect_super=False))  # other criteria still work

@@ -193,6 +193,15 @@ def topk_sigmoid(spec: RoutingSpec, logits: torch.Tensor, bias: torch.Tensor | N
     return index, _scale(spec, weights)
 
 
+SIGMOID_KINDS = ("sigmoid_topk", "topk_sigmoid")
+
+
+def router_scoring(spec: RoutingSpec) -> str:
+    """How the family turns logits into its router probabilities: ``sigmoid`` (each expert's score on its own:
+    DeepSeek-V3, GLM-4-MoE, Llama-4, ...) or ``softmax`` (every other kind)."""
+    return "sigmoid" if spec.kind in SIGMOID_KINDS else "softmax"
+
+
 def compute_router_logits(spec: RoutingSpec, hidden: torch.Tensor, weight: torch.Tensor,
                           bias: torch.Tensor | None = None) -> torch.Tensor:
     """Router logits ``[T, E]`` the way the family computes them (dtype included)."""

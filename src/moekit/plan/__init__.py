@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from moekit.arch.routing import router_scoring
 from moekit.arch.view import MoEModelView
 from moekit.edit.card import prune_plan_record
 from moekit.edit.keep import KeepMap, PlanError, parse_keep, validate_keep
@@ -150,11 +151,24 @@ def plan_details(profile: Profile, request: PlanRequest, kept: int, supers: set[
     }
 
 
+def check_router_probabilities(view: MoEModelView, profile: Profile, method: str) -> None:
+    """``router_mass`` needs the family's own router probabilities; profiles written before moekit recorded them
+    (no ``router_probabilities`` in profile.json) summed softmax probabilities even for sigmoid-scored routers."""
+    if method != "router_mass" or "router_probabilities" in profile.meta:
+        return
+    sigmoid = [layer.index for layer in view.layers if router_scoring(layer.routing) == "sigmoid"]
+    if sigmoid:
+        raise PlanError(f"this profile was written by an older moekit, which summed softmax probabilities for "
+                        f"{view.model_type}'s sigmoid-scored router; router_mass needs the sigmoid scores: profile "
+                        "the model again (the other criteria can use this profile)")
+
+
 def make_prune_plan(view: MoEModelView, profile: Profile, request: PlanRequest,
                     profile_path: str | None = None, source: str | None = None) -> dict[str, Any]:
     """A complete, deterministic plan record (``moekit_plan.json``) for ``request`` on ``view``'s model."""
     profile.check_model(view)
     criterion = CRITERIA.get(request.method)
+    check_router_probabilities(view, profile, request.method)
     kept = kept_count(view.num_experts, request)
     supers, protected = protections(view, profile, request)
     groups = routing_groups(view, kept, request.allow_regroup)

@@ -29,6 +29,7 @@ from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 
 from moekit.arch.experts import DbrxLayout, StackedLayout
+from moekit.arch.routing import router_scoring
 from moekit.arch.view import MoELayer, MoEModelView
 from moekit.profile.stats import LayerStats, PairStats
 
@@ -70,6 +71,7 @@ class LayerCapture:
     def __init__(self, layer: MoELayer, state: CaptureState, num_sets: int, neuron_stats: bool) -> None:
         self.layer, self.state, self.neuron_stats = layer, state, neuron_stats
         self.stats = LayerStats(num_sets, layer.num_experts, layer.intermediate_size, neuron_stats)
+        self.scoring = router_scoring(layer.routing)
         self.residuals: dict[int, torch.Tensor] = {}  # norm output storage pointer -> norm input
         self.easy_ep_input = "not run"
 
@@ -77,7 +79,7 @@ class LayerCapture:
         hidden = args[0] if args else kwargs["hidden_states"]
         hidden = hidden.reshape(-1, hidden.shape[-1])
         valid = self.state.valid(hidden.device, hidden.shape[0])
-        self.stats.add_router(self.state.set_index, self.layer.router_logits(hidden), valid)
+        self.stats.add_router(self.state.set_index, self.layer.router_logits(hidden), valid, self.scoring)
 
     def on_norm(self, _module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if isinstance(output, torch.Tensor) and args and isinstance(args[0], torch.Tensor):

@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from moekit.arch.routing import router_scoring
 from moekit.arch.view import MoEModelView
 from moekit.errors import UserError
 from moekit.outputs import check_output, writing_directory
@@ -286,6 +287,10 @@ def merge_profiles(first: Profile, second: Profile) -> Profile:
     if chunks[0] != chunks[1]:
         raise ProfileError(f"these profiles measured chunk sparsity over other chunk sizes ({chunks[0]} and "
                            f"{chunks[1]}); profile both with the same moekit")
+    if first.meta.get("router_probabilities") != second.meta.get("router_probabilities"):
+        raise ProfileError("these profiles summed different router probabilities (one was written by an older "
+                           "moekit, which took softmax probabilities for every router); profile both with the same "
+                           "moekit")
     for set_name in first.set_names:
         if set_name in second.set_names:
             _refuse_same_draws(set_name, first.meta["sets"][first.set_index(set_name)],
@@ -384,5 +389,6 @@ def new_meta(view: MoEModelView, source: str, sets: list[dict[str, Any]], option
         "sets": sets,
         "options": {**options, "chunk_sizes": list(CHUNK_SIZES)},
         "easy_ep_input": {str(k): v for k, v in easy_ep_input.items()},
+        "router_probabilities": {str(layer.index): router_scoring(layer.routing) for layer in view.layers},
         "versions": versions,
     }

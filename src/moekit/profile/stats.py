@@ -5,6 +5,10 @@ selected experts S_t, final gate weight g_{t,j}, p_t = softmax(z_t), expert outp
 f_j(x_t) [H] (the down-projection output, biases and post-expert norm included), intermediate
 activation a_{j,t} = act(W_gate x_t) * (W_up x_t) [I] (what enters the down projection).
 
+p_{t,j} is the family's own router probability: softmax(z_t)_j, or sigmoid(z_{t,j}) for sigmoid-scored
+routers (DeepSeek-V3, GLM-4-MoE, Llama-4; ``moekit.arch.routing.router_scoring``), whose scores do not
+sum to 1 (the entropy is taken of them normalised).
+
 Every statistic is a sum or a maximum over tokens, so profiles of disjoint data merge exactly
 (sums add, maxima take the max) and data-parallel ranks all-reduce them. Sums are float64,
 maxima float32. Leading dim: the named set.
@@ -16,7 +20,7 @@ tokens                     [S]         number of tokens
 count                      [S,E]       |X_j|, tokens routed to expert j
 gate_sum                   [S,E]       sum_t g_{t,j}
 router_prob_sum            [S,E]       sum_t p_{t,j} (over all tokens, selected or not)
-router_entropy_sum         [S]         sum_t H(p_t) (natural log)
+router_entropy_sum         [S]         sum_t H(p_t / sum_j p_{t,j}) (natural log)
 norm_sum                   [S,E]       sum_{t in X_j} ||f_j(x_t)||
 gated_norm_sum             [S,E]       sum_{t in X_j} g_{t,j} ||f_j(x_t)||
 norm_max                   [S,E]       max_{t in X_j} ||f_j(x_t)||
@@ -100,12 +104,21 @@ class LayerStats:
             self._allocate(device)
         return self.tensors
 
-    def add_router(self, set_index: int, logits: torch.Tensor, valid: torch.Tensor) -> None:
-        """Router statistics of ``logits [T, E]``; ``valid [T]`` is 1 for real tokens, 0 for padding."""
+    def add_router(self, set_index: int, logits: torch.Tensor, valid: torch.Tensor,
+                   scoring: str = "softmax") -> None:
+        """Router statistics of ``logits [T, E]``; ``valid [T]`` is 1 for real tokens, 0 for padding; ``scoring``
+        the family's probabilities (``softmax`` or ``sigmoid``)."""
         acc = self._get(logits.device)
-        log_p = torch.log_softmax(logits.float(), dim=-1)
+        if scoring == "sigmoid":
+            scores = torch.sigmoid(logits.float())
+            acc["router_prob_sum"][set_index] += (scores * valid[:, None]).sum(0, dtype=torch.float64)
+            log_p = torch.log(scores) - torch.log(scores.sum(-1, keepdim=True))
+        elif scoring == "softmax":
+            log_p = torch.log_softmax(logits.float(), dim=-1)
+            acc["router_prob_sum"][set_index] += (log_p.exp() * valid[:, None]).sum(0, dtype=torch.float64)
+        else:
+            raise ValueError(f"unknown router scoring {scoring!r}")
         p = log_p.exp() * valid[:, None]
-        acc["router_prob_sum"][set_index] += p.sum(0, dtype=torch.float64)
         entropy = -(p * log_p.nan_to_num(neginf=0.0)).sum(-1)
         acc["router_entropy_sum"][set_index] += entropy.sum(dtype=torch.float64)
 

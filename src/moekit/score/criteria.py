@@ -60,20 +60,24 @@ def frequency(stats: ExpertStats) -> torch.Tensor:
 
 @CRITERIA.register("router_mass")
 def router_mass(stats: ExpertStats) -> torch.Tensor:
-    """sum_t p_{t,j}: soft frequency, the router's probability mass over all tokens, selected or not.
-    PreMoe's task-conditioned selection score is a variant of it (mean top-1 raw logit)."""
+    """sum_t p_{t,j}: soft frequency, the router's probability mass over all tokens, selected or not, with the
+    family's own probabilities (softmax, or each expert's sigmoid score for sigmoid-scored routers such as
+    DeepSeek-V3's and GLM-4-MoE's). PreMoe's task-conditioned selection score is a variant of it (mean top-1
+    raw logit)."""
     return stats.router_prob_sum.double()
 
 
 @CRITERIA.register("ean_sum")
 def ean_sum(stats: ExpertStats) -> torch.Tensor:
-    """sum_{t in X_j} ||f_j(x_t)||_2: expert activation norm, summed (EAN baseline in REAP)."""
+    """sum_{t in X_j} ||f_j(x_t)||_2: expert activation norm summed over the tokens routed to j -- the EAN
+    baseline REAP compares against (a sum, so it also grows with how often j is used)."""
     return stats.norm_sum.double()
 
 
 @CRITERIA.register("ean_mean")
 def ean_mean(stats: ExpertStats) -> torch.Tensor:
-    """(1/|X_j|) sum_{t in X_j} ||f_j(x_t)||_2: mean expert activation norm (REAP's EAN baseline); 0 if unused."""
+    """(1/|X_j|) sum_{t in X_j} ||f_j(x_t)||_2: EAN per routed token, 0 if unused. Not REAP's EAN (that is
+    ``ean_sum``): moekit's variant that separates output size from usage, as REAP does with the gate."""
     return _mean(stats.norm_sum.double(), stats.count.double())
 
 
