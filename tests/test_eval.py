@@ -296,7 +296,8 @@ def test_evaluate_loads_a_model_directory(tmp_path, tiny, tok):
     spec = TaskSpec(name="t", kind="perplexity", data_path=write_jsonl(tmp_path / "t.jsonl", [{"x": "hello"}]),
                     text="{x}")
     result = evaluate(str(tmp_path / "m"), tasks=[spec], progress=False)
-    assert result["model"]["max_length"] == 256 and result["tasks"]["t"]["counts"]["texts"] == 1
+    assert result["model"]["max_length"] == tiny.config.max_position_embeddings  # the window from the config
+    assert result["tasks"]["t"]["counts"]["texts"] == 1
 
 
 def bad_spec(tmp_path: Path, text: str) -> str:
@@ -346,7 +347,7 @@ def test_bad_inputs_give_clear_errors(tmp_path, tiny, tok):
     with pytest.raises(EvalError, match="stride must be between 1 and the window"):
         perplexity(tiny, tok, ["hello"], max_length=4, stride=5, progress=False)
     with pytest.raises(EvalError, match="leaves no room for the prompt"):
-        generation_samples(tiny, tok, ["hi"], max_new_tokens=256, progress=False)
+        generation_samples(tiny, tok, ["hi"], max_new_tokens=tiny.config.max_position_embeddings, progress=False)
     assert issubclass(EvalError, ValueError)
 
 

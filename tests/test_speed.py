@@ -20,7 +20,7 @@ from moekit.eval.errors import EvalError
 from moekit.eval.speed import build_prompt_ids, checkpoint_bytes, format_speed_table, measure_footprint_and_speed
 from moekit.model_io import load_model
 from moekit.summary import summarize
-from moekit.tiny import save_tiny_model
+from moekit.tiny import TINY_CONTEXT, save_tiny_model
 
 KEEP = {0: [0, 1, 2, 3], 1: [0, 1, 2, 3], 2: [0, 1, 2, 3]}
 SMALL = dict(batch_size=2, prompt_tokens=12, new_tokens=3, repeats=2)
@@ -149,7 +149,7 @@ def test_text_prompts_run(pair):
     (dict(repeats=0), "repeats must be"),
     (dict(warmup=-1), "warmup must be"),
     (dict(batch_size=1.5), "batch_size must be a whole number"),
-    (dict(prompt_tokens=250, new_tokens=10), "max_position_embeddings"),
+    (dict(prompt_tokens=TINY_CONTEXT - 5, new_tokens=10), "max_position_embeddings"),
     (dict(prompts="one string"), "not one string"),
     (dict(prompts=[]), "prompts is empty"),
 ])

@@ -105,3 +105,13 @@ def test_cli_dense_upcycle_writes_a_stock_checkpoint(tmp_path) -> None:
     assert wrong.exit_code == 2 and "--experts" in wrong.stderr and not (tmp_path / "x").exists()
     mixed = runner.invoke(app, ["upcycle", str(tmp_path / "moe"), "--experts", "8", "--out", str(tmp_path / "y")])
     assert mixed.exit_code == 2 and "--factor" in mixed.stderr and not (tmp_path / "y").exists()
+
+
+def test_tiny_dense_models_to_try_upcycle_and_moefy_on(tmp_path) -> None:
+    result = runner.invoke(app, ["tiny-model", "llama", "--out", str(tmp_path / "dense")])
+    assert result.exit_code == 0 and "dense" in result.stdout, result.output
+    config = json.loads((tmp_path / "dense" / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["max_position_embeddings"] >= 8192  # 8-shot prompts fit
+    up = runner.invoke(app, ["upcycle", str(tmp_path / "dense"), "--experts", "4", "--out", str(tmp_path / "moe")])
+    assert up.exit_code == 0, up.output
+    assert json.loads((tmp_path / "moe" / "moekit_plan.json").read_text())["step0_max_logit_difference"] < 1e-4

@@ -1068,20 +1068,24 @@ def tiny_model(
     top_k: Annotated[int, typer.Option("--top-k", help="Experts per token.")] = 2,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
-    """Write a tiny random MoE model (hidden 64, 3 layers) of a stock family, for trying moekit.
+    """Write a tiny random MoE model (hidden 64, 3 layers, 8192 positions) of a stock family, for trying moekit.
+
+    llama and qwen3 give a tiny dense model instead (for moefy and upcycle; --experts and --top-k do not apply).
 
     Example: moekit tiny-model qwen3_moe --out ./tiny-qwen3-moe
     """
     from moekit.outputs import check_output, writing_directory
-    from moekit.tiny import TINY_FAMILIES, save_tiny_model
+    from moekit.tiny import TINY_DENSE_FAMILIES, TINY_FAMILIES, save_tiny_model
 
     _quiet_transformers()
-    if model_type not in TINY_FAMILIES:
-        raise UnknownNameError(f"no tiny config for {model_type!r}; choose one of: {', '.join(TINY_FAMILIES)}")
+    if model_type not in TINY_FAMILIES + TINY_DENSE_FAMILIES:
+        raise UnknownNameError(f"no tiny config for {model_type!r}; choose one of: "
+                               f"{', '.join(TINY_FAMILIES + TINY_DENSE_FAMILIES)}")
     path = check_output(out_dir, kind="checkpoint", offers_overwrite=False)
     with writing_directory(path, "checkpoint") as tmp:
         save_tiny_model(model_type, tmp, num_experts=experts, top_k=top_k, seed=seed)
-    _wrote(f"{out_dir} ({model_type}, {experts} experts, top-{top_k})")
+    dense = model_type in TINY_DENSE_FAMILIES
+    _wrote(f"{out_dir} ({model_type}, " + ("dense)" if dense else f"{experts} experts, top-{top_k})"))
 
 
 def _on_signal(signum: int, frame: Any) -> None:

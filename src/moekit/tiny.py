@@ -22,6 +22,9 @@ from moekit.arch.view import EXPERT_COUNT_KEYS, TOP_K_KEYS, MoEModelView
 
 # Three special tokens (pad 0, bos 1, eos 2) and the 256 bytes; a little room to spare.
 TINY_VOCAB_SIZE = 272
+# Positions: one token per byte, so 8-shot GSM8K and 5-shot MMLU prompts (a few thousand bytes) fit, and
+# ``moekit speed``'s defaults; rotary embeddings are computed on the fly, so this costs no memory.
+TINY_CONTEXT = 8192
 
 # Model types we build and test (names as in CONFIG_MAPPING).
 TINY_FAMILIES = (
@@ -30,12 +33,15 @@ TINY_FAMILIES = (
     "gpt_oss", "granitemoe", "granitemoeshared", "jamba", "llama4_text", "dbrx",
 )
 
+# Dense families, to try ``moekit moefy`` and ``moekit upcycle`` on (no experts).
+TINY_DENSE_FAMILIES = ("llama", "qwen3")
+
 # Families not in moekit's table that share a listed family's structure: recognised by probing.
 UNLISTED_TINY_FAMILIES = ("exaone_moe", "laguna", "nemotron_h")
 
 _COMMON: dict[str, Any] = dict(
     hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=16, vocab_size=TINY_VOCAB_SIZE, max_position_embeddings=256,
+    num_key_value_heads=2, head_dim=16, vocab_size=TINY_VOCAB_SIZE, max_position_embeddings=TINY_CONTEXT,
     shared_expert_intermediate_size=48, moe_shared_expert_intermediate_size=48, q_lora_rank=32, kv_lora_rank=16,
     qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, first_k_dense_replace=1, moe_layer_start_index=1,
     moe_layer_end_index=2, n_group=1, topk_group=1, expert_layer_period=2, expert_layer_offset=1,
@@ -59,7 +65,7 @@ def tiny_config(model_type: str, num_experts: int = 8, top_k: int = 2, **overrid
     """A stock config of ``model_type`` shrunk to a few thousand parameters."""
     if model_type == "dbrx":
         return CONFIG_MAPPING["dbrx"](
-            d_model=64, n_heads=4, n_layers=3, max_seq_len=256, vocab_size=TINY_VOCAB_SIZE, pad_token_id=0,
+            d_model=64, n_heads=4, n_layers=3, max_seq_len=TINY_CONTEXT, vocab_size=TINY_VOCAB_SIZE, pad_token_id=0,
             attn_config={"kv_n_heads": 2, "clip_qkv": 8.0, "rope_theta": 10000.0},
             ffn_config={"ffn_hidden_size": 96, "moe_num_experts": num_experts, "moe_top_k": top_k,
                         "hidden_size": 64},
@@ -93,11 +99,13 @@ def _spread_routers(model: PreTrainedModel, seed: int) -> None:
 
 def build_tiny_model(model_type: str, num_experts: int = 8, top_k: int = 2, seed: int = 0,
                      **overrides: Any) -> PreTrainedModel:
-    """A tiny random float32 model of ``model_type`` with spread-out routers, in eval mode."""
+    """A tiny random float32 model of ``model_type`` with spread-out routers (dense families: no routers), in eval
+    mode."""
     torch.manual_seed(seed)
     config = tiny_config(model_type, num_experts, top_k, **overrides)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    _spread_routers(model, seed)
+    if model_type not in TINY_DENSE_FAMILIES:
+        _spread_routers(model, seed)
     return model.eval()
 
 
@@ -113,7 +121,7 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tokenizer.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", model_max_length=256)
+                                   eos_token="</s>", model_max_length=TINY_CONTEXT)
 
 
 def save_tiny_model(model_type: str, out: str | Path, **kwargs: Any) -> Path:
