@@ -183,3 +183,13 @@ def test_different_vocabularies_raise(pair, tmp_path):
     tokenizer.save_pretrained(retok)
     with pytest.raises(EvalError, match="tokenizer mismatch: the tokenizers of models 'original' and 'retok'"):
         measure_footprint_and_speed({"original": pair["original"], "retok": retok}, **SMALL)
+
+
+def test_differences_inside_the_spread_of_the_runs_are_said_to_be_noise() -> None:
+    from moekit.eval.speed import within_noise
+
+    reference = {"prefill_seconds": [1.1, 1.3, 1.2], "decode_seconds": [2.0, 2.1]}
+    overlapping = {"prefill_seconds": [1.0, 1.15], "decode_seconds": [1.0, 1.2]}
+    assert within_noise(overlapping, reference) == {"prefill": True, "decode": False}
+    assert within_noise({"prefill_seconds": [], "decode_seconds": [3.0]}, reference) == {"prefill": None,
+                                                                                          "decode": False}

@@ -459,7 +459,18 @@ def measure_footprint_and_speed(
     reference = result["models"][names[0]]
     for name in names:
         result["models"][name]["ratios"] = _ratios(result["models"][name], reference)
+        result["models"][name]["within_noise"] = within_noise(result["models"][name], reference)
     return result
+
+
+def within_noise(entry: Mapping[str, Any], reference: Mapping[str, Any]) -> dict[str, bool | None]:
+    """Per phase (prefill, decode): whether the timed runs of ``entry`` and of ``reference`` overlap (the min .. max
+    of one reaches into the other's), so that their ratio says nothing; None without timings."""
+    out: dict[str, bool | None] = {}
+    for phase in ("prefill", "decode"):
+        a, b = entry.get(f"{phase}_seconds"), reference.get(f"{phase}_seconds")
+        out[phase] = None if not a or not b else bool(min(a) <= max(b) and min(b) <= max(a))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- table
@@ -471,6 +482,10 @@ def _mib(value: int | None) -> str:
 
 def _with_ratio(text: str, ratio: float | None, first: bool) -> str:
     return text if first or ratio is None else f"{text} ({ratio:.2f}x)"
+
+
+def _noise(entry: Mapping[str, Any], phase: str, first: bool) -> str:
+    return "" if first or not entry.get("within_noise", {}).get(phase) else " \\*"
 
 
 def format_speed_table(result: Mapping[str, Any]) -> str:
@@ -503,9 +518,20 @@ def format_speed_table(result: Mapping[str, Any]) -> str:
             cell("active_bytes", _mib(m["active_bytes"])),
             cell("checkpoint_bytes", _mib(m["checkpoint_bytes"])),
             cell("peak_memory_bytes", _mib(m["peak_memory_bytes"])),
-            cell("prefill_tokens_per_s", f"{m['prefill_tokens_per_s']:.1f}"),
-            cell("decode_tokens_per_s", f"{m['decode_tokens_per_s']:.1f}"),
+            cell("prefill_tokens_per_s", f"{m['prefill_tokens_per_s']:.1f}" + _noise(m, "prefill", first)),
+            cell("decode_tokens_per_s", f"{m['decode_tokens_per_s']:.1f}" + _noise(m, "decode", first)),
         ]) + " |")
+    lines += ["", "Timed runs, seconds (min .. max): " + "; ".join(
+        f"{name} prefill {min(m['prefill_seconds']):.4g} .. {max(m['prefill_seconds']):.4g}, decode "
+        f"{min(m['decode_seconds']):.4g} .. {max(m['decode_seconds']):.4g}"
+        for name, m in result["models"].items() if m.get("prefill_seconds") and m.get("decode_seconds"))]
+    lines += ["", "Models are measured one after the other (each loaded, warmed up, timed), not alternated: an effect of "
+              "the order (caches, clocks, other load) is not in these spreads. Measure the same model twice to see "
+              "its size on this machine."]
+    if any(m.get("within_noise", {}).get(p) for name, m in result["models"].items() if name != reference
+           for p in ("prefill", "decode")):
+        lines += ["", "\\* within the noise: the timed runs of that model and of the reference overlap, so the "
+                  "ratio does not show a difference (repeat with more --repeats, on an idle machine)."]
     if result.get("peak_memory_note"):
         lines += ["", f"Note: {result['peak_memory_note']}."]
     return "\n".join(lines) + "\n"
