@@ -525,9 +525,9 @@ def format_speed_table(result: Mapping[str, Any]) -> str:
         f"{name} prefill {min(m['prefill_seconds']):.4g} .. {max(m['prefill_seconds']):.4g}, decode "
         f"{min(m['decode_seconds']):.4g} .. {max(m['decode_seconds']):.4g}"
         for name, m in result["models"].items() if m.get("prefill_seconds") and m.get("decode_seconds"))]
-    lines += ["", "Models are measured one after the other (each loaded, warmed up, timed), not alternated: an effect of "
-              "the order (caches, clocks, other load) is not in these spreads. Measure the same model twice to see "
-              "its size on this machine."]
+    lines += ["", "Models are measured one after the other (each loaded, warmed up, timed), not alternated: an "
+              "effect of the order (caches, clocks, other load) is not in these spreads. Measure the same model "
+              "twice to see its size on this machine."]
     if any(m.get("within_noise", {}).get(p) for name, m in result["models"].items() if name != reference
            for p in ("prefill", "decode")):
         lines += ["", "\\* within the noise: the timed runs of that model and of the reference overlap, so the "
