@@ -224,3 +224,25 @@ def test_report_from_a_demo_layout(tmp_path: Path, pipeline: dict[str, Any]) -> 
     assert all(f'<section id="{s}">' in html for s in ("expert-load", "scores", "quality", "speed"))
     assert '<section id="samples">' not in html
     assert "| frequency | freq | 50% | 4.0000 | 20.0000 |" in md.read_text()
+
+
+def test_quality_points_carry_the_evaluations_standard_errors_into_the_figure() -> None:
+    import io
+
+    import matplotlib.image
+
+    from moekit.report.figures import quality_figure
+    from moekit.report.inputs import coerce_result, result_point
+
+    results = {"tasks": {"arc_easy": {"metrics": {"acc": 0.61}, "stderr": {"acc": 0.02}, "n": 500}},
+               "perplexity": {"code": {"ppl": 4.2}}}
+    point = result_point("reap 50%", "reap", 0.5, results)
+    assert point.metrics == {"arc_easy/acc": 0.61, "perplexity/code": 4.2}
+    assert point.stderr == {"arc_easy/acc": 0.02}
+    same = coerce_result({"label": "x", "method": "reap", "ratio": 0.25, "metrics": {"arc_easy/acc": 0.6},
+                          "stderr": {"arc_easy/acc": 0.021}})
+    assert same.stderr == {"arc_easy/acc": 0.021}
+    original = coerce_result({"label": "original", "ratio": 0.0, "metrics": {"arc_easy/acc": 0.6105}})
+    png = quality_figure([original, same, point])  # two methods, error bars, values 0.01 apart
+    image = matplotlib.image.imread(io.BytesIO(png))
+    assert image.shape[0] > 100 and image.shape[1] > 100

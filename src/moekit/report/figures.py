@@ -150,19 +150,41 @@ def quality_metrics(points: Sequence[ResultPoint]) -> list[str]:
     return list(order)
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+LINESTYLES = ("-", "--", "-.", ":")
+MIN_SPAN = 0.05  # of the values' magnitude: smaller differences do not fill the panel
+
+
 def quality_figure(points: Sequence[ResultPoint]) -> bytes:
-    """One panel per metric (at most ``MAX_METRIC_PANELS``): metric against ratio, one line per method."""
+    """One panel per metric (at most ``MAX_METRIC_PANELS``): metric against ratio, one line per method, each
+    point marked, error bars where the evaluation gave a standard error; methods get their own marker and line
+    style and a small sideways offset so that lines on top of each other stay visible; the y axis spans at
+    least ``MIN_SPAN`` of the values, so that tiny differences do not look steep."""
     metrics = quality_metrics(points)[:MAX_METRIC_PANELS]
     lines = method_lines(points)
     rows, cols = _grid(len(metrics), 3)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows + 0.4), squeeze=False)
     for ax in axes.flat[len(metrics):]:
         ax.set_visible(False)
+    offsets = {method: (i - (len(lines) - 1) / 2) * 0.6 for i, method in enumerate(lines)}
     for ax, metric in zip(axes.flat, metrics, strict=False):
-        for method, line in lines.items():
-            xy = [(p.ratio, p.metrics.get(metric)) for p in line if p.metrics.get(metric) is not None]
-            if xy:
-                ax.plot([100 * x for x, _ in xy], [y for _, y in xy], marker="o", label=method)
+        values: list[float] = []
+        for i, (method, line) in enumerate(lines.items()):
+            drawn = [p for p in line if p.metrics.get(metric) is not None]
+            if not drawn:
+                continue
+            xs = [100 * p.ratio + offsets[method] for p in drawn]
+            ys = [float(p.metrics[metric]) for p in drawn]  # type: ignore[arg-type]
+            errors = [p.stderr.get(metric) or 0.0 for p in drawn]
+            values += [y + e for y, e in zip(ys, errors, strict=True)] + \
+                [y - e for y, e in zip(ys, errors, strict=True)]
+            ax.errorbar(xs, ys, yerr=errors if any(errors) else None, marker=MARKERS[i % len(MARKERS)],
+                        linestyle=LINESTYLES[i % len(LINESTYLES)], capsize=2, markersize=4, label=method)
+        if values:
+            low, high = min(values), max(values)
+            span = max(high - low, MIN_SPAN * max(abs(low), abs(high), 1e-12))
+            middle = (low + high) / 2
+            ax.set_ylim(middle - 0.6 * span, middle + 0.6 * span)
         better = "lower is better" if lower_is_better(metric) else "higher is better"
         ax.set_title(f"{metric} ({better})", fontsize=9)
         ax.set_xlabel("experts removed (%)", fontsize=8)

@@ -33,6 +33,7 @@ class ResultPoint:
     method: str
     ratio: float
     metrics: dict[str, float | None] = field(default_factory=dict)
+    stderr: dict[str, float | None] = field(default_factory=dict)  # standard errors, where the evaluation gave them
 
 
 def read_json(path: str | Path, what: str) -> Any:
@@ -104,6 +105,15 @@ def flatten_eval_results(results: Any, where: str = "results") -> dict[str, floa
     return flat
 
 
+def flatten_eval_stderr(results: Mapping[str, Any]) -> dict[str, float | None]:
+    """``{"task/metric": standard error}`` from a ``moekit eval --json`` dict (tasks that report one)."""
+    flat: dict[str, float | None] = {}
+    for task, entry in (results.get("tasks") or {}).items():
+        for metric, value in ((entry or {}).get("stderr") or {}).items():
+            flat[f"{task}/{metric}"] = _number(value)
+    return flat
+
+
 def load_eval_results(path: str | Path) -> dict[str, Any]:
     """A ``moekit eval --json`` file, checked."""
     data = read_json(path, "results file")
@@ -114,7 +124,7 @@ def load_eval_results(path: str | Path) -> dict[str, Any]:
 def result_point(label: str, method: str, ratio: float, results: str | Path | Mapping[str, Any]) -> ResultPoint:
     """A ResultPoint from a ``moekit eval --json`` file or dict."""
     data = results if isinstance(results, Mapping) else load_eval_results(results)
-    return ResultPoint(label, method, float(ratio), flatten_eval_results(data, label))
+    return ResultPoint(label, method, float(ratio), flatten_eval_results(data, label), flatten_eval_stderr(data))
 
 
 def coerce_result(item: ResultPoint | Mapping[str, Any]) -> ResultPoint:
@@ -131,8 +141,12 @@ def coerce_result(item: ResultPoint | Mapping[str, Any]) -> ResultPoint:
         else:
             if not isinstance(item["metrics"], Mapping):
                 raise ReportError(f"result {item['label']!r}: metrics must be a mapping of name to number")
+            stderr = item.get("stderr") or {}
+            if not isinstance(stderr, Mapping):
+                raise ReportError(f"result {item['label']!r}: stderr must be a mapping of metric name to number")
             point = ResultPoint(str(item["label"]), str(item.get("method") or ORIGINAL_METHOD), float(item["ratio"]),
-                                {str(k): _number(v) for k, v in item["metrics"].items()})
+                                {str(k): _number(v) for k, v in item["metrics"].items()},
+                                {str(k): _number(v) for k, v in stderr.items()})
     else:
         raise ReportError(f"a result must be a ResultPoint or a dict, not {type(item).__name__}")
     if not 0.0 <= point.ratio <= 1.0:
