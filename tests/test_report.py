@@ -246,3 +246,33 @@ def test_quality_points_carry_the_evaluations_standard_errors_into_the_figure() 
     png = quality_figure([original, same, point])  # two methods, error bars, values 0.01 apart
     image = matplotlib.image.imread(io.BytesIO(png))
     assert image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_compare_writes_markdown_csv_and_json(tmp_path: Path) -> None:
+    import csv
+
+    from typer.testing import CliRunner
+
+    from moekit.cli import app
+
+    runner = CliRunner()
+    a = _eval_json(tmp_path / "base.json", {"arc_easy": {"acc": 0.6125}}, {"code": 4.25})
+    b = _eval_json(tmp_path / "reap.json", {"arc_easy": {"acc": 0.5}}, {"code": 6.5, "german": 12.0})
+    as_json = runner.invoke(app, ["compare", str(a), str(b), "--format", "json"])
+    assert as_json.exit_code == 0, as_json.output
+    data = json.loads(as_json.stdout)
+    assert data == {"runs": ["base", "reap"], "metrics": {"arc_easy/acc": {"base": 0.6125, "reap": 0.5},
+                                                           "perplexity/code": {"base": 4.25, "reap": 6.5},
+                                                           "perplexity/german": {"base": None, "reap": 12.0}}}
+    written = runner.invoke(app, ["compare", str(a), str(b), "--format", "csv", "--out", str(tmp_path / "c.csv")])
+    assert written.exit_code == 0, written.output
+    rows = list(csv.reader((tmp_path / "c.csv").read_text().splitlines()))
+    assert rows[0] == ["metric", "base", "reap"] and ["perplexity/german", "", "12.0"] in rows
+    markdown = runner.invoke(app, ["compare", str(a), str(b), "--format", "markdown"])
+    assert "| arc_easy/acc | 0.6125 | 0.5000 |" in markdown.stdout
+    again = runner.invoke(app, ["compare", str(a), str(b), "--format", "csv", "--out", str(tmp_path / "c.csv")])
+    assert again.exit_code == 2 and "--overwrite" in again.stderr  # nothing of the user's replaced silently
+    onto_input = runner.invoke(app, ["compare", str(a), "--format", "json", "--out", str(a), "--overwrite"])
+    assert onto_input.exit_code == 2 and json.loads(a.read_text())["tasks"]  # an input is never overwritten
+    table_to_file = runner.invoke(app, ["compare", str(a), "--out", str(tmp_path / "t.txt")])
+    assert table_to_file.exit_code == 2 and "--format" in table_to_file.stderr

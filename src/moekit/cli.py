@@ -881,24 +881,61 @@ def report(
     _wrote(f"{md} and {html}")
 
 
+COMPARE_FORMATS = ("table", "markdown", "csv", "json")
+
+
 @app.command()
 def compare(
     results: Annotated[list[Path], typer.Argument(help="Result files written by moekit eval --json.")],
+    output_format: Annotated[str, typer.Option(
+        "--format", help="table (on the terminal), markdown, csv or json.")] = "table",
+    out_file: Annotated[Path | None, typer.Option(
+        "--out", help="Write to this file instead of printing (markdown, csv or json).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the --out file if it exists.")] = False,
 ) -> None:
     """One table across several evaluation runs (a column per run, a row per task metric or perplexity).
 
-    Example: moekit compare original.json reap50.json frequency50.json
+    Example: moekit compare original.json reap50.json frequency50.json --format markdown --out compare.md
     """
-    from moekit.report import compare_results
+    import csv
+    import io
 
+    from moekit.errors import UserError
+    from moekit.outputs import check_output, write_text_file
+    from moekit.report import compare_results, format_compare_table
+
+    if output_format not in COMPARE_FORMATS:
+        raise UserError(f"--format {output_format!r}: choose one of {', '.join(COMPARE_FORMATS)}")
+    if out_file is not None and output_format == "table":
+        raise UserError("--out writes markdown, csv or json: add --format markdown (or csv, json)")
+    if out_file is not None:
+        check_output(out_file, kind="file", overwrite=overwrite, inputs=results)
     columns, rows = compare_results(results)
-    table = Table()
-    table.add_column("metric")
-    for column in columns:
-        table.add_column(column, justify="right")
-    for metric, values in rows:
-        table.add_row(metric, *("-" if v is None else f"{v:.4f}" for v in values))
-    out.print(table)
+    if output_format == "table":
+        table = Table()
+        table.add_column("metric")
+        for column in columns:
+            table.add_column(column, justify="right")
+        for metric, values in rows:
+            table.add_row(metric, *("-" if v is None else f"{v:.4f}" for v in values))
+        out.print(table)
+        return
+    if output_format == "json":
+        text = json.dumps({"runs": columns, "metrics": {metric: dict(zip(columns, values, strict=True))
+                                                        for metric, values in rows}}, indent=1) + "\n"
+    elif output_format == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["metric", *columns])
+        writer.writerows([metric, *("" if v is None else repr(v) for v in values)] for metric, values in rows)
+        text = buffer.getvalue()
+    else:
+        text = format_compare_table(columns, rows)
+    if out_file is None:
+        sys.stdout.write(text)
+    else:
+        write_text_file(out_file, text)
+        _wrote(f"{out_file}")
 
 
 @app.command()
