@@ -90,7 +90,7 @@ def child(mode: str, source: Path, out: Path, tokens: int, seq_len: int, batch_s
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         with LayerwiseModel(source, dtype="bfloat16", device=device_name) as run:
-            result["largest_layer_bytes"] = max(run.layer_bytes(i) for i in run.layer_indices)
+            result["largest_layer_bytes"] = run.largest_layer_bytes
             profile = collect_profile_layerwise(run, sets, batch_size, progress=False)
             result["hidden_on_device"] = bool(run.keep_hidden_on_device)
         sync()

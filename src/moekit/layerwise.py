@@ -35,6 +35,7 @@ layer and batch shape.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -58,6 +59,7 @@ from moekit.model_io import (
     available_memory,
     check_device,
     check_dtype,
+    config_dtype,
     load_config,
     remote_code_trusted,
 )
@@ -92,10 +94,7 @@ def resolve_dtype(config: Any, tensors: list[stream.TensorInfo], dtype: str | to
         return dtype
     if dtype != "auto":
         return getattr(torch, dtype)
-    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(stored, str):
-        stored = getattr(torch, stored, None)
-    return stored if isinstance(stored, torch.dtype) else stream.stored_dtype(tensors) or torch.float32
+    return config_dtype(config) or stream.stored_dtype(tensors) or torch.float32
 
 
 class LayerwiseModel:
@@ -132,7 +131,7 @@ class LayerwiseModel:
             stream.load_router_tensors(view, self.tensors)
             view = MoEModelView.from_model(self.model)
         self.view = view
-        list_path = view.layers[0].path.rpartition(".")[0].rpartition(".")[0]
+        list_path = view.decoder_layers_path
         self.layer_list_path = list_path
         self.base_path = list_path.rpartition(".")[0]  # the decoder: embedding, decoder layers, norm
         self.base = self.model.get_submodule(self.base_path)
@@ -144,6 +143,7 @@ class LayerwiseModel:
         self.layer_indices = list(range(len(layers)))
         self.conversions = get_model_conversion_mapping(self.model)
         self.dtype_plan = self.model._get_dtype_plan(self.dtype) if hasattr(self.model, "_get_dtype_plan") else {}
+        self._names = stream.NameMap(view)
         self._names_by_layer, self._outer_names = self._group_tensors()
         self.hidden: list[torch.Tensor] = []
         self._inputs: list[torch.Tensor] = []
@@ -161,7 +161,7 @@ class LayerwiseModel:
 
     # -- which stored tensors feed what ------------------------------------------------------------------------------
     def _group_tensors(self) -> tuple[dict[int, list[stream.TensorInfo]], list[stream.TensorInfo]]:
-        names = self._names = stream.NameMap(self.view)
+        names = self._names
         lm_head = self.model.get_output_embeddings()
         head_names = {f"{n}." for n, m in self.model.named_modules() if m is lm_head} if lm_head is not None else set()
         prefix = self.layer_list_path + "."
@@ -181,6 +181,10 @@ class LayerwiseModel:
     def layer_bytes(self, index: int) -> int:
         layer = self.layers[index]
         return sum(int(p.numel()) * p.element_size() for p in layer.parameters())
+
+    @functools.cached_property
+    def largest_layer_bytes(self) -> int:
+        return max((self.layer_bytes(i) for i in self.layer_indices), default=0)
 
     # -- loading and freeing -----------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -272,7 +276,7 @@ class LayerwiseModel:
         role = names.role(info.name)
         if role.kind != "expert" or role.scale or role.expert is None or role.target is None:
             return None
-        target, converter, pattern = names._rename(info.name)
+        target, converter, pattern = names.rename(info.name)
         if converter is None or pattern is None or any(key in target for key in self.dtype_plan):
             return None
         ops = [type(op).__name__ for op in converter.operations]
@@ -352,7 +356,7 @@ class LayerwiseModel:
         running (on a GPU the running layer is on the device), with 1 GiB to spare; otherwise each layer is read
         after the previous one is freed, which the run says."""
         if self.read_ahead is None:
-            largest = max((self.layer_bytes(i) for i in self.layer_indices), default=0)
+            largest = self.largest_layer_bytes
             free = available_memory("cpu")
             needed = largest * (2 if self.device.type == "cpu" else 1) + 2**30
             self.read_ahead = free is None or free >= needed
@@ -503,7 +507,7 @@ class LayerwiseModel:
                 hidden = int(getattr(self.model.config, "hidden_size", 0) or 0)
                 element = torch.empty((), dtype=self.dtype).element_size()
                 total = sum(int(ids.numel()) for ids in self._inputs) * hidden * element
-                largest = max((self.layer_bytes(i) for i in self.layer_indices), default=0)
+                largest = self.largest_layer_bytes
                 free = available_memory(str(self.device)) or 0
                 self.keep_hidden_on_device = total <= (free - 2 * largest) / 10
                 if not self.keep_hidden_on_device:

@@ -210,11 +210,18 @@ def _cgroup_free(directory: Path, limit_file: str, usage_file: str, cache_key: s
     return max(int(limit_text) - usage + cache, 0)
 
 
+def config_dtype(config: Any) -> torch.dtype | None:
+    """The dtype a config names (``dtype``, or the older ``torch_dtype``), None if it names none."""
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    return stored if isinstance(stored, torch.dtype) else None
+
+
 def element_bytes(structure: PreTrainedModel, dtype: str | torch.dtype = "auto") -> int:
     """Bytes of one parameter in ``dtype`` ("auto": the config's dtype, else float32)."""
     if dtype == "auto":
-        stored = getattr(structure.config, "dtype", None) or getattr(structure.config, "torch_dtype", None)
-        dtype = stored if isinstance(stored, torch.dtype) else getattr(torch, str(stored), torch.float32)
+        dtype = config_dtype(structure.config) or torch.float32
     elif isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     return torch.empty((), dtype=dtype).element_size()

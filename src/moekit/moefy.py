@@ -91,19 +91,30 @@ def moe_config(dense: Any, experts: int, top_k: int) -> MixtralConfig:
     if model_type not in MOEFY_FAMILIES:
         raise MoefyError(f"moefy converts {', '.join(sorted(MOEFY_FAMILIES))} models (to Mixtral); {model_type!r} "
                          "has no mapping yet")
-    if getattr(dense, "hidden_act", "silu") != "silu" or getattr(dense, "mlp_bias", False):
-        raise MoefyError("moefy needs a SwiGLU FFN with SiLU and no biases (Mixtral's experts)")
-    if getattr(dense, "attention_bias", False):
-        raise MoefyError("the dense model has attention biases, which Mixtral's attention lacks")
+    check_swiglu_ffn(dense, "moefy", MoefyError, attention_bias_allowed=False)
     inter = int(dense.intermediate_size)
     if experts < 2 or inter % experts:
         raise MoefyError(f"--experts {experts} must be at least 2 and divide the FFN size {inter}")
     if not 1 <= top_k <= experts:
         raise MoefyError(f"--top-k {top_k} must be between 1 and --experts {experts}")
-    fields = MixtralConfig().to_dict()
-    kept = {k: v for k, v in dense.to_dict().items() if k in fields and k not in ("model_type", "architectures")}
-    return MixtralConfig(**{**kept, "intermediate_size": inter // experts, "num_local_experts": experts,
-                            "num_experts_per_tok": top_k, "architectures": ["MixtralForCausalLM"]})
+    return MixtralConfig(**{**dense_fields(dense, MixtralConfig), "intermediate_size": inter // experts,
+                            "num_local_experts": experts, "num_experts_per_tok": top_k,
+                            "architectures": ["MixtralForCausalLM"]})
+
+
+def check_swiglu_ffn(dense: Any, what: str, error: type[UserError], attention_bias_allowed: bool) -> None:
+    """A dense config whose FFN the MoE families' experts can hold: SwiGLU with SiLU, no biases (and, for
+    Mixtral, no attention biases)."""
+    if getattr(dense, "hidden_act", "silu") != "silu" or getattr(dense, "mlp_bias", False):
+        raise error(f"{what} needs a SwiGLU FFN with SiLU and no biases (what the MoE families' experts are)")
+    if not attention_bias_allowed and getattr(dense, "attention_bias", False):
+        raise error("the dense model has attention biases, which Mixtral's attention lacks")
+
+
+def dense_fields(dense: Any, config_class: Any) -> dict[str, Any]:
+    """The dense config's fields that ``config_class`` (the MoE family's config) also has."""
+    fields = config_class().to_dict()
+    return {k: v for k, v in dense.to_dict().items() if k in fields and k not in ("model_type", "architectures")}
 
 
 def moefy_model(dense: Any, experts: int, top_k: int, router: RouterInit = "centroid",

@@ -121,7 +121,7 @@ def _layer_bytes(view: MoEModelView, element: int) -> int:
 def _resident_bytes(view: MoEModelView, element: int) -> int:
     """Bytes of the weights a layer-by-layer run loads outside the decoder layers (all but the LM head)."""
     model = view.model
-    layer_list = model.get_submodule(view.layers[0].path.rpartition(".")[0].rpartition(".")[0])
+    layer_list = model.get_submodule(view.decoder_layers_path)
     head = model.get_output_embeddings()
     skipped = {id(p) for p in layer_list.parameters()} | ({id(p) for p in head.parameters()} if head else set())
     embedding = model.get_input_embeddings()

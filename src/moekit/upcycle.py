@@ -46,6 +46,7 @@ from moekit.edit.checkpoint import check_output_dir, write_checkpoint
 from moekit.edit.prune import prune_layer, set_count_attributes, set_top_k
 from moekit.errors import UserError
 from moekit.model_io import describe_source, load_config, load_model
+from moekit.moefy import check_swiglu_ffn, dense_fields
 
 # Dense model type -> the stock MoE family that shares its blocks.
 UPCYCLE_FAMILIES = {"llama": "mixtral", "mistral": "mixtral", "qwen3": "qwen3_moe"}
@@ -63,17 +64,13 @@ def upcycled_config(dense: Any, experts: int, top_k: int) -> Any:
     if target is None:
         raise UpcycleError(f"upcycle converts {', '.join(sorted(UPCYCLE_FAMILIES))} models; {model_type!r} has no "
                            "mapping yet")
-    if getattr(dense, "hidden_act", "silu") != "silu" or getattr(dense, "mlp_bias", False):
-        raise UpcycleError("upcycle needs a SwiGLU FFN with SiLU and no biases (what the MoE families' experts are)")
-    if target == "mixtral" and getattr(dense, "attention_bias", False):
-        raise UpcycleError("the dense model has attention biases, which Mixtral's attention lacks")
+    check_swiglu_ffn(dense, "upcycle", UpcycleError, attention_bias_allowed=target != "mixtral")
     if experts < 2:
         raise UpcycleError(f"--experts {experts} must be at least 2")
     if not 1 <= top_k <= experts:
         raise UpcycleError(f"--top-k {top_k} must be between 1 and --experts {experts}")
     config_class = CONFIG_MAPPING[target]
-    fields = config_class().to_dict()
-    kept = {k: v for k, v in dense.to_dict().items() if k in fields and k not in ("model_type", "architectures")}
+    kept = dense_fields(dense, config_class)
     inter = int(dense.intermediate_size)
     if target == "mixtral":
         extra = {"num_local_experts": experts, "intermediate_size": inter}

@@ -403,6 +403,11 @@ class MoEModelView:
     def top_k(self) -> int:
         return self.layers[0].top_k
 
+    @property
+    def decoder_layers_path(self) -> str:
+        """Where the decoder layers are (``model.layers``): the list holding the first MoE layer's decoder layer."""
+        return self.layers[0].path.rpartition(".")[0].rpartition(".")[0]
+
     def layer(self, index: int) -> MoELayer:
         for layer in self.layers:
             if layer.index == index:

@@ -20,6 +20,7 @@ source header before anything is written, and the tests read every written file 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Iterable
@@ -48,6 +49,10 @@ class TensorInfo:
     path: Path
     begin: int  # absolute offset of the first byte in the file
     nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -119,11 +124,9 @@ def _check_layout(tensors: list[TensorInfo], start: int, data: int, where: str) 
     expected = start
     for info in tensors:
         size = DTYPE_SIZES.get(info.dtype)
-        numel = 1
-        for d in info.shape:
-            if d < 0:
-                raise ModelLoadError(f"{where}: tensor {info.name!r} has a negative dimension; the file is corrupt")
-            numel *= d
+        if any(d < 0 for d in info.shape):
+            raise ModelLoadError(f"{where}: tensor {info.name!r} has a negative dimension; the file is corrupt")
+        numel = info.numel
         if size is not None and numel * size != info.nbytes:
             raise ModelLoadError(f"{where} is not a valid safetensors file: tensor {info.name!r} of shape "
                                  f"{list(info.shape)} and dtype {info.dtype} needs {numel * size} bytes but its "

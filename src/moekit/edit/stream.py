@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,7 +142,7 @@ class NameMap:
         self.ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
         self.optional = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_missing", None) or []]
 
-    def _rename(self, name: str) -> tuple[str, WeightConverter | None, str | None]:
+    def rename(self, name: str) -> tuple[str, WeightConverter | None, str | None]:
         """(in-memory name, the converter that matched, its source pattern), as from_pretrained renames."""
         target, pattern = rename_source_key(name, self.renamings, self.converters, self.prefix, self.meta)
         converter = next((c for c in self.converters if pattern in c.source_patterns), None) if pattern else None
@@ -149,7 +150,7 @@ class NameMap:
 
     def targets(self, name: str) -> list[str]:
         """Every in-memory name ``name`` feeds (a one-to-many converter feeds several)."""
-        target, converter, _ = self._rename(name)
+        target, converter, _ = self.rename(name)
         if converter is None or len(converter.target_patterns) == 1:
             return [target]
         first = converter.target_patterns[0]
@@ -182,7 +183,7 @@ class NameMap:
         for suffix in SCALE_SUFFIXES:
             if name.endswith(suffix):
                 base, scale = name[: -len(suffix)], True
-        target, converter, pattern = self._rename(base)
+        target, converter, pattern = self.rename(base)
         layer, rel = self._layer_of(target)
         error = f"stored tensor {name!r} (loaded as {target!r})"
         if layer is None:
@@ -238,9 +239,7 @@ def _slice_last(info: TensorInfo, keep: list[int], count: int, error: str) -> Ou
     """The kept experts' entries of a tensor whose last dim is the expert (``[E]``, ERNIE's ``[1, E]``)."""
     if not info.shape or info.shape[-1] != count:
         raise UnclassifiedTensorError(f"{error} has shape {list(info.shape)}; expected the last dim {count}")
-    numel = 1
-    for d in info.shape:
-        numel *= d
+    numel = info.numel
     item = info.nbytes // max(numel, 1)
     pieces = [Piece(info.path, info.begin + (lead * count + e) * item, item)
               for lead in range(numel // count) for e in keep]
@@ -266,10 +265,7 @@ def plan_tensors(view: MoEModelView, keep: KeepMap, tensors: list[TensorInfo],
             covered.update(names.targets(info.name))
         if role.kind != "drop" and role.target is not None and not role.scale:
             if role.converted and role.kind == "expert":
-                numel = 1
-                for d in info.shape:
-                    numel *= d
-                merged_numel[role.target] = merged_numel.get(role.target, 0) + numel
+                merged_numel[role.target] = merged_numel.get(role.target, 0) + info.numel
             elif not role.converted and names.meta.get(role.target) not in (None, info.shape):
                 raise _mismatch(source, f"{info.name} has shape {list(info.shape)} but the config gives "
                                         f"{list(names.meta[role.target])}")
@@ -294,9 +290,7 @@ def plan_tensors(view: MoEModelView, keep: KeepMap, tensors: list[TensorInfo],
             else:
                 out.append(_slice_rows(info, kept, count, role.rows, error))
     for target, numel in merged_numel.items():
-        expected = 1
-        for d in names.meta.get(target, ()):
-            expected *= d
+        expected = math.prod(names.meta.get(target, ()))
         if target in names.meta and numel != expected:
             raise _mismatch(source, f"the stored per-expert tensors of {target} hold {numel} values but the config "
                                     f"gives {list(names.meta[target])} ({expected})")
