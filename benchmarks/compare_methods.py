@@ -4,9 +4,11 @@ For each testbed (a checkpoint written by ``benchmarks/train_moe.py``):
 
 1. profile it once with moekit on every domain's calibration split (named sets, one per domain);
 2. general rows: for every criterion (frequency, router_mass, ean_sum, ean_mean, weighted_ean_sum,
-   reap, easy_ep, random) and NAEE (beam search on the block reconstruction loss), at 25% and 50%
-   of experts removed, with all domains weighted equally; super experts protected (moekit's default);
-3. domain-targeted rows: for each domain and ratio, the same criteria calibrated on that domain alone
+   reap, easy_ep, random) and NAEE (beam search on the block reconstruction loss), at 25%, 50% and 75%
+   of experts removed (``--ratios``), with all domains weighted equally; super experts protected (moekit's
+   default); steps 1-2 repeat for every calibration seed (``--seeds``, default 0 1 2: each draws other
+   windows of every domain's calibration split), and the tables give the mean and the range over seeds;
+3. domain-targeted rows (first seed only): for each domain and ratio, the same criteria calibrated on that domain alone
    (``--set-weights DOMAIN=1``), measured on that domain;
 4. per-domain held-out perplexity of every pruned model (the same tokens for all), reported as the
    retention original_ppl / pruned_ppl (1 = no loss), plus the time to plan and prune;
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import platform
 import sys
@@ -56,7 +59,7 @@ from moekit.plan.naee import make_naee_plan  # noqa: E402
 from moekit.profile import collect_profile  # noqa: E402
 from moekit.score import CRITERIA  # noqa: E402
 
-RATIOS = (0.25, 0.5)
+RATIOS = (0.25, 0.5, 0.75)
 # the metric reported per task in the markdown table (the first one present)
 MAIN_METRIC = {"lambada_openai": ("acc",), "hellaswag": ("acc_norm", "acc"), "arc_easy": ("acc_norm", "acc"),
                "arc_challenge": ("acc_norm", "acc"), "piqa": ("acc_norm", "acc"), "winogrande": ("acc",)}
@@ -102,49 +105,65 @@ def evaluate_plan(model: Any, plan: dict[str, Any], heldout: dict[str, torch.Ten
             "mean_retention": sum(original[d] / ppl[d] for d in ppl) / len(ppl), **scores}
 
 
+def calibration_sets(corpus: Path, domains: list[str], seq_len: int, tokens: int, seed: int) -> list[CalibrationSet]:
+    """Per domain, ``tokens // seq_len`` whole windows of its calibration split, drawn without replacement at
+    positions chosen by ``seed`` (so seeds differ in the calibration text, not only in tie-breaking)."""
+    sets = []
+    for domain in domains:
+        stream = stream_tokens(corpus, domain, "calibration", seq_len, 10**12)[:-1].view(-1, seq_len)
+        count = min(len(stream), tokens // seq_len)
+        pick = torch.randperm(len(stream), generator=torch.Generator().manual_seed(seed))[:count].sort().values
+        ids = stream[pick]
+        sets.append(CalibrationSet(domain, ids, torch.ones_like(ids)))
+    return sets
+
+
 def compare(testbed: Path, corpus: Path, seq_len: int, calibration_tokens: int, eval_tokens: int,
             device: str, naee: bool, tasks: list[str] | None = None, task_limit: int = 500,
-            tokenizer_path: Path | None = None, targeted: bool = True) -> dict[str, Any]:
+            tokenizer_path: Path | None = None, targeted: bool = True, seeds: tuple[int, ...] = (0,),
+            ratios: tuple[float, ...] = RATIOS, naee_tokens: int = 8192,
+            only: list[str] | None = None) -> dict[str, Any]:
     model = load_model(testbed, dtype=torch.float32, device=device)
     view = MoEModelView.from_model(model)
     domains = sorted(load_manifest(corpus)["domains"])
-    sets = []
-    for domain in domains:
-        ids = stream_tokens(corpus, domain, "calibration", seq_len, calibration_tokens)[:-1].view(-1, seq_len)
-        sets.append(CalibrationSet(domain, ids, torch.ones_like(ids)))
     heldout = {d: stream_tokens(corpus, d, "heldout", seq_len, eval_tokens) for d in domains}
-    start = time.perf_counter()
-    profile = collect_profile(model, sets, batch_size=16, progress=False)
-    profile_seconds = time.perf_counter() - start
     original = perplexities(model, heldout, seq_len)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_path or testbed)) if tasks else None
     original_tasks = task_scores(model, tokenizer, tasks, task_limit) if tasks else None
-    methods = [*CRITERIA.names()] + (["naee"] if naee else [])
+    methods = [m for m in [*CRITERIA.names()] + (["naee"] if naee else []) if only is None or m in only]
+    criteria = [m for m in methods if m != "naee"]
     rows: list[dict[str, Any]] = []
-    for ratio in RATIOS:
-        for method in methods:
-            start = time.perf_counter()
-            request = PlanRequest(method, ratio=ratio)
-            if method == "naee":
-                plan = make_naee_plan(model, sets, request, search="beam", max_tokens=4096, progress=False)
-            else:
-                plan = make_prune_plan(view, profile, request)
-            seconds = time.perf_counter() - start
-            rows.append({"kind": "general", "method": method, "ratio": ratio, "plan_seconds": seconds,
-                         **evaluate_plan(model, plan, heldout, seq_len, original, tokenizer, tasks, task_limit)})
-            print(f"{testbed.name} general {method} {ratio}: mean retention {rows[-1]['mean_retention']:.3f}",
-                  flush=True)
-        for domain in domains if targeted else ():
-            one = {d: heldout[d] for d in (domain,)}
-            for method in CRITERIA.names():
-                weights = {d: float(d == domain) for d in domains}
-                plan = make_prune_plan(view, profile, PlanRequest(method, ratio=ratio, set_weights=weights))
-                result = evaluate_plan(model, plan, one, seq_len, original)
-                general = next(r for r in rows if r["kind"] == "general" and r["method"] == method
-                               and r["ratio"] == ratio)
-                rows.append({"kind": "targeted", "method": method, "ratio": ratio, "domain": domain,
-                             "retention": result["retention"][domain],
-                             "general_retention": general["retention"][domain]})
+    profile_seconds = []
+    for seed in seeds:
+        sets = calibration_sets(corpus, domains, seq_len, calibration_tokens, seed)
+        start = time.perf_counter()
+        profile = collect_profile(model, sets, batch_size=16, progress=False)
+        profile_seconds.append(time.perf_counter() - start)
+        for ratio in ratios:
+            for method in methods:
+                start = time.perf_counter()
+                request = PlanRequest(method, ratio=ratio, seed=seed)
+                if method == "naee":
+                    plan = make_naee_plan(model, sets, request, search="beam", max_tokens=naee_tokens, progress=False)
+                else:
+                    plan = make_prune_plan(view, profile, request)
+                seconds = time.perf_counter() - start
+                rows.append({"kind": "general", "method": method, "ratio": ratio, "seed": seed, "plan_seconds": seconds,
+                             **evaluate_plan(model, plan, heldout, seq_len, original, tokenizer, tasks, task_limit)})
+                print(f"{testbed.name} seed {seed} general {method} {ratio}: "
+                      f"mean retention {rows[-1]['mean_retention']:.3f}", flush=True)
+            for domain in domains if targeted and seed == seeds[0] else ():
+                one = {d: heldout[d] for d in (domain,)}
+                for method in criteria:
+                    weights = {d: float(d == domain) for d in domains}
+                    plan = make_prune_plan(view, profile, PlanRequest(method, ratio=ratio, set_weights=weights,
+                                                                      seed=seed))
+                    result = evaluate_plan(model, plan, one, seq_len, original)
+                    general = next(r for r in rows if r["kind"] == "general" and r["method"] == method
+                                   and r["ratio"] == ratio and r["seed"] == seed)
+                    rows.append({"kind": "targeted", "method": method, "ratio": ratio, "domain": domain, "seed": seed,
+                                 "retention": result["retention"][domain],
+                                 "general_retention": general["retention"][domain]})
     extra: dict[str, Any] = {}
     if original_tasks is not None:
         extra.update({"task_names": list(tasks), "task_limit": task_limit, "original_tasks": original_tasks["tasks"],
@@ -155,44 +174,126 @@ def compare(testbed: Path, corpus: Path, seq_len: int, calibration_tokens: int, 
         "testbed": testbed.name, "num_experts": view.num_experts, "top_k": view.top_k,
         "model_type": view.model_type, "domains": domains, "original_perplexity": original,
         "profile_seconds": profile_seconds, "calibration_tokens_per_domain": calibration_tokens,
+        "calibration_seeds": list(seeds), "ratios": list(ratios),
+        "naee": {"max_tokens": naee_tokens, "search": "beam", "beam_width": 4} if "naee" in methods else None,
         "eval_tokens_per_domain": eval_tokens, "seq_len": seq_len, "rows": rows,
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
+        "testbed_record": testbed_record(testbed),
         **extra,
     }
 
 
+def combine(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from runs of the same testbed that covered different methods or seeds (run side by side on one
+    GPU): their rows together; the runs must agree on the testbed, the measurement and the original model."""
+    first = parts[0]
+    same = ("testbed", "domains", "original_perplexity", "calibration_tokens_per_domain", "eval_tokens_per_domain",
+            "seq_len", "testbed_record")
+    for part in parts[1:]:
+        for key in same:
+            if part.get(key) != first.get(key):
+                raise SystemExit(f"cannot combine: {key} differs between the runs of {first['testbed']}")
+    combined = dict(first)
+    combined["rows"] = [row for part in parts for row in part["rows"]]
+    combined["calibration_seeds"] = sorted({s for part in parts for s in part["calibration_seeds"]})
+    combined["ratios"] = sorted({r for part in parts for r in part["ratios"]})
+    combined["naee"] = next((part["naee"] for part in parts if part.get("naee")), None)
+    combined["profile_seconds"] = [x for part in parts for x in part["profile_seconds"]]
+    combined["targeted"] = any(part.get("targeted", True) for part in parts)
+    return combined
+
+
+def testbed_record(testbed: Path) -> dict[str, Any] | None:
+    """The testbed's recipe and balance from its ``training.json`` (train_moe.py), when it has one."""
+    path = testbed / "training.json"
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return {"recipe": record.get("recipe"), "balance_bar_met": (record.get("balance") or {}).get("bar_met")}
+
+
+def general_summary(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per (ratio, method): mean retention over seeds, its min and max, and the per-domain means."""
+    out = []
+    general = [r for r in result["rows"] if r["kind"] == "general"]
+    for ratio in result.get("ratios", RATIOS):
+        for method in dict.fromkeys(r["method"] for r in general):
+            picked = [r for r in general if r["ratio"] == ratio and r["method"] == method]
+            if not picked:
+                continue
+            values = [r["mean_retention"] for r in picked]
+            out.append({"ratio": ratio, "method": method, "seeds": len(picked), "mean": float(np.mean(values)),
+                        "min": float(min(values)), "max": float(max(values)),
+                        "domains": {d: float(np.mean([r["retention"][d] for r in picked])) for d in result["domains"]},
+                        "plan_seconds": float(np.mean([r["plan_seconds"] for r in picked]))})
+    return out
+
+
 def markdown(result: dict[str, Any]) -> str:
     domains = result["domains"]
+    seeds = result.get("calibration_seeds", [0])
+    record = result.get("testbed_record") or {}
+    balancing = (record.get("recipe") or {}).get("balancing", "not recorded")
     lines = [f"# Pruning methods on `{result['testbed']}` ({result['model_type']}, {result['num_experts']} experts, "
              f"top-{result['top_k']})", "",
+             f"Testbed balancing: {balancing}; balance bar (per layer MaxVio <= 0.5, no expert below a quarter of "
+             f"the mean load) met: {record.get('balance_bar_met', 'not recorded')}.", "",
              f"Perplexity retention = original / pruned perplexity on {result['eval_tokens_per_domain']:,} held-out "
              f"tokens per domain (1.000 = no loss). Calibration: {result['calibration_tokens_per_domain']:,} tokens "
-             f"per domain, all domains weighted equally. Device {result['device']}.", "",
-             "Original perplexity: " + ", ".join(f"{d} {p:.2f}" for d, p in result["original_perplexity"].items()),
-             "", "## General pruning", "",
-             "| ratio | method | mean | " + " | ".join(domains) + " | plan s |",
-             "|---|---|---:|" + "---:|" * len(domains) + "---:|"]
-    for row in (r for r in result["rows"] if r["kind"] == "general"):
-        lines.append(f"| {row['ratio']} | {row['method']} | {row['mean_retention']:.3f} | "
-                     + " | ".join(f"{row['retention'][d]:.3f}" for d in domains) + f" | {row['plan_seconds']:.2f} |")
+             f"per domain (windows drawn by the calibration seed), all domains weighted equally, seeds "
+             f"{', '.join(map(str, seeds))}. Super experts protected (moekit's default). Device {result['device']}."]
+    if result.get("naee"):
+        lines += ["", f"NAEE: beam search (width {result['naee']['beam_width']}) on the block reconstruction loss, "
+                      f"{result['naee']['max_tokens']:,} calibration tokens split equally over the domains."]
+    lines += ["", "Original perplexity: " + ", ".join(f"{d} {p:.2f}" for d, p in result["original_perplexity"].items()),
+              "", "## General pruning", "",
+              f"mean = mean retention over domains, averaged over the {len(seeds)} calibration seeds; min-max = its "
+              "range over the seeds; the domain columns are seed means.", "",
+              "| ratio | method | mean | min-max | " + " | ".join(domains) + " | plan s |",
+              "|---|---|---:|---|" + "---:|" * len(domains) + "---:|"]
+    summary = general_summary(result)
+    for row in summary:
+        lines.append(f"| {row['ratio']} | {row['method']} | {row['mean']:.3f} | {row['min']:.3f}-{row['max']:.3f} | "
+                     + " | ".join(f"{row['domains'][d]:.3f}" for d in domains) + f" | {row['plan_seconds']:.2f} |")
+    lines += separation_markdown(summary)
     if result.get("task_names"):
         lines += task_markdown(result)
     lines += ["", "## Domain-targeted pruning (calibrate on one domain, measure it)", ""]
     if result.get("targeted") is False:
         lines.append("Skipped (`--no-targeted`).")
         return "\n".join(lines) + "\n"
-    lines += ["Mean over domains of the retention on one domain when calibrating on that domain alone (targeted)",
-              "and on all domains (general).", "",
+    lines += [f"Seed {seeds[0]}. Mean over domains of the retention on one domain when calibrating on that domain "
+              "alone (targeted) and on all domains (general).", "",
               "| ratio | method | targeted | general |", "|---|---|---:|---:|"]
-    for ratio in RATIOS:
+    for ratio in result.get("ratios", RATIOS):
         for method in CRITERIA.names():
             picked = [r for r in result["rows"] if r["kind"] == "targeted" and r["method"] == method
                       and r["ratio"] == ratio]
-            lines.append(f"| {ratio} | {method} | {np.mean([r['retention'] for r in picked]):.3f} | "
-                         f"{np.mean([r['general_retention'] for r in picked]):.3f} |")
+            if picked:
+                lines.append(f"| {ratio} | {method} | {np.mean([r['retention'] for r in picked]):.3f} | "
+                             f"{np.mean([r['general_retention'] for r in picked]):.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def separation_markdown(summary: list[dict[str, Any]]) -> list[str]:
+    """Per ratio, the methods ranked by mean retention, and whether neighbours (and random) are apart by more than
+    the seed spread: ``>`` when the better one's worst seed beats the next one's best seed, ``~`` otherwise."""
+    lines = ["", "## Ranking", "",
+             "Per ratio, methods by mean retention. `a > b`: a's worst seed is above b's best seed (separated by more "
+             "than the spread over calibration seeds); `a ~ b`: the seed ranges overlap. With one seed every "
+             "difference reads as `>`.", ""]
+    for ratio in dict.fromkeys(r["ratio"] for r in summary):
+        ranked = sorted((r for r in summary if r["ratio"] == ratio), key=lambda r: -r["mean"])
+        text = ranked[0]["method"]
+        for better, worse in itertools.pairwise(ranked):
+            text += (" > " if better["min"] > worse["max"] else " ~ ") + worse["method"]
+        random_row = next((r for r in ranked if r["method"] == "random"), None)
+        above = [r["method"] for r in ranked if random_row and r is not random_row and r["min"] > random_row["max"]]
+        lines.append(f"- {ratio}: {text}" + (f" (above random beyond the spread: {len(above)} of "
+                                               f"{len(ranked) - 1})" if random_row else ""))
+    return lines
 
 
 def task_markdown(result: dict[str, Any]) -> list[str]:
@@ -219,7 +320,7 @@ def task_markdown(result: dict[str, Any]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--testbed", type=Path, action="append", required=True)
+    parser.add_argument("--testbed", type=Path, action="append")
     parser.add_argument("--corpus", type=Path, default=ROOT / "corpus" / "out")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--calibration-tokens", type=int, default=65536)
@@ -234,15 +335,32 @@ def main() -> None:
     parser.add_argument("--task-limit", type=int, default=500, help="first N items of each task (default 500)")
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="tokenizer for --tasks (default: the testbed directory)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="calibration seeds (windows of each domain's calibration split; default 0 1 2)")
+    parser.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS), help="fractions removed")
+    parser.add_argument("--naee-tokens", type=int, default=8192, help="NAEE calibration tokens, split over domains")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="only these methods (criteria names and/or naee); default: all")
+    parser.add_argument("--tag", default="", help="output files compare_methods-TESTBED-TAG.* (runs to combine later)")
+    parser.add_argument("--combine", type=Path, nargs="+", default=None,
+                        help="combine result JSONs of one testbed (other methods or seeds) into one result and exit")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    for testbed in args.testbed:
+    if args.combine:
+        result = combine([json.loads(path.read_text()) for path in args.combine])
+        (args.out / f"compare_methods-{result['testbed']}.json").write_text(json.dumps(result, indent=1) + "\n")
+        (args.out / f"compare_methods-{result['testbed']}.md").write_text(markdown(result))
+        print(markdown(result))
+        return
+    for testbed in args.testbed or ():
         result = compare(testbed, args.corpus, args.seq_len, args.calibration_tokens, args.eval_tokens,
                          args.device, not args.no_naee, args.tasks, args.task_limit, args.tokenizer,
-                         not args.no_targeted)
-        (args.out / f"compare_methods-{testbed.name}.json").write_text(json.dumps(result, indent=1) + "\n")
-        (args.out / f"compare_methods-{testbed.name}.md").write_text(markdown(result))
+                         not args.no_targeted, tuple(args.seeds), tuple(args.ratios), args.naee_tokens,
+                         args.methods)
+        name = f"compare_methods-{testbed.name}" + (f"-{args.tag}" if args.tag else "")
+        (args.out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+        (args.out / f"{name}.md").write_text(markdown(result))
         print(markdown(result))
 
 

@@ -8,7 +8,10 @@ Testbeds (``TESTBEDS``; every one uses the SmolLM2 tokenizer, vocabulary 49,152,
   selection correction bias updated without an auxiliary loss (DeepSeek-V3's bias rule), 4 groups,
   2 chosen per token, first layer dense;
 - ``demo-qwen3-16x4``: a smaller Qwen3-MoE (16 experts, top-4, ~8M parameters, <= 20 MB in bf16), the
-  model bundled with moekit for ``moekit demo``.
+  model bundled with moekit for ``moekit demo``;
+- ``qwen3-128x8``: fine-grained like Qwen3-30B-A3B (128 experts, top-8, 8 layers, expert width 48, ~39M
+  parameters, ~77 MB in bf16: too large to come back from the GPU machine, so it is retrained there, in the
+  same lease as the experiments that use it, from this recipe).
 
 Data: the corpus built by ``benchmarks/corpus/build_corpus.py`` (code: Python, C, Go, Java; prose:
 English, German, French, Spanish, Russian; math word problems). Each step draws every sequence
@@ -28,7 +31,7 @@ tokenizer), ``training.json`` (recipe, loss curve, perplexities, specialisation,
 ``loss.png``.
 
     python benchmarks/train_moe.py --corpus benchmarks/corpus/out --testbed qwen3-32x4 --minutes 8 --out OUT
-    python benchmarks/train_moe.py --corpus ... --testbed demo-qwen3-16x4 --device cpu --steps 3   # smoke run
+    python benchmarks/train_moe.py --corpus ... --testbed demo-qwen3-16x4 --device cpu --steps 3 --batch-size 4  # smoke
 """
 
 from __future__ import annotations
@@ -78,6 +81,9 @@ TESTBEDS: dict[str, dict[str, Any]] = {
     "demo-qwen3-16x4": dict(model_type="qwen3_moe", hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                             num_key_value_heads=1, head_dim=32, intermediate_size=256, moe_intermediate_size=64,
                             num_experts=16, num_experts_per_tok=4, norm_topk_prob=True),
+    "qwen3-128x8": dict(model_type="qwen3_moe", hidden_size=192, num_hidden_layers=8, num_attention_heads=6,
+                        num_key_value_heads=2, head_dim=32, intermediate_size=384, moe_intermediate_size=48,
+                        num_experts=128, num_experts_per_tok=8, norm_topk_prob=True),
 }
 BIAS_UPDATE_SPEED = 1e-3  # DeepSeek-V3's gamma for the aux-loss-free balancing bias
 
@@ -212,11 +218,13 @@ def specialisation(model: Any, corpus: Path, domains: list[str], seq_len: int, t
 
 
 def train(name: str, corpus: Path, out: Path, minutes: float, steps: int | None, batch_size: int, seq_len: int,
-          lr: float, seed: int, device: str, eval_tokens: int, balancing: str = "per-layer") -> dict[str, Any]:
+          lr: float, seed: int, device: str, eval_tokens: int, balancing: str = "per-layer",
+          aux_coef: float = 0.01, micro_batches: int = 1) -> dict[str, Any]:
     if balancing not in BALANCING:
         raise ValueError(f"unknown balancing {balancing!r}; valid: {', '.join(BALANCING)}")
     torch.manual_seed(seed)
     config = build_config(name)
+    config.router_aux_loss_coef = aux_coef
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device)
     view = MoEModelView.from_model(model)
     domains = sorted(load_manifest(corpus)["domains"])
@@ -238,26 +246,33 @@ def train(name: str, corpus: Path, out: Path, minutes: float, steps: int | None,
         for group in optimizer.param_groups:
             group["lr"] = lr * max(scale, 0.05)
         batch = sampler.batch(batch_size, seq_len, gen)
-        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=device != "cpu"):
-            output = model(input_ids=batch[:, :-1], use_cache=False, output_router_logits=True)
-        logits = output.logits.float()
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
-        if balancing == "per-layer" and not has_bias and output.router_logits:
-            aux = per_layer_balance_loss(output.router_logits, view.top_k)
-        else:
-            aux = getattr(output, "aux_loss", None)
-        total = loss + (config.router_aux_loss_coef * aux if aux is not None else 0.0)
         optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        step_loss, step_aux = 0.0, None
+        for micro in batch.chunk(micro_batches):
+            # micro-batches (gradient accumulation) bound the [batch, seq, vocab] logits' memory; the optimizer
+            # step still sees the whole batch
+            with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=device != "cpu"):
+                output = model(input_ids=micro[:, :-1], use_cache=False, output_router_logits=True)
+            logits = output.logits.float()
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), micro[:, 1:].flatten())
+            if balancing == "per-layer" and not has_bias and output.router_logits:
+                aux = per_layer_balance_loss(output.router_logits, view.top_k)
+            else:
+                aux = getattr(output, "aux_loss", None)
+            total = loss + (config.router_aux_loss_coef * aux if aux is not None else 0.0)
+            (total / micro_batches).backward()
+            del logits, output
+            step_loss += float(loss.detach()) / micro_batches
+            if aux is not None:
+                step_aux = (step_aux or 0.0) + float(aux.detach()) / micro_batches
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         if has_bias:
             update_correction_bias(view, router_inputs)
         if step % 25 == 0:
             history.append({"step": step, "seconds": round(time.perf_counter() - start, 1),
-                            "loss": float(loss.detach()),
-                            "aux_loss": float(aux.detach()) if aux is not None else None})
-            print(f"{name} step {step} loss {float(loss.detach()):.3f}", flush=True)
+                            "loss": step_loss, "aux_loss": step_aux})
+            print(f"{name} step {step} loss {step_loss:.3f}", flush=True)
         step += 1
     seconds = time.perf_counter() - start
     model.eval()
@@ -270,7 +285,8 @@ def train(name: str, corpus: Path, out: Path, minutes: float, steps: int | None,
     AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(target)
     record = {
         "testbed": name, "config": TESTBEDS[name], "parameters": sum(p.numel() for p in model.parameters()),
-        "recipe": {"steps": step, "minutes": round(seconds / 60, 2), "batch_size": batch_size, "seq_len": seq_len,
+        "recipe": {"steps": step, "minutes": round(seconds / 60, 2), "batch_size": batch_size,
+                   "micro_batches": micro_batches, "seq_len": seq_len,
                    "tokens_seen": step * batch_size * seq_len, "lr": lr, "seed": seed, "domains": domains,
                    "mixture": "uniform over domains", "corpus_manifest": "benchmarks/corpus/out/manifest.json",
                    "balancing": "DeepSeek-V3 correction-bias updates" if has_bias else
@@ -318,10 +334,14 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=65536, help="held-out tokens per domain")
     parser.add_argument("--balancing", choices=BALANCING, default="per-layer",
                         help="load balancing: the Switch loss of every layer, or transformers' pooled one")
+    parser.add_argument("--aux-coef", type=float, default=0.01, help="coefficient of the balancing loss")
+    parser.add_argument("--micro-batches", type=int, default=1,
+                        help="split each batch into this many micro-batches (gradient accumulation) to bound memory")
     args = parser.parse_args()
     for name in args.testbed:
         record = train(name, args.corpus, args.out, args.minutes, args.steps, args.batch_size, args.seq_len,
-                       args.lr, args.seed, args.device, args.eval_tokens, args.balancing)
+                       args.lr, args.seed, args.device, args.eval_tokens, args.balancing, args.aux_coef,
+                       args.micro_batches)
         print(json.dumps({k: record[k] for k in ("testbed", "parameters", "recipe", "heldout_perplexity")}))
         print("balance bar (MaxVio <= 0.5, no expert below a quarter of the mean, every layer) met:",
               record["balance"]["bar_met"])
