@@ -16,6 +16,7 @@ stage=${1:?usage: balanced_testbeds.sh train|compare}
 corpus=benchmarks/corpus/out
 minutes=${MINUTES:-6.5}
 out=${OUT:?set OUT (the device tool does)}
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p testbeds "$out"
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
 

@@ -1,8 +1,9 @@
 """``moekit demo``: the whole job on the bundled model, offline, on a CPU, in about a minute.
 
 The bundled model (``demo/model``) is a small Qwen3-MoE (16 experts per layer, top-4, 4 layers,
-8.0M parameters) trained here for 3.8 minutes on an H100 on code, prose and other languages
-(``benchmarks/train_moe.py --testbed demo-qwen3-16x4``; its card and ``training.json`` say how).
+8.0M parameters) trained here for 5 minutes on an H200 on code, prose and other languages, balanced per
+layer (``benchmarks/train_moe.py --testbed demo-qwen3-16x4 --aux-coef 0.03``; its card and
+``training.json`` say how).
 The texts (``demo/texts``) are held-out pieces of the same corpus: Python code, English prose and
 German prose, each split into calibration and evaluation text.
 

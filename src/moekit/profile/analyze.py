@@ -91,15 +91,20 @@ def balance_warnings(layers: list[dict[str, Any]]) -> list[str]:
         worst = max(starved, key=lambda row: len(row["starved_experts"]))
         nearly = sum(len(row["nearly_dead_experts"]) for row in starved)
         warnings.append(
-            f"{len(starved)} of {len(layers)} MoE layers have starved experts (below a quarter of the mean load; "
+            f"{len(starved)} of {len(layers)} MoE layers have starved experts on this calibration data (below a "
+            "quarter of the mean load; "
             f"layer {worst['layer']}: {len(worst['starved_experts'])}), {nearly} of them with almost no load (below "
             "1%): removing them costs little, so frequency-based pruning will look nearly free here, while "
-            "per-token means (reap, ean_mean) rank them on few tokens. Released MoEs, balanced per layer, have none")
+            "per-token means (reap, ean_mean) rank them on few tokens. Released MoEs, balanced per layer, have none "
+            "on broad text")
     if uneven:
         worst = max(uneven, key=lambda row: row["max_violation"])
-        warnings.append(f"{len(uneven)} of {len(layers)} MoE layers are strongly imbalanced (MaxVio = max/mean - 1 "
+        warnings.append(f"{len(uneven)} of {len(layers)} MoE layers are strongly imbalanced on this calibration "
+                        f"data (MaxVio = max/mean - 1 "
                         f"above {MAX_VIOLATION_BAR}; layer {worst['layer']}: {worst['max_violation']:.2f}): "
-                        "criteria will disagree more than on a balanced model")
+                        "criteria will disagree more than on a balanced model. A model balanced on broad text is often "
+                        "this uneven on narrow text (its experts specialise by domain): calibrate on the mix you "
+                        "will serve")
     return warnings
 
 
