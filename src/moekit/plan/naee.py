@@ -20,6 +20,12 @@ output on the original inputs, computed from the unpruned model -- so a layer's 
 for the drift its predecessors caused. Protected experts are never removed; group-limited routers
 remove the same number from every group unless regrouping is allowed.
 
+Evaluating a candidate: where every expert's output on every calibration token of the layer fits in
+``CACHE_BYTES`` (2 GiB), they are computed once (``ExpertOutputCache``) and a candidate costs the family's
+routing of the cached router logits with its experts masked plus a gather -- not a block forward; the losses
+agree with block forwards to float round-off (tested on every family). Otherwise (and for Llama-4) the block
+runs per candidate. Lu et al.'s code runs the model per candidate; the result is the same search.
+
 Calibration tokens: ``max_tokens`` in all, split over the named sets by their weights (``--set-weights``;
 equal by default), each set's first tokens in order; the tokens used per set are recorded.
 """
@@ -59,6 +65,7 @@ class LayerSearchResult:
     single_removal_loss: list[float]  # loss when each expert alone is removed (its importance)
     search: str
     evaluated: int  # subsets evaluated
+    evaluation: str = "block forward"  # or "cached expert outputs" (ExpertOutputCache)
 
 
 def collect_block_inputs(model: nn.Module, view: MoEModelView, sets: Sequence[CalibrationSet], max_tokens: int,
@@ -108,6 +115,73 @@ def reconstruction_loss(view: MoEModelView, layer: MoELayer, inputs: torch.Tenso
     return total
 
 
+CACHE_BYTES = 2 << 30  # largest cache of every expert's output on every token of one layer (else block forwards)
+
+
+class ExpertOutputCache:
+    """One layer's block output for any retained set without running the block: every expert's output on every
+    calibration token (``[T, E, H]``), the router logits, and what the block adds that does not depend on routing
+    (shared experts: the unpruned block's output minus its routed part). A candidate's output is then the
+    family's routing of the cached logits with the dropped experts masked, a gather and a weighted sum -- the
+    same arithmetic as the block's (``moekit.profile.capture.expert_outputs`` is the profiler's replica of the
+    experts' forward), in another order, so losses agree with block forwards to float round-off (tested).
+
+    Not built (``build`` returns None; NAEE then runs the block per candidate) for Llama-4, whose gate scales each
+    expert's input rather than its output, for expert layouts other than the stacked and DBRX ones, and when the
+    cache would exceed ``max_bytes``."""
+
+    def __init__(self, layer: MoELayer, logits: torch.Tensor, outputs: torch.Tensor, rest: torch.Tensor) -> None:
+        self.layer, self.logits, self.outputs, self.rest = layer, logits, outputs, rest
+
+    @classmethod
+    def build(cls, layer: MoELayer, inputs: torch.Tensor, unpruned: torch.Tensor,
+              max_bytes: int = CACHE_BYTES) -> ExpertOutputCache | None:
+        from moekit.arch.experts import DbrxLayout, StackedLayout
+        from moekit.profile.capture import expert_outputs
+
+        tokens, hidden = inputs.shape
+        experts = layer.num_experts
+        if layer.call.kind == "llama4" or not isinstance(layer.layout, (StackedLayout, DbrxLayout)):
+            return None
+        if tokens * experts * hidden * inputs.element_size() > max_bytes:
+            return None
+        with torch.inference_mode():
+            logits = torch.cat([layer.router_logits(inputs[s:s + 4096]) for s in range(0, tokens, 4096)])
+            outputs = torch.empty(tokens, experts, hidden, dtype=inputs.dtype, device=inputs.device)
+            chunk = max(1, 4096 // experts)
+            ids = torch.arange(experts, device=inputs.device)
+            for start in range(0, tokens, chunk):
+                x = inputs[start:start + chunk]
+                t = x.shape[0]
+                offsets = torch.cumsum(torch.full((experts,), t, dtype=torch.int32, device=x.device), 0,
+                                       dtype=torch.int32)
+                out, _ = expert_outputs(layer.experts, layer.layout, x.repeat(experts, 1),
+                                        ids.repeat_interleave(t), offsets)
+                outputs[start:start + t] = out.view(experts, t, hidden).transpose(0, 1).to(inputs.dtype)
+            cache = cls(layer, logits, outputs, torch.zeros_like(inputs))
+            cache.rest = unpruned - cache.routed(None)
+        return cache
+
+    def routed(self, available: torch.Tensor | None, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The routed experts' part of the block output for tokens ``start:stop``, ``available`` experts only."""
+        routing = self.layer.route_logits(self.logits[start:stop], available, self.outputs.dtype)
+        rows = torch.arange(routing.index.shape[0], device=routing.index.device)[:, None]
+        chosen = self.outputs[start:stop][rows, routing.index]  # [t, k, H]
+        return (chosen * routing.weights.to(chosen.dtype)[..., None]).sum(dim=1).to(self.outputs.dtype)
+
+    def loss(self, dropped: Sequence[int], reference: torch.Tensor, chunk: int = 4096) -> float:
+        """``reconstruction_loss`` of the retained set, from the cache (same chunks, same norm)."""
+        mask = torch.ones(self.layer.num_experts, dtype=torch.bool, device=self.logits.device)
+        mask[list(dropped)] = False
+        total = 0.0
+        with torch.inference_mode():
+            for start in range(0, reference.shape[0], chunk):
+                stop = start + chunk
+                out = self.routed(mask, start, stop) + self.rest[start:stop]
+                total += float((out.float() - reference[start:stop].float()).norm())
+        return total
+
+
 def _allowed(dropped: tuple[int, ...], groups: int, size: int, quota: int) -> bool:
     if groups <= 1:
         return True
@@ -125,24 +199,31 @@ def block_outputs(layer: MoELayer, inputs: torch.Tensor) -> torch.Tensor:
 
 def search_layer(view: MoEModelView, layer: MoELayer, inputs: torch.Tensor, remove: int, *, search: str = "auto",
                  protected: Iterable[int] = (), groups: int = 1, exhaustive_limit: int = 5000,
-                 beam_width: int = 4, reference: torch.Tensor | None = None) -> LayerSearchResult:
+                 beam_width: int = 4, reference: torch.Tensor | None = None,
+                 cache_bytes: int = CACHE_BYTES) -> LayerSearchResult:
     """Choose ``remove`` experts of ``layer`` to drop, minimising the reconstruction loss on ``inputs`` against
     ``reference`` (default: the unpruned block's output on ``inputs``; progressive mode passes the original
-    model's block output on the original inputs)."""
+    model's block output on the original inputs). Candidates are scored from an ``ExpertOutputCache`` when one
+    fits in ``cache_bytes`` (0: always run the block)."""
     if search not in SEARCHES:
         raise ValueError(f"unknown NAEE search {search!r}; valid: {', '.join(SEARCHES)}")
     num_experts = layer.num_experts
+    unpruned = block_outputs(layer, inputs)
     if reference is None:
-        reference = block_outputs(layer, inputs)
+        reference = unpruned
     if reference.shape != inputs.shape:
         raise ValueError(f"NAEE reference {list(reference.shape)} does not match the inputs {list(inputs.shape)}")
     candidates = [e for e in range(num_experts) if e not in set(protected)]
     size, quota = num_experts // groups, remove // groups
     evaluated = 0
 
+    cache = ExpertOutputCache.build(layer, inputs, unpruned, cache_bytes) if cache_bytes > 0 else None
+
     def loss(dropped: tuple[int, ...]) -> float:
         nonlocal evaluated
         evaluated += 1
+        if cache is not None:
+            return cache.loss(dropped, reference)
         return reconstruction_loss(view, layer, inputs, reference, dropped)
 
     single = [loss((e,)) for e in range(num_experts)]
@@ -160,7 +241,7 @@ def search_layer(view: MoEModelView, layer: MoELayer, inputs: torch.Tensor, remo
         best = beam[0]
     dropped = set(best[1])
     return LayerSearchResult(layer.index, [e for e in range(num_experts) if e not in dropped], best[0], single,
-                             search, evaluated)
+                             search, evaluated, "cached expert outputs" if cache is not None else "block forward")
 
 
 def check_search_options(search: str, max_tokens: int, batch_size: int, beam_width: int = 4) -> None:
@@ -215,7 +296,8 @@ class _Search:
     layer-by-layer runs)."""
 
     def __init__(self, view: MoEModelView, profile: Any, request: PlanRequest, search: str, exhaustive_limit: int,
-                 beam_width: int) -> None:
+                 beam_width: int, cache_bytes: int = CACHE_BYTES) -> None:
+        self.cache_bytes = cache_bytes
         self.view, self.profile, self.request = view, profile, request
         self.search, self.exhaustive_limit, self.beam_width = search, exhaustive_limit, beam_width
         self.kept = kept_count(view.num_experts, request)
@@ -237,7 +319,7 @@ class _Search:
         reasons = {e: why for (i, e), why in self.protected.items() if i == layer.index}
         result = search_layer(self.view, layer, inputs, self.view.num_experts - self.kept, search=self.search,
                               protected=reasons, groups=self.groups, exhaustive_limit=self.exhaustive_limit,
-                              beam_width=self.beam_width, reference=reference)
+                              beam_width=self.beam_width, reference=reference, cache_bytes=self.cache_bytes)
         self.keep[layer.index] = result.kept
         mask = torch.zeros(layer.num_experts, dtype=torch.bool, device=layer.router_weight.device)
         mask[result.kept] = True
@@ -247,7 +329,7 @@ class _Search:
                                                   f"kept: in the retained set of lowest loss; {how}",
                                                   f"dropped: outside the retained set of lowest loss; {how}")
         self.searches.append({"layer": layer.index, "search": result.search, "evaluated": result.evaluated,
-                              "loss": result.loss, "tokens": int(inputs.shape[0])})
+                              "evaluation": result.evaluation, "loss": result.loss, "tokens": int(inputs.shape[0])})
 
     def record(self, progressive: bool, max_tokens: int, source: str, **extra: Any) -> dict[str, Any]:
         validate_keep(self.view, self.keep, allow_regroup=self.request.allow_regroup)
@@ -267,7 +349,7 @@ class _Search:
 def make_naee_plan(model: nn.Module, sets: Sequence[CalibrationSet], request: PlanRequest, *,
                    search: str = "auto", progressive: bool = False, max_tokens: int = 4096, batch_size: int = 8,
                    exhaustive_limit: int = 5000, beam_width: int = 4, source: str = "",
-                   progress: bool = True) -> dict[str, Any]:
+                   progress: bool = True, cache_bytes: int = CACHE_BYTES) -> dict[str, Any]:
     """A complete plan record (``moekit_plan.json``) chosen by NAEE's reconstruction-loss search.
 
     The calibration sets are also profiled (one forward pass) to find super experts to protect and to
@@ -275,7 +357,7 @@ def make_naee_plan(model: nn.Module, sets: Sequence[CalibrationSet], request: Pl
     check_search_options(search, max_tokens, batch_size, beam_width)
     view = MoEModelView.from_model(model)
     profile = collect_profile(model, sets, batch_size, progress=progress)
-    searcher = _Search(view, profile, request, search, exhaustive_limit, beam_width)
+    searcher = _Search(view, profile, request, search, exhaustive_limit, beam_width, cache_bytes)
     searcher.budgets(sets, max_tokens)
     original = collect_block_inputs(model, view, sets, max_tokens, batch_size, weights=searcher.weights)
     for layer in tqdm(view.layers, desc="NAEE search", unit="layer", disable=not progress):

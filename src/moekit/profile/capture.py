@@ -115,7 +115,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
     return out
 
 
-def _expert_outputs(experts: nn.Module, layout: Any, x: torch.Tensor, expert_ids: torch.Tensor,
+def expert_outputs(experts: nn.Module, layout: Any, x: torch.Tensor, expert_ids: torch.Tensor,
                     offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(outputs ``[P, H]``, intermediate activations ``[P, I]``) of each pair's expert, before gating."""
     if isinstance(layout, DbrxLayout):
@@ -166,7 +166,7 @@ def capture_forward(capture: LayerCapture, hidden: torch.Tensor, top_k_index: to
     counts = torch.histc(expert_ids.float() if x.device.type in ("cpu", "mps") else expert_ids.int(),
                          bins=num_experts, min=0, max=num_experts - 1)
     offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
-    out, intermediate = _expert_outputs(experts, layer.layout, x_sorted, expert_ids, offsets)
+    out, intermediate = expert_outputs(experts, layer.layout, x_sorted, expert_ids, offsets)
     weighted = out if input_gated else out * weights_sorted.unsqueeze(-1)  # [P, H]
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(perm.shape[0], device=perm.device)
