@@ -19,7 +19,7 @@ def run(*args: str):
 
 
 def test_inspect_json_reports_structure_and_parameter_counts(tiny_checkpoint):
-    result = run("inspect", tiny_checkpoint("qwen2_moe"), "--json")
+    result = run("inspect", tiny_checkpoint("qwen2_moe"), "--json", "-")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["model_type"] == "qwen2_moe" and data["num_experts"] == 8 and data["top_k"] == 2
@@ -32,7 +32,7 @@ def test_inspect_json_reports_structure_and_parameter_counts(tiny_checkpoint):
 
 
 def test_inspect_verify_checks_routing_on_the_real_weights(tiny_checkpoint):
-    result = run("inspect", tiny_checkpoint("gpt_oss"), "--verify", "--json")
+    result = run("inspect", tiny_checkpoint("gpt_oss"), "--verify", "--json", "-")
     assert result.exit_code == 0, result.output
     assert max(json.loads(result.stdout)["routing_max_gate_difference"].values()) < 1e-6
 
@@ -50,7 +50,7 @@ def test_prune_then_inspect(tiny_checkpoint, tmp_path):
     result = run("prune", tiny_checkpoint("olmoe"), "--keep-json", keep, "--out", out)
     assert result.exit_code == 0, result.output
     assert "8 -> 4 experts" in " ".join(result.stdout.split())
-    assert json.loads(run("inspect", out, "--json").stdout)["num_experts"] == 4
+    assert json.loads(run("inspect", out, "--json", "-").stdout)["num_experts"] == 4
     # an existing output is replaced only on request
     assert run("prune", tiny_checkpoint("olmoe"), "--keep-json", keep, "--out", out).exit_code == 2
     inside = run("prune", tiny_checkpoint("olmoe"), "--keep-json", out / "moekit_plan.json", "--out", out,

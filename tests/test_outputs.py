@@ -176,3 +176,36 @@ def test_tiny_model_does_not_suggest_an_overwrite_it_lacks(tmp_path: Path) -> No
     (tmp_path / "taken" / "x").write_text("mine")
     result = run("tiny-model", "qwen3_moe", "--out", tmp_path / "taken")
     assert result.exit_code == 2 and "already exists" in result.stderr and "--overwrite" not in result.stderr
+
+
+def test_json_means_a_file_or_stdout_in_every_command(workspace) -> None:
+    """``--json FILE`` writes the results there, ``--json -`` prints the same JSON on stdout and nothing else, in
+    inspect, analyze, eval and speed alike; an existing file is refused without --overwrite."""
+    w = workspace
+    commands = {
+        "inspect": ["inspect", w["model"]],
+        "analyze": ["analyze", w["prof"]],
+        "eval": ["eval", w["model"], "--text", f"t={w['text']}", "--max-length", 32],
+        "speed": ["speed", w["model"], "--prompt-tokens", 8, "--new-tokens", 2, "--repeats", 1],
+    }
+
+    def stable(data: object, timed: bool) -> object:  # speed's timings differ between two runs, nothing else may
+        if isinstance(data, dict):
+            return {k: stable(v, timed) for k, v in data.items()}
+        if isinstance(data, list):
+            return [stable(v, timed) for v in data]
+        # (a timing can also be None: speed leaves out a decode rate it could not separate from the noise)
+        timing = data is None or (isinstance(data, (int, float)) and not isinstance(data, bool))
+        return "a timing" if timed and timing else data
+
+    for name, args in commands.items():
+        target = w["root"] / f"{name}.json"
+        to_file = run(*args, "--json", target)
+        assert to_file.exit_code == 0, (name, to_file.output)
+        to_stdout = run(*args, "--json", "-")
+        assert to_stdout.exit_code == 0, (name, to_stdout.output)
+        printed = json.loads(to_stdout.stdout)  # stdout holds the JSON alone
+        assert stable(printed, name == "speed") == stable(json.loads(target.read_text()), name == "speed"), name
+        again = run(*args, "--json", target)
+        assert again.exit_code == 2 and "already exists" in again.stderr, name
+        assert run(*args, "--json", target, "--overwrite").exit_code == 0, name

@@ -45,7 +45,7 @@ def test_profile_then_analyze(tiny_checkpoint, texts, tmp_path) -> None:
     profile = Profile.load(out)
     assert profile.set_names == ["code", "prose"]
     assert profile.meta["options"]["seq_len"] == 64 and profile.meta["versions"]["torch"] == torch.__version__
-    analysis = run("analyze", out, "--json")
+    analysis = run("analyze", out, "--json", "-")
     assert analysis.exit_code == 0, analysis.output
     report = json.loads(analysis.stdout)
     assert [row["layer"] for row in report["layers"]] == [0, 1, 2]
@@ -204,7 +204,7 @@ def test_dry_run_prints_what_the_run_needs_and_writes_nothing(tiny_checkpoint, t
     assert "dry run" in result.stdout and not (tmp_path / "prof").exists()
     needs = profile_needs(model, tmp_path / "prof", dtype="float32", device="cpu", batch_size=4, seq_len=32, sets=1,
                           neuron_stats=False)
-    structure_params = json.loads(run("inspect", model, "--json").stdout)["total_parameters"]
+    structure_params = json.loads(run("inspect", model, "--json", "-").stdout)["total_parameters"]
     assert needs.model_bytes == 4 * structure_params  # float32
     assert needs.activation_bytes == 2 * 4 * 32 * 64 * 4  # in and out hidden states of one batch, hidden 64
     from dataclasses import replace

@@ -124,6 +124,7 @@ app = typer.Typer(
 )
 # emoji codes (":b:") and markup in user-given text must print as typed: user text is escaped or printed
 # without markup, and emoji replacement is off everywhere
+JSON_HELP = "Write the results as JSON to FILE, or - to print them on stdout instead of the tables."
 out = Console(emoji=False, highlight=False)
 err = Console(stderr=True, emoji=False, highlight=False)
 
@@ -202,7 +203,8 @@ def _root(
 @app.command()
 def inspect(
     model: Annotated[str, typer.Argument(help="Model directory or hub id.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")] = False,
+    json_out: Annotated[str | None, typer.Option("--json", metavar="FILE|-", help=JSON_HELP)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the --json file if it exists.")] = False,
     verify: Annotated[bool, typer.Option(
         "--verify", help="Load the weights and check that moekit's routing function reproduces the model's "
         "own router on random inputs (slower; needed to recognise unlisted families).")] = False,
@@ -212,13 +214,14 @@ def inspect(
     Without --verify only the config is read (the model is built on the meta device), so this is
     instant even for models larger than memory.
 
-    Example: moekit inspect ./tiny-qwen3-moe --json
+    Example: moekit inspect ./tiny-qwen3-moe --json -
     """
     from moekit.arch.view import MoEModelView, routing_mismatch
     from moekit.model_io import load_model, load_structure
     from moekit.summary import format_count, summarize
 
     _quiet_transformers()
+    _check_json_out(json_out, overwrite, [model], [])
     loaded = load_model(model) if verify else load_structure(model)
     view = MoEModelView.from_model(loaded)
     summary = summarize(view)
@@ -234,8 +237,7 @@ def inspect(
             hidden = torch.randn(512, weight.shape[-1], generator=gen).to(weight.device, weight.dtype)
             mismatch[layer.index] = routing_mismatch(layer, hidden)
         result["routing_max_gate_difference"] = mismatch
-    if as_json:
-        out.print_json(json.dumps(result))
+    if _json_to_stdout(json_out, result):
         return
 
     head = Table(title=f"{escape(model)}  ({summary.model_type}, {summary.architecture})", show_header=False)
@@ -272,6 +274,7 @@ def inspect(
             row.append("[green]exact[/]" if diff < 1e-5 else f"[red]max diff {diff:.2g}[/]")
         table.add_row(*row)
     out.print(table)
+    _write_json(json_out, result)
 
 
 def _ranges(indices: list[int]) -> str:
@@ -599,7 +602,8 @@ def profile_merge(
 @app.command()
 def analyze(
     profile: Annotated[Path, typer.Argument(help="A profile directory written by moekit profile.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")] = False,
+    json_out: Annotated[str | None, typer.Option("--json", metavar="FILE|-", help=JSON_HELP)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the --json file if it exists.")] = False,
     sets: Annotated[list[str] | None, typer.Option(
         "--set", help="Analyse only these named sets (repeatable); default: all together.")] = None,
 ) -> None:
@@ -611,19 +615,20 @@ def analyze(
     lists, per named set, the experts it uses most relative to all sets (lift) and how much the
     sets' most-used experts overlap (Jaccard).
 
-    Example: moekit analyze prof --json
+    Example: moekit analyze prof --json -
     """
     from moekit.profile import Profile
     from moekit.profile.analyze import analyze_profile
 
+    _check_json_out(json_out, overwrite, [profile], [])
     loaded = Profile.load(profile)
     for name in sets or []:
         loaded.set_index(name)
     report = analyze_profile(loaded, sets or None)
-    if as_json:
-        out.print_json(json.dumps(report))
+    if _json_to_stdout(json_out, report):
         return
     _print_analysis(report)
+    _write_json(json_out, report)
 
 
 def _print_analysis(report: dict[str, Any]) -> None:
@@ -696,21 +701,30 @@ def run_recipe_command(
     _wrote(", ".join(f"{k}: {v}" for k, v in written.items()))
 
 
-def _check_json_out(path: Path | None, overwrite: bool, sources: list[Any], inputs: list[Any]) -> None:
-    """Check a --json output before the work starts (not after an hour of evaluation)."""
+def _check_json_out(target: str | None, overwrite: bool, sources: list[Any], inputs: list[Any]) -> None:
+    """Check a --json file before the work starts (not after an hour of evaluation); ``-`` is stdout."""
     from moekit.outputs import check_output
 
-    if path is not None:
-        check_output(path, kind="file", overwrite=overwrite, sources=sources, inputs=inputs)
+    if target not in (None, "-"):
+        check_output(Path(target), kind="file", overwrite=overwrite, sources=sources, inputs=inputs)
 
 
-def _write_json(path: Path | None, data: Any) -> None:
+def _json_to_stdout(target: str | None, data: Any) -> bool:
+    """``--json -`` (every command): print ``data`` on stdout and say so (True: print nothing else)."""
+    if target != "-":
+        return False
+    sys.stdout.write(json.dumps(data, indent=1) + "\n")
+    return True
+
+
+def _write_json(target: str | None, data: Any) -> None:
+    """``--json FILE`` (every command): write ``data`` there, atomically (checked before the work by
+    ``_check_json_out``)."""
     from moekit.outputs import write_json_file
 
-    if path is None:
-        return
-    write_json_file(path, data)
-    _wrote(f"{path}")
+    if target not in (None, "-"):
+        write_json_file(Path(target), data)
+        _wrote(target)
 
 
 @app.command("eval")
@@ -737,7 +751,7 @@ def eval_command(
         callback=_dtype_name, help="auto (as stored), bfloat16, float32.")] = "auto",
     prompt: Annotated[list[str] | None, typer.Option(
         "--prompt", help="A fixed prompt to complete greedily (generation sample; repeatable).")] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results (JSON) to this file.")] = None,
+    json_out: Annotated[str | None, typer.Option("--json", metavar="FILE|-", help=JSON_HELP)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the --json file if it exists.")] = False,
     data_dir: Annotated[Path | None, typer.Option(
         "--data-dir", help="Folder of the benchmark files [default: $MOEKIT_EVAL_DATA or ../shared/data/eval].")]
@@ -769,6 +783,8 @@ def eval_command(
     if results is None:
         out.print("dry run: nothing was loaded or written", highlight=False)
         return
+    if _json_to_stdout(json_out, results):
+        return
     table = Table(title=escape(model))
     for col in ("task", "metric", "value", "stderr", "n"):
         table.add_column(col, justify="left" if col in ("task", "metric") else "right")
@@ -797,7 +813,7 @@ def speed(
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     dtype: Annotated[str, typer.Option(
         callback=_dtype_name, help="auto (as stored), bfloat16, float32.")] = "auto",
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results (JSON) to this file.")] = None,
+    json_out: Annotated[str | None, typer.Option("--json", metavar="FILE|-", help=JSON_HELP)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the --json file if it exists.")] = False,
 ) -> None:
     """Memory and speed of the original and compressed models, in one run, on the same prompts and batch.
@@ -819,6 +835,8 @@ def speed(
     result = measure_footprint_and_speed(named, batch_size=batch_size, prompt_tokens=prompt_tokens,
                                          new_tokens=new_tokens, repeats=repeats, warmup=warmup, device=device,
                                          dtype=dtype, progress=True)
+    if _json_to_stdout(json_out, result):
+        return
     out.print(format_speed_table(result), soft_wrap=True, markup=False)
     _write_json(json_out, result)
 
