@@ -209,3 +209,14 @@ def test_json_means_a_file_or_stdout_in_every_command(workspace) -> None:
         again = run(*args, "--json", target)
         assert again.exit_code == 2 and "already exists" in again.stderr, name
         assert run(*args, "--json", target, "--overwrite").exit_code == 0, name
+
+
+def test_prune_card_and_report_show_paths_relative_to_the_output(workspace) -> None:
+    """The pruned checkpoint's card and a report name the source model and the calibration file relative to the
+    output, never by this machine's absolute folders."""
+    w = workspace
+    card = (w["pruned"] / "README.md").read_text()
+    assert str(w["root"]) not in card and "`../models/tiny`" in card and "`../text.txt`" in card, card
+    assert run("report", "--profile", w["prof"], "--plan", w["plan"], "--out", w["root"] / "rep").exit_code == 0
+    report = (w["root"] / "rep" / "report.md").read_text()
+    assert str(w["root"]) not in report and "Source model: ../models/tiny" in report, report

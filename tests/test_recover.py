@@ -147,3 +147,18 @@ def test_cli_refuses_bad_inputs_before_training(dense_and_moe) -> None:
                                  "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "vocabulary" in result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_cards_show_paths_relative_to_the_output_not_this_machines_folders(dense_and_moe) -> None:
+    """moefy's, upcycle's and recover's cards name their sources relative to the output (``../dense``); a card
+    is published with the model and must not carry the absolute folders of the machine that wrote it."""
+    tmp_path, text = dense_and_moe
+    assert runner.invoke(app, ["upcycle", str(tmp_path / "dense"), "--experts", "2", "--out",
+                               str(tmp_path / "up")]).exit_code == 0
+    assert runner.invoke(app, ["recover", str(tmp_path / "moe"), "--teacher", str(tmp_path / "dense"), "--data",
+                               f"prose={text}", "--steps", "1", "--batch-size", "2", "--seq-len", "32",
+                               "--out", str(tmp_path / "rec")]).exit_code == 0
+    for out, source in (("moe", "../dense"), ("up", "../dense"), ("rec", "../moe")):
+        card = (tmp_path / out / "README.md").read_text()
+        assert str(tmp_path) not in card, out
+        assert f"`{source}`" in card, (out, card)

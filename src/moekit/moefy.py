@@ -38,7 +38,7 @@ from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
 
 from moekit.edit.checkpoint import check_output_dir, write_checkpoint
 from moekit.errors import UserError
-from moekit.model_io import describe_source, load_model
+from moekit.model_io import describe_source, load_model, shown_path
 
 # Dense model type -> the stock MoE family that shares its blocks.
 MOEFY_FAMILIES = {"llama": "mixtral", "mistral": "mixtral"}
@@ -164,7 +164,7 @@ def moefy_to_checkpoint(source: str | Path, out: str | Path, experts: int, top_k
     dense = load_model(source, dtype=dtype)
     moe, partitions = moefy_model(dense, experts, top_k, router, seed)
     record = moefy_record(describe_source(source), experts, top_k, router, seed, partitions)
-    card = (f"# {Path(out).name}\n\nConverted by `moekit moefy` from the dense `{describe_source(source)}`: every FFN "
+    card = (f"# {Path(out).name}\n\nConverted by `moekit moefy` from the dense `{shown_path(source, out)}`: every FFN "
             f"split into {experts} experts of {moe.config.intermediate_size} neurons (balanced k-means of neuron "
             f"weights), top-{top_k} routing, router initialised `{router}`, experts' down projections scaled by "
             f"{top_k}. Attention, norms and embeddings are the dense model's. Not trained yet: recover quality with "

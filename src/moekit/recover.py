@@ -40,7 +40,7 @@ from moekit.arch import MoEModelView
 from moekit.data import CalibrationSet, DataError, DataSpec, load_calibration_set
 from moekit.environment import versions
 from moekit.errors import UserError
-from moekit.model_io import describe_source, load_config, load_model, load_structure
+from moekit.model_io import describe_source, load_config, load_model, load_structure, shown_path
 
 Trainable = Literal["router", "all"]
 TRAINABLE = ("router", "all")
@@ -329,12 +329,12 @@ def recover_to_checkpoint(source: str | Path, data: Sequence[str | DataSpec], ou
     model.to(save_dtype)
     check_finite_parameters(model, f"in {save_dtype}")
     final = record["loss_curve"][-1]["loss"]
-    card = (f"# {Path(out).name}\n\nRecovered by `moekit recover` from `{describe_source(source)}`: "
+    card = (f"# {Path(out).name}\n\nRecovered by `moekit recover` from `{shown_path(source, out)}`: "
             f"{settings.steps} steps of {settings.batch_size} x {seq_len} tokens ({record['tokens_seen']:,} tokens), "
             f"training {'the routers only' if settings.train == 'router' else 'every weight'} "
             f"({record['trained_parameters']:,} of {record['total_parameters']:,} parameters) on "
             f"{', '.join(s.name for s in sets)} with {record['objective']}"
-            + (f" from `{describe_source(teacher)}`" if teacher is not None else "")
+            + (f" from `{shown_path(teacher, out)}`" if teacher is not None else "")
             + f". Final training loss {final:.4f}. The full record is in moekit_plan.json; the curve in "
             "recovery_loss.png.\n")
     with tempfile.TemporaryDirectory() as tmp:

@@ -45,7 +45,7 @@ from moekit.arch.view import MoEModelView
 from moekit.edit.checkpoint import check_output_dir, write_checkpoint
 from moekit.edit.prune import prune_layer, set_count_attributes, set_top_k
 from moekit.errors import UserError
-from moekit.model_io import describe_source, load_config, load_model
+from moekit.model_io import describe_source, load_config, load_model, shown_path
 from moekit.moefy import check_swiglu_ffn, dense_fields
 
 # Dense model type -> the stock MoE family that shares its blocks.
@@ -185,7 +185,7 @@ def upcycle_to_checkpoint(source: str | Path, out: str | Path, *, experts: int |
                   "step0_max_logit_difference": difference}
         what = (f"every expert duplicated {factor} times ({old_experts} -> {view.num_experts} per layer), "
                 f"top-{old_top_k} -> top-{view.top_k}")
-    card = (f"# {Path(out).name}\n\nUpcycled by `moekit upcycle` from `{describe_source(source)}`: {what}. "
+    card = (f"# {Path(out).name}\n\nUpcycled by `moekit upcycle` from `{shown_path(source, out)}`: {what}. "
             f"Largest logit difference to the source on random tokens at step 0: {difference:.3g}. Not trained yet: "
             f"train it with `moekit recover {Path(out).name} --teacher <the source> --data NAME=PATH`.\n")
     return write_checkpoint(moe, out, source, record, card, overwrite=overwrite), record

@@ -122,5 +122,5 @@ def _run_demo_into(out: Path, progress: bool, ratio: float, say: Any) -> dict[st
 
     inputs = report_inputs_from_demo(out)
     title = inputs.pop("title")
-    write_report_files(out, title, report_sections(**inputs))
+    write_report_files(out, title, report_sections(**inputs, base=out))
     return results

@@ -121,7 +121,7 @@ def _records(source: str | Path, out: Path, before: ModelSummary, after: ModelSu
         plan = prune_plan_record(source_name, before, keep, method, details, top_k=top_k)
     if reproduce is None:
         reproduce = f"moekit apply {shlex.quote(source_name)} moekit_plan.json --out OUT"
-    return plan, render_prune_card(out.name, source_name, before, after, plan, reproduce)
+    return plan, render_prune_card(out.name, source_name, before, after, plan, reproduce, base=out)
 
 
 def _save_generation_config(model: Any, source: Path, tmp: Path) -> None:

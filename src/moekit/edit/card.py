@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import datetime as _dt
+from pathlib import Path
 from typing import Any
 
 import moekit
 from moekit.environment import versions
+from moekit.model_io import shown_path
 from moekit.summary import ModelSummary, format_count
 
 PLAN_FORMAT = "moekit.expert_prune_plan/1"
@@ -60,14 +62,14 @@ def _has_scores(plan: dict[str, Any]) -> bool:
     return any("experts" in entry for entry in plan["layers"].values())
 
 
-def _details_text(details: dict[str, Any]) -> str:
+def _details_text(details: dict[str, Any], base: Path | None = None) -> str:
     """Method, budget, calibration data and protections of a scored plan, as card lines."""
     if "criterion" not in details:
         return "".join(f"\n- {key}: `{value}`" for key, value in sorted(details.items())) + "\n" if details else ""
     budget = (f"ratio {details['ratio']} (fraction of experts removed)" if details.get("ratio") is not None
               else f"keep {details['keep']} experts per layer")
     sets = details.get("profile", {}).get("sets", [])
-    data = "; ".join(f"`{s['name']}`: {s['tokens']:,} tokens from `{_data_path(s['data'])}` "
+    data = "; ".join(f"`{s['name']}`: {s['tokens']:,} tokens from `{_data_path(s['data'], base)}` "
                      f"(weight {details['set_weights'].get(s['name'], 0):g})" for s in sets)
     protections = details.get("protections", {})
     supers = ", ".join(f"{layer}:{expert}" for layer, expert in protections.get("super_experts", [])) or "none"
@@ -78,13 +80,19 @@ def _details_text(details: dict[str, Any]) -> str:
             f"- protected by the user: {user}\n")
 
 
-def _data_path(data: Any) -> str:
+def _data_path(data: Any, base: Path | None = None) -> str:
     items = data if isinstance(data, list) else [data]
-    return ", ".join(str(item.get("path", "?")) for item in items if isinstance(item, dict))
+    paths = [str(item.get("path", "?")) for item in items if isinstance(item, dict)]
+    return ", ".join(shown_path(p, base) if base is not None and p != "?" else p for p in paths)
 
 
 def render_prune_card(name: str, source: str, before: ModelSummary, after: ModelSummary, plan: dict[str, Any],
-                      reproduce: str) -> str:
+                      reproduce: str, base: Path | None = None) -> str:
+    """The pruned checkpoint's README.md; with ``base`` (the output folder) local paths are shown relative to it
+    or by name (``shown_path``), not as this machine's absolute paths."""
+    if base is not None:
+        reproduce = reproduce.replace(source, shown_path(source, base))
+        source = shown_path(source, base)
     v = versions()
     today = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     rows = "\n".join(
@@ -120,7 +128,7 @@ It loads with plain `AutoModelForCausalLM.from_pretrained`.
 Method: `{plan['method']}`. The plan (`moekit_plan.json`, beside this card) lists the kept and removed
 experts of every layer{" with each expert's score and the reason for its fate" if _has_scores(plan) else ""};
 kept experts keep their relative order (new id = rank of the old id).
-{_details_text(plan.get("details") or {})}
+{_details_text(plan.get("details") or {}, base)}
 Reproduce: `{reproduce}`
 
 ## Removed experts per MoE layer

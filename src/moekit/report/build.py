@@ -66,11 +66,11 @@ class Section:
     blocks: list[Block]
 
 
-def load_section(profile: Any) -> Section:
+def load_section(profile: Any, base: Path | None = None) -> Section:
     from moekit.profile.analyze import balance_warnings, layer_summary
 
     sets = ", ".join(f"{s['name']} ({s['tokens']:,} tokens)" for s in profile.meta["sets"])
-    source = profile.meta.get("model", {}).get("source") or "?"
+    source = _shown(profile.meta.get("model", {}).get("source") or "?", base)
     rows = []
     summaries = [layer_summary(profile, layer) for layer in profile.fingerprint["moe_layers"]]
     for summary in summaries:
@@ -90,14 +90,22 @@ def load_section(profile: Any) -> Section:
     ])
 
 
-def scores_section(plans: Sequence[dict[str, Any]]) -> Section:
+def _shown(path: str, base: Path | None) -> str:
+    """A model path as the report shows it: relative to the report's folder or by name (``shown_path``)."""
+    from moekit.model_io import shown_path
+
+    return path if base is None or path == "?" else shown_path(path, base)
+
+
+def scores_section(plans: Sequence[dict[str, Any]], base: Path | None = None) -> Section:
     blocks: list[Block] = [Text("Per layer, experts sorted by score (highest left). Experts left of the dashed "
                                 "line are kept; protected experts are kept whatever their score.")]
     for number, plan in enumerate(plans, 1):
         title = plan_title(plan)
         details = plan.get("details") or {}
         protections = (details.get("protections") or {}).get("super_experts") or []
-        blocks.append(Text(f"Plan {number}: {title}. Source model: {(plan.get('source') or {}).get('model', '?')}; "
+        source = _shown((plan.get("source") or {}).get("model", "?"), base)
+        blocks.append(Text(f"Plan {number}: {title}. Source model: {source}; "
                            f"experts per layer {plan['num_experts']['before']} to {plan['num_experts']['after']}"
                            + (f"; protected super experts {protections}" if protections else "") + "."))
         blocks.append(Image(f"scores_{number}.png", figures.score_figure(plan, title), f"scores of plan {number}"))
@@ -263,7 +271,7 @@ def build_report(out_dir: str | Path, *, profile: Any = None, plans: Sequence[An
     out = check_output(out_dir, kind="report", overwrite=overwrite,
                        sources=[*models, *(p for p in paths if Path(p).is_dir() and p is not profile)],
                        inputs=[*paths, *inputs])
-    sections = report_sections(profile=profile, plans=plans, results=results, speed=speed, samples=samples)
+    sections = report_sections(profile=profile, plans=plans, results=results, speed=speed, samples=samples, base=out)
     with writing_directory(out, "report") as tmp:
         write_report_files(tmp, title, sections)
     return out / "report.md", out / "report.html"
@@ -280,13 +288,14 @@ def _load_profile(path: str | Path) -> Any:
 
 def report_sections(*, profile: Any = None, plans: Sequence[Any] = (),
                     results: Sequence[ResultPoint | Mapping[str, Any]] = (), speed: Mapping[str, Any] | None = None,
-                    samples: Sequence[Mapping[str, Any]] | None = None) -> list[Section]:
-    """The report's sections (tables and figures) for what is given; every input is checked here."""
+                    samples: Sequence[Mapping[str, Any]] | None = None, base: Path | None = None) -> list[Section]:
+    """The report's sections (tables and figures) for what is given; every input is checked here. ``base``: the
+    report's folder, to show local paths relative to it rather than as this machine's absolute paths."""
     sections: list[Section] = []
     if profile is not None:
-        sections.append(load_section(_load_profile(profile) if isinstance(profile, (str, Path)) else profile))
+        sections.append(load_section(_load_profile(profile) if isinstance(profile, (str, Path)) else profile, base))
     if plans:
-        sections.append(scores_section([load_plan(p) for p in plans]))
+        sections.append(scores_section([load_plan(p) for p in plans], base))
     if results:
         sections.append(quality_section([coerce_result(r) for r in results]))
     if speed is not None:
