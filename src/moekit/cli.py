@@ -732,7 +732,8 @@ def eval_command(
     model: Annotated[str, typer.Argument(help="Model directory or hub id.")],
     task: Annotated[list[str] | None, typer.Option(
         "--task", help="A benchmark task (arc_easy, arc_challenge, piqa, hellaswag, winogrande, mmlu, "
-        "lambada_openai, gsm8k) or a task YAML file; repeatable. Scored as lm-evaluation-harness does.")] = None,
+        "lambada_openai, gsm8k) or a task YAML file; repeatable. lm-evaluation-harness's prompts and metrics on "
+        "the local files (GSM8K's few-shot exemplars: the first other test items).")] = None,
     text: Annotated[list[str] | None, typer.Option(
         "--text", help="Perplexity on your own text: NAME=PATH (any format moekit profile reads); repeatable.")]
     = None,
