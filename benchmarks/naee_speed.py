@@ -1,7 +1,8 @@
 """NAEE's search time with cached expert outputs against a block forward per candidate, and that both keep the
 same experts.
 
-On the bundled demo model (16 experts, top-4, 4 layers) and a tiny random Qwen3-MoE with 64 experts, top-8:
+On the bundled demo model (16 experts, top-4, 4 layers; ``--tiny-64x8`` adds a tiny random Qwen3-MoE with 64
+experts, top-8, hidden 32, where a block forward costs little and the cache gains nothing -- slow to measure):
 ``make_naee_plan`` (beam search, width 4) at 50% and 75% removed, on ``--tokens`` calibration tokens of the demo
 texts, with ``cache_bytes`` at its default and at 0 (block forwards). The two are run alternately, ``--repeats``
 times each after one warm-up, and the plans' kept experts are compared.
@@ -52,12 +53,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--tiny-64x8", action="store_true", help="also the tiny random 64-expert model")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     torch.manual_seed(0)
     ids = demo_tokens(args.tokens)
-    models = {"demo-qwen3-16x4": load_model(MODEL_DIR, dtype=torch.float32),
-              "tiny-qwen3-64x8": build_tiny_model("qwen3_moe", num_experts=64, top_k=8, vocab_size=49152)}
+    models = {"demo-qwen3-16x4": load_model(MODEL_DIR, dtype=torch.float32)}
+    if args.tiny_64x8:
+        models["tiny-qwen3-64x8"] = build_tiny_model("qwen3_moe", num_experts=64, top_k=8, vocab_size=49152)
     rows = []
     for name, model in models.items():
         sets = [CalibrationSet("demo", ids, torch.ones_like(ids))]

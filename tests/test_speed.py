@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from moekit.summary import summarize
 from moekit.tiny import TINY_CONTEXT, save_tiny_model
 
 KEEP = {0: [0, 1, 2, 3], 1: [0, 1, 2, 3], 2: [0, 1, 2, 3]}
-SMALL = dict(batch_size=2, prompt_tokens=12, new_tokens=3, repeats=2)
+SMALL = dict(batch_size=2, prompt_tokens=12, new_tokens=3, repeats=2, rounds=2)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,9 @@ def test_speeds_are_positive_and_the_result_is_json(result):
     assert "CUDA only" in result["peak_memory_note"]
     for entry in result["models"].values():
         assert entry["peak_memory_bytes"] is None and entry["weights_memory_bytes"] is None
-        assert len(entry["prefill_seconds"]) == SMALL["repeats"] == len(entry["decode_seconds"])
+        # two rounds of two timed runs each, pooled
+        assert len(entry["prefill_seconds"]) == 4 == len(entry["decode_seconds"])
+        assert entry["prefill_seconds_median"] == pytest.approx(statistics.median(entry["prefill_seconds"]))
         for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
             assert entry[key] > 0 and math.isfinite(entry[key])
         assert entry["decode_tokens_per_s"] == pytest.approx(
@@ -114,6 +117,17 @@ def test_speeds_are_positive_and_the_result_is_json(result):
         assert entry["prefill_tokens_per_s"] == pytest.approx(
             SMALL["batch_size"] * SMALL["prompt_tokens"] / entry["prefill_seconds_median"])
     assert all(v in (1.0, None) for v in result["models"]["original"]["ratios"].values())
+
+
+def test_rounds_alternate_the_order_and_are_said(result, pair):
+    assert result["order"] == [["original", "pruned"], ["pruned", "original"]]
+    assert "order reversed every other round (original pruned; pruned original)" in format_speed_table(result)
+    once = measure_footprint_and_speed(pair, **{**SMALL, "rounds": 1})
+    assert once["order"] == [["original", "pruned"]]
+    assert all(len(m["prefill_seconds"]) == 2 for m in once["models"].values())
+    assert "use more than one round" in format_speed_table(once)
+    with pytest.raises(EvalError, match="rounds must be a whole number of at least 1"):
+        measure_footprint_and_speed(pair, **{**SMALL, "rounds": 0})
 
 
 def test_table_lists_every_model_with_ratios(result):
@@ -193,3 +207,20 @@ def test_differences_inside_the_spread_of_the_runs_are_said_to_be_noise() -> Non
     assert within_noise(overlapping, reference) == {"prefill": True, "decode": False}
     assert within_noise({"prefill_seconds": [], "decode_seconds": [3.0]}, reference) == {"prefill": None,
                                                                                           "decode": False}
+
+
+def test_report_shows_a_speed_result_as_a_short_table_and_a_figure(result, tmp_path):
+    """A ``moekit speed`` result in a report: seven chosen columns with ratios (not its ~30 raw fields), and a
+    figure of the ratios."""
+    from moekit.report.build import build_report
+
+    md, _ = build_report(tmp_path / "rep", speed=result)
+    text = md.read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| model |"))
+    assert header == ("| model | experts | weights | routed experts | active / token | checkpoint | prefill tok/s | "
+                      "decode tok/s |")  # no peak GPU memory column on CPU, no raw fields
+    pruned_row = next(line for line in text.splitlines() if line.startswith("| pruned |"))
+    assert "(0.50x)" in pruned_row  # routed experts halved
+    assert "2 round(s), the order reversed" in text
+    figure = tmp_path / "rep" / "figures" / "speed.png"
+    assert figure.stat().st_size > 5000

@@ -811,6 +811,9 @@ def speed(
     new_tokens: Annotated[int, typer.Option("--new-tokens", help="Greedy tokens generated (decode).")] = 64,
     repeats: Annotated[int, typer.Option(help="Timed runs per measurement (median reported).")] = 3,
     warmup: Annotated[int, typer.Option(help="Untimed runs first (use 2+ on a GPU).")] = 1,
+    rounds: Annotated[int, typer.Option(
+        help="Measure every model this many times, the order reversed every other round (A B, B A), runs pooled: "
+        "an effect of the order then shows in the spread instead of favouring one model.")] = 2,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     dtype: Annotated[str, typer.Option(
         callback=_dtype_name, help="auto (as stored), bfloat16, float32.")] = "auto",
@@ -834,7 +837,8 @@ def speed(
         named[name if name not in named else f"{name}-{len(named)}"] = path
     _check_json_out(json_out, overwrite, list(named.values()), [])
     result = measure_footprint_and_speed(named, batch_size=batch_size, prompt_tokens=prompt_tokens,
-                                         new_tokens=new_tokens, repeats=repeats, warmup=warmup, device=device,
+                                         new_tokens=new_tokens, repeats=repeats, warmup=warmup, rounds=rounds,
+                                         device=device,
                                          dtype=dtype, progress=True)
     if _json_to_stdout(json_out, result):
         return

@@ -112,7 +112,12 @@ def _run_demo_into(out: Path, progress: bool, ratio: float, say: Any) -> dict[st
         model = load_model(paths[variant.name], dtype=torch.float32)
         table[variant.name] = {name: perplexity(model, tokenizer, texts, max_length=SEQ_LEN, batch_size=16,
                                                 progress=False).ppl for name, texts in eval_texts.items()}
-    say("4/4 evaluate: per-domain perplexity of every model on held-out text")
+    from moekit.eval.speed import measure_footprint_and_speed
+
+    speed = measure_footprint_and_speed({v.label: paths[v.name] for v in VARIANTS}, batch_size=1,
+                                        prompt_tokens=SEQ_LEN // 2, new_tokens=8, repeats=3, rounds=2)
+    (out / "speed.json").write_text(json.dumps(speed, indent=1) + "\n")
+    say("4/4 evaluate: per-domain perplexity of every model on held-out text, memory and speed (speed.json)")
     results = {"model": str(MODEL_DIR), "ratio": ratio, "summary": summary.to_dict(), "perplexity": table,
                "parameters": sizes, "variants": [v.__dict__ for v in VARIANTS], "analysis": analysis,
                "versions": profile.meta["versions"]}

@@ -7,7 +7,8 @@
     print(format_speed_table(result))
 
 What is measured, for every named model directory, one model loaded at a time, in one call and on
-the same batch of prompts (the first model is the reference every ratio is taken to):
+the same batch of prompts (the first model is the reference every ratio is taken to), in rounds whose
+order alternates (A B, then B A) so that an effect of the order is in every model's spread:
 
 - parameter bytes (``numel x element size`` of every parameter, in the dtype it is loaded in, tied
   weights once): the total, the routed experts, the shared experts, everything but the routed
@@ -316,6 +317,12 @@ def _measure_speed(model: Any, ids: torch.Tensor, new_tokens: int, repeats: int,
     if any(n != new_tokens for n in produced[warmup:]):
         raise EvalError(f"generate produced {sorted(set(produced))} new tokens instead of {new_tokens}: "
                         "the model stopped early although min_new_tokens was set")
+    return speed_summary(prefill_seconds, decode_seconds, batch, length, new_tokens)
+
+
+def speed_summary(prefill_seconds: list[float], decode_seconds: list[float], batch: int, length: int,
+                  new_tokens: int) -> dict[str, Any]:
+    """Medians and tokens/s of the timed runs (every run of every round)."""
     prefill_median = statistics.median(prefill_seconds)
     decode_median = statistics.median(decode_seconds)
     steady = decode_median - prefill_median
@@ -409,8 +416,14 @@ def measure_footprint_and_speed(
     dtype: str | torch.dtype = "auto",
     seed: int = 0,
     progress: bool = False,
+    rounds: int = 2,
 ) -> dict[str, Any]:
     """Parameter bytes, checkpoint size, peak memory, prefill and decode speed of each model, side by side.
+
+    The models are measured one loaded at a time, in ``rounds`` rounds, the order reversed every other round
+    (A B, B A, ...): each model's timed runs of all rounds are pooled, so an effect of the order (warm caches,
+    clocks, other load) lands in every model's spread instead of favouring one. Peak memory is the largest of
+    the rounds. ``rounds=1`` measures each model once, in the given order.
 
     ``models`` maps names to model directories; the first is the reference (``ratios`` of every model
     are to it). Every model runs on the same ``[batch_size, prompt_tokens]`` token ids (random,
@@ -428,6 +441,8 @@ def measure_footprint_and_speed(
     paths = _check_inputs(models, prompts, batch_size, prompt_tokens, new_tokens, repeats)
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise EvalError(f"warmup must be a whole number of at least 0, got {warmup!r}")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise EvalError(f"rounds must be a whole number of at least 1, got {rounds!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise EvalError(f"device {device!r} asked for, but CUDA is not available: use device='cpu'")
     vocab_size, tokenizers = _check_configs(paths, prompt_tokens, new_tokens)
@@ -443,24 +458,46 @@ def measure_footprint_and_speed(
         "cpu_threads": torch.get_num_threads(),
         "settings": {
             "batch_size": batch_size, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
-            "repeats": repeats, "warmup": warmup, "seed": seed,
+            "repeats": repeats, "warmup": warmup, "seed": seed, "rounds": rounds,
             "prompts": "random token ids (seeded, special tokens excluded)" if prompts is None
             else f"{len(prompts)} text(s) tokenised with the first model's tokenizer, repeated to prompt_tokens",
-            "timing": "median of repeats after warmup untimed runs, synchronised; decode includes the prompt's prefill",
+            "timing": "median of the repeats of every round, each after warmup untimed runs, synchronised; decode "
+                      "includes the prompt's prefill",
         },
         "peak_memory_note": None if dev.type == "cuda" else CPU_MEMORY_NOTE.format(device=dev.type),
         "reference": next(iter(paths)),
         "models": {},
     }
     names = list(paths)
-    for name in tqdm(names, desc="speed", disable=not progress):
-        result["models"][name] = _measure_one(name, paths[name], ids, new_tokens=new_tokens, repeats=repeats,
-                                              warmup=warmup, device=device, dtype=dtype)
+    orders = [names if r % 2 == 0 else names[::-1] for r in range(rounds)]
+    result["order"] = orders
+    with tqdm(total=rounds * len(names), desc="speed", disable=not progress) as bar:
+        for order in orders:
+            for name in order:
+                entry = _measure_one(name, paths[name], ids, new_tokens=new_tokens, repeats=repeats,
+                                     warmup=warmup, device=device, dtype=dtype)
+                result["models"][name] = _pool_rounds(result["models"].get(name), entry, ids.shape, new_tokens)
+                bar.update()
     reference = result["models"][names[0]]
     for name in names:
         result["models"][name]["ratios"] = _ratios(result["models"][name], reference)
         result["models"][name]["within_noise"] = within_noise(result["models"][name], reference)
     return result
+
+
+def _pool_rounds(earlier: dict[str, Any] | None, entry: dict[str, Any], shape: torch.Size,
+                 new_tokens: int) -> dict[str, Any]:
+    """One model's entry over the rounds so far: timed runs pooled, speeds from the pooled runs, peak memory the
+    largest of the rounds."""
+    if earlier is None:
+        return entry
+    prefill = earlier["prefill_seconds"] + entry["prefill_seconds"]
+    decode = earlier["decode_seconds"] + entry["decode_seconds"]
+    pooled = {**earlier, **speed_summary(prefill, decode, shape[0], shape[1], new_tokens)}
+    for key in ("peak_memory_bytes", "weights_memory_bytes"):
+        values = [v for v in (earlier.get(key), entry.get(key)) if v is not None]
+        pooled[key] = max(values) if values else None
+    return pooled
 
 
 def within_noise(entry: Mapping[str, Any], reference: Mapping[str, Any]) -> dict[str, bool | None]:
@@ -525,9 +562,14 @@ def format_speed_table(result: Mapping[str, Any]) -> str:
         f"{name} prefill {min(m['prefill_seconds']):.4g} .. {max(m['prefill_seconds']):.4g}, decode "
         f"{min(m['decode_seconds']):.4g} .. {max(m['decode_seconds']):.4g}"
         for name, m in result["models"].items() if m.get("prefill_seconds") and m.get("decode_seconds"))]
-    lines += ["", "Models are measured one after the other (each loaded, warmed up, timed), not alternated: an "
-              "effect of the order (caches, clocks, other load) is not in these spreads. Measure the same model "
-              "twice to see its size on this machine."]
+    rounds = s.get("rounds", 1)
+    if rounds > 1:
+        lines += ["", f"Models measured in {rounds} rounds, the order reversed every other round "
+                  f"({'; '.join(' '.join(o) for o in result.get('order', []))}); every model's runs of all rounds "
+                  "are pooled, so an effect of the order is inside the spreads."]
+    else:
+        lines += ["", "Models measured once each, one after the other (each loaded, warmed up, timed): an effect of "
+                  "the order (caches, clocks, other load) is not in these spreads; use more than one round."]
     if any(m.get("within_noise", {}).get(p) for name, m in result["models"].items() if name != reference
            for p in ("prefill", "decode")):
         lines += ["", "\\* within the noise: the timed runs of that model and of the reference overlap, so the "

@@ -143,11 +143,59 @@ def _format_field(name: str, value: float) -> str:
     return f"{value:,.4g}" if abs(value) < 1000 else f"{value:,.1f}"
 
 
+# The columns a ``moekit speed`` result is shown with (its JSON has ~30 fields per model), and their headers.
+SPEED_COLUMNS = {"total_bytes": "weights", "routed_expert_bytes": "routed experts", "active_bytes": "active / token",
+                 "checkpoint_bytes": "checkpoint", "peak_memory_bytes": "peak GPU memory",
+                 "prefill_tokens_per_s": "prefill tok/s", "decode_tokens_per_s": "decode tok/s"}
+
+
+def _measured_speed_section(speed: Mapping[str, Any], models: Mapping[str, Any]) -> Section:
+    """A ``moekit speed`` result: the sizes and speeds that matter, each with its ratio to the reference, the
+    differences inside the timing noise marked, and a figure of the ratios."""
+    reference = speed.get("reference") or next(iter(models))
+    columns = [c for c in SPEED_COLUMNS if any(isinstance(m.get(c), (int, float)) for m in models.values())]
+    rows = []
+    for name, m in models.items():
+        cells = [str(name), f"{m.get('num_experts', '?')} (top-{m.get('top_k', '?')})"]
+        for column in columns:
+            value = m.get(column)
+            if not isinstance(value, (int, float)):
+                cells.append("-")
+                continue
+            text = _format_field(column, value) if column.endswith("bytes") else f"{value:,.1f}"
+            ratio = (m.get("ratios") or {}).get(column)
+            if name != reference and isinstance(ratio, (int, float)):
+                text += f" ({ratio:.2f}x)"
+            phase = column.split("_")[0]
+            if name != reference and (m.get("within_noise") or {}).get(phase):
+                text += " *"
+            cells.append(text)
+        rows.append(cells)
+    settings = speed.get("settings") or {}
+    blocks: list[Block] = [
+        Text(f"Device {speed.get('device', '?')} ({speed.get('device_name', '?')}), dtype {speed.get('dtype', '?')}; "
+             f"batch {settings.get('batch_size', '?')} x {settings.get('prompt_tokens', '?')} prompt tokens, "
+             f"{settings.get('new_tokens', '?')} new tokens; speeds are medians of {settings.get('repeats', '?')} runs "
+             f"in each of {settings.get('rounds', 1)} round(s), the order reversed every other round. Ratios are to "
+             f"{reference}; * marks a speed whose timed runs overlap the reference's (inside the noise)."),
+        Table(["model", "experts", *(SPEED_COLUMNS[c] for c in columns)], rows,
+              [False, True] + [True] * len(columns)),
+        Image("speed.png", figures.speed_figure(models, reference, columns), "memory and speed relative to the "
+              "reference"),
+    ]
+    if speed.get("peak_memory_note"):
+        blocks.append(Text(str(speed["peak_memory_note"])))
+    return Section("speed", SECTION_TITLES["speed"], blocks)
+
+
 def speed_section(speed: Mapping[str, Any]) -> Section:
     models = speed.get("models") if isinstance(speed, Mapping) else None
     if not isinstance(models, Mapping) or not models:
         raise ReportError("speed must be a dict like {'models': {name: {'total_bytes': ..., ...}}} with at least "
                           "one model")
+    if all(isinstance(m, Mapping) and isinstance(m.get("prefill_tokens_per_s"), (int, float))
+           for m in models.values()):
+        return _measured_speed_section(speed, models)
     columns: dict[str, None] = {}
     for name, row in models.items():
         if not isinstance(row, Mapping):

@@ -196,3 +196,44 @@ def quality_figure(points: Sequence[ResultPoint]) -> bytes:
                    bbox_to_anchor=(0.5, 1.0))
     fig.tight_layout()
     return to_png(fig)
+
+
+def speed_figure(models: Mapping[str, Mapping[str, Any]], reference: str, columns: Sequence[str]) -> bytes:
+    """Horizontal bars: every model's size and speed as a ratio to the reference (1 = the same), one group of
+    bars per quantity, the reference's line at 1; speeds whose runs overlap the reference's are hatched."""
+    labels = {"total_bytes": "weights", "routed_expert_bytes": "routed experts", "active_bytes": "active / token",
+              "checkpoint_bytes": "checkpoint", "peak_memory_bytes": "peak GPU memory",
+              "prefill_tokens_per_s": "prefill speed", "decode_tokens_per_s": "decode speed"}
+    others = [name for name in models if name != reference] or [reference]
+    quantities = [c for c in columns if any(isinstance((models[n].get("ratios") or {}).get(c), (int, float))
+                                            for n in others)]
+    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.35 * max(1, len(quantities) * len(others))))
+    height = 0.8 / len(others)
+    colours = plt.get_cmap("tab10")
+    for i, name in enumerate(others):
+        ratios = models[name].get("ratios") or {}
+        noise = models[name].get("within_noise") or {}
+        for j, quantity in enumerate(quantities):
+            value = ratios.get(quantity)
+            if not isinstance(value, (int, float)):
+                continue
+            inside = name != reference and bool(noise.get(quantity.split("_")[0]))
+            ax.barh(j + i * height, value, height * 0.9, color=colours(i), hatch="//" if inside else None,
+                    edgecolor="white" if inside else None, label=name if j == 0 else None)
+            ax.text(value, j + i * height, f" {value:.2f}x", va="center", fontsize=8)
+    ax.axvline(1.0, color="black", linewidth=1)
+    ax.set_yticks([j + height * (len(others) - 1) / 2 for j in range(len(quantities))],
+                  [labels.get(q, q) for q in quantities])
+    ax.invert_yaxis()
+    ax.set_xlabel(f"ratio to {reference} (1 = the same; sizes: lower is smaller, speeds: higher is faster)")
+    ax.set_xlim(0, max([1.2] + [1.15 * (models[n].get("ratios") or {}).get(q) for n in others for q in quantities
+                                if isinstance((models[n].get("ratios") or {}).get(q), (int, float))]))
+    handles, names = ax.get_legend_handles_labels()
+    if any((models[n].get("within_noise") or {}).get(p) for n in others if n != reference
+           for p in ("prefill", "decode")):
+        handles.append(Patch(facecolor="grey", hatch="//", edgecolor="white"))
+        names.append("inside the timing noise")
+    if handles:
+        ax.legend(handles, names, loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return to_png(fig)

@@ -190,5 +190,7 @@ def report_inputs_from_demo(demo_dir: str | Path) -> dict[str, Any]:
         if experts:
             row["experts_per_layer"] = round(experts * (1 - ratio)) if pruned else experts
         sizes[variant.get("label") or name] = row
-    return {"profile": profile, "plans": plans, "results": points, "speed": {"models": sizes},
-            "title": "moekit demo report"}
+    speed: dict[str, Any] = {"models": sizes}
+    if (demo_dir / "speed.json").is_file():  # memory and speed measured by the demo (moekit speed's result)
+        speed = read_json(demo_dir / "speed.json", "the demo's speed results")
+    return {"profile": profile, "plans": plans, "results": points, "speed": speed, "title": "moekit demo report"}
