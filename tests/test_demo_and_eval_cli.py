@@ -25,11 +25,17 @@ def test_demo_runs_offline_and_writes_report(tmp_path) -> None:
         if name != "original":  # removing half the experts costs something on every domain
             assert all(table[name][d] > original[d] for d in original), (name, table[name])
             assert (out / name / "moekit_plan.json").is_file()
+            card = (out / name / "README.md").read_text()  # the card carries what the demo measured
+            assert "Not measured" not in card and "Measured by `moekit demo`" in card
+            assert f"| german | {original['german']:.2f} | {table[name]['german']:.2f} |" in card
     assert results["parameters"]["frequency-code"] < results["parameters"]["original"]
     report = (out / "report.md").read_text()
     assert "original (16 experts)" in report and "frequency, code only (targeted)" in report
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "https://" not in html
+    speed = json.loads((out / "speed.json").read_text())  # memory and speed measured, in the report as a table
+    assert set(speed["models"]) == {v.label for v in VARIANTS} and (out / "figures" / "speed.png").is_file()
+    assert "| model | experts | weights | routed experts |" in report and "prefill tok/s" in report
     again = runner.invoke(app, ["demo", "--out", str(out)])
     assert again.exit_code == 2 and "already exists" in again.stderr
 

@@ -69,6 +69,20 @@ def run_demo(out: str | Path, overwrite: bool = False, progress: bool = True, ra
     return results
 
 
+def _write_measured_quality(out: Path, paths: dict[str, Path], table: dict[str, dict[str, float]]) -> None:
+    """Each pruned checkpoint's card gets the held-out perplexity the demo measured, beside the original's."""
+    from moekit.edit.card import with_measured_quality
+
+    domains = list(table["original"])
+    for variant in VARIANTS[1:]:
+        card = paths[variant.name] / "README.md"
+        rows = "\n".join(f"| {d} | {table['original'][d]:.2f} | {table[variant.name][d]:.2f} |" for d in domains)
+        text = (f"Measured by `moekit demo`: perplexity on the demo's held-out texts ({SEQ_LEN}-token windows; lower "
+                f"is better; German was never used for calibration).\n\n| text | original | this model |\n"
+                f"|---|---:|---:|\n{rows}\n")
+        card.write_text(with_measured_quality(card.read_text(), text))
+
+
 def _run_demo_into(out: Path, progress: bool, ratio: float, say: Any) -> dict[str, Any]:
     from moekit.arch.view import MoEModelView
     from moekit.data import load_tokenizer
@@ -112,6 +126,7 @@ def _run_demo_into(out: Path, progress: bool, ratio: float, say: Any) -> dict[st
         model = load_model(paths[variant.name], dtype=torch.float32)
         table[variant.name] = {name: perplexity(model, tokenizer, texts, max_length=SEQ_LEN, batch_size=16,
                                                 progress=False).ppl for name, texts in eval_texts.items()}
+    _write_measured_quality(out, paths, table)
     from moekit.eval.speed import measure_footprint_and_speed
 
     speed = measure_footprint_and_speed({v.label: paths[v.name] for v in VARIANTS}, batch_size=1,

@@ -12,6 +12,17 @@ from moekit.model_io import shown_path
 from moekit.summary import ModelSummary, format_count
 
 PLAN_FORMAT = "moekit.expert_prune_plan/1"
+QUALITY_HEADING = "## Quality"
+NOT_MEASURED = "Not measured by this step. Measure before serving."
+
+
+def with_measured_quality(card: str, text: str) -> str:
+    """``card`` (a pruned checkpoint's README.md) with its Quality section saying what was measured (``text``,
+    markdown) instead of "not measured"."""
+    placeholder = f"{QUALITY_HEADING}\n\n{NOT_MEASURED}\n"
+    if placeholder not in card:
+        raise ValueError("the card has no unmeasured Quality section to fill in")
+    return card.replace(placeholder, f"{QUALITY_HEADING}\n\n{text.strip()}\n")
 
 
 def prune_plan_record(source: str, before: ModelSummary, keep: dict[int, list[int]], method: str,
@@ -137,9 +148,9 @@ Reproduce: `{reproduce}`
 |---|---|---|
 {rows}
 
-## Quality
+{QUALITY_HEADING}
 
-Not measured by this step. Measure before serving.
+{NOT_MEASURED}
 
 Written {today} with moekit {v['moekit']}, transformers {v['transformers']}, torch {v['torch']}.
 """
