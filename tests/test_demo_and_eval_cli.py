@@ -92,3 +92,18 @@ def test_eval_dry_run_prints_what_the_run_needs_and_refuses_what_cannot_fit(tmp_
     monkeypatch.setattr(needs, "_device_free", lambda device: estimate.model_bytes)  # weights fit, one batch not
     refused = runner.invoke(app, args)
     assert refused.exit_code == 2 and "GiB are free" in refused.stderr
+
+
+def test_eval_lists_its_tasks_and_takes_comma_lists(tmp_path) -> None:
+    from moekit.eval.tasks import TASK_DESCRIPTIONS, TASKS
+
+    assert set(TASK_DESCRIPTIONS) == set(TASKS.names())  # no built-in task left out of --list-tasks
+    listed = runner.invoke(app, ["eval", "--list-tasks"])
+    assert listed.exit_code == 0, listed.output
+    assert [line.split()[0] for line in listed.stdout.splitlines()[: len(TASKS.names())]] == list(TASK_DESCRIPTIONS)
+    missing = runner.invoke(app, ["eval"])
+    assert missing.exit_code == 2 and "--list-tasks" in missing.stderr
+    both = runner.invoke(app, ["eval", str(MODEL_DIR), "--task", "arc_easy, piqa", "--limit", "2",
+                               "--json", str(tmp_path / "r.json")])
+    assert both.exit_code == 0, both.output
+    assert set(json.loads((tmp_path / "r.json").read_text())["tasks"]) == {"arc_easy", "piqa"}

@@ -729,7 +729,7 @@ def _write_json(target: str | None, data: Any) -> None:
 
 @app.command("eval")
 def eval_command(
-    model: Annotated[str, typer.Argument(help="Model directory or hub id.")],
+    model: Annotated[str | None, typer.Argument(help="Model directory or hub id.")] = None,
     task: Annotated[list[str] | None, typer.Option(
         "--task", help="A benchmark task (arc_easy, arc_challenge, piqa, hellaswag, winogrande, mmlu, "
         "lambada_openai, gsm8k) or a task YAML file; repeatable. lm-evaluation-harness's prompts and metrics on "
@@ -764,15 +764,33 @@ def eval_command(
     = False,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Check the inputs and print the memory the run needs, then stop.")] = False,
+    list_tasks: Annotated[bool, typer.Option(
+        "--list-tasks", help="List the built-in tasks (what each measures, the file it reads) and stop.")] = False,
 ) -> None:
     """Measure a model: benchmark accuracy (acc / acc_norm as lm-eval defines them) and perplexity.
+
+    --task takes a name or a comma-separated list (--task arc_easy,piqa), repeatable.
 
     Example: moekit eval ./model --task arc_easy --task piqa --limit 200 --text code=./src --json results.json
     """
     from moekit.data import DataSpec
     from moekit.pipeline import evaluate_model
 
+    if list_tasks:
+        from moekit.eval.tasks import TASK_DESCRIPTIONS
+
+        for name, description in TASK_DESCRIPTIONS.items():
+            out.print(f"{name:<16} {description}", markup=False, soft_wrap=True)
+        out.print("or the path of a task YAML file of your own (see the README's evaluation section)", markup=False,
+                  soft_wrap=True)
+        return
+    if model is None:
+        raise typer.BadParameter("give the model to evaluate (a directory or hub id), or --list-tasks",
+                                 param_hint="MODEL")
     _quiet_transformers()
+    # comma lists; a YAML path is taken whole (a file name may hold a comma)
+    task = [part.strip() for item in task or []
+            for part in ([item] if item.endswith((".yaml", ".yml")) else item.split(",")) if part.strip()]
     specs = [DataSpec.parse(t) for t in text or []]
     task_files = [Path(t) for t in task or [] if t.endswith((".yaml", ".yml"))]
     _check_json_out(json_out, overwrite, [model], [*(s.path for s in specs), *task_files, data_dir, tokenizer])

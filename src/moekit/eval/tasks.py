@@ -87,6 +87,19 @@ class Task:
 TaskBuilder: TypeAlias = Callable[[Path | None, int | None, int | None], Task]
 TASKS: Registry[TaskBuilder] = Registry("eval task")
 
+# What each built-in task is, for ``moekit eval --list-tasks`` (a test checks that every registered task has one).
+TASK_DESCRIPTIONS = {
+    "arc_easy": "ARC-Easy, grade-school science questions, multiple choice (acc, acc_norm); arc_easy.jsonl",
+    "arc_challenge": "ARC-Challenge, the harder ARC questions, multiple choice (acc, acc_norm); arc_challenge.jsonl",
+    "piqa": "PIQA, physical commonsense, two choices (acc, acc_norm); piqa.jsonl",
+    "hellaswag": "HellaSwag, sentence endings, four choices (acc, acc_norm); hellaswag_val_full.txt.bz2",
+    "winogrande": "Winogrande, pronoun resolution, partial scoring (acc); winogrande.jsonl",
+    "mmlu": "MMLU, 57 subjects, 0- or 5-shot from the dev exemplars (acc); mmlu.tar.xz",
+    "lambada_openai": "LAMBADA (OpenAI), last-word prediction (acc, perplexity); lambada_openai.jsonl",
+    "gsm8k": "GSM8K, grade-school math, generation, strict and flexible answer extraction (exact match); "
+             "gsm8k.jsonl (test split only: few-shot exemplars are other test items)",
+}
+
 
 T = TypeVar("T")
 
