@@ -91,3 +91,42 @@ def test_every_step_is_checked_before_the_first_runs(tiny_checkpoint, tmp_path) 
         assert result.exit_code == 2, (label, result.output)
         assert expected in " ".join(result.stderr.split()), (label, result.output)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["code.txt", "recipe.yaml"], label  # nothing ran
+
+
+def test_rerun_reuses_the_steps_whose_inputs_are_unchanged(tiny_checkpoint, tmp_path) -> None:
+    """A new prune budget redoes the pruning and the pruned model's evaluation, and takes the profile and the
+    original model's evaluation over from the earlier run (the same files: hard links); changed calibration text
+    redoes the profile too."""
+    import os
+
+    (tmp_path / "code.txt").write_text("def f(x):\n    return x * 2\n" * 30)
+    recipe = {"model": str(tiny_checkpoint("qwen3_moe")), "out": "run",
+              "profile": {"data": {"code": "code.txt"}, "seq_len": 64, "max_tokens": 512},
+              "prune": {"method": "frequency", "keep": 4},
+              "eval": {"text": {"code": "code.txt"}, "max_length": 64}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert runner.invoke(app, ["run", str(path)]).exit_code == 0
+    out = tmp_path / "run"
+    assert set(json.loads((out / "steps.json").read_text())) == {"profile", "model", "eval/original.json",
+                                                                  "eval/pruned.json"}
+
+    def inode(name: str) -> int:
+        return os.stat(out / name).st_ino
+
+    before = {name: inode(name) for name in ("profile/profile.json", "eval/original.json", "eval/pruned.json",
+                                             "model/moekit_plan.json")}
+    path.write_text(yaml.safe_dump({**recipe, "prune": {"method": "frequency", "keep": 6}}))
+    again = runner.invoke(app, ["run", str(path), "--overwrite"])
+    assert again.exit_code == 0, again.output
+    assert inode("profile/profile.json") == before["profile/profile.json"]  # taken over, not recomputed
+    assert inode("eval/original.json") == before["eval/original.json"]
+    assert inode("eval/pruned.json") != before["eval/pruned.json"]
+    plan = json.loads((out / "model" / "moekit_plan.json").read_text())
+    assert all(len(entry["kept"]) == 6 for entry in plan["layers"].values())  # the new budget was applied
+    profile_again = inode("profile/profile.json")
+    (tmp_path / "code.txt").write_text("def g(y):\n    return y + 1\n" * 30)  # the calibration text changed
+    third = runner.invoke(app, ["run", str(path), "--overwrite"])
+    assert third.exit_code == 0, third.output
+    assert inode("profile/profile.json") != profile_again
+    assert not any(p.name.startswith(".run.moekit") for p in tmp_path.iterdir())  # nothing left beside it

@@ -17,10 +17,22 @@
 Every key is checked before anything runs: unknown keys are errors (with their path), values have
 types and ranges. The resolved recipe (every default filled in, plus moekit's version) is saved in
 ``out`` so the run can be repeated exactly.
+
+Rerunning into an earlier run's ``out`` (``--overwrite``) reuses every finished step whose inputs are
+unchanged instead of redoing it: ``steps.json`` records a key per step -- a hash of the step's settings,
+moekit's version and its inputs (the model's and the data's files by path, size and modification time,
+and the keys of the steps it reads) -- and a step whose key matches is taken over from the earlier run
+(hard links where the file system allows, else copies); changing the prune ratio redoes the pruning and
+the pruned model's evaluation, not the profile or the original model's evaluation.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +42,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 import moekit
 from moekit.errors import UserError
+
+log = logging.getLogger("moekit")
+STEPS_FILE = "steps.json"
 
 
 class RecipeError(UserError):
@@ -238,6 +253,79 @@ def recipe_paths(recipe: Recipe) -> tuple[list[str | None], list[str | None]]:
     return [recipe.model], inputs
 
 
+def input_fingerprint(path: str | None) -> Any:
+    """What identifies an input without reading it through: a local file or folder by its resolved path and every
+    file's relative path, size and modification time (a stat per file, cheap for a 700 GB checkpoint); anything
+    else (a hub id) as it is."""
+    if path is None:
+        return None
+    local = Path(path)
+    if not local.exists():
+        return str(path)
+    files = [local] if local.is_file() else sorted(f for f in local.rglob("*") if f.is_file())
+    return [str(local.resolve()), *([str(f.relative_to(local)) if local.is_dir() else f.name, f.stat().st_size,
+                                     f.stat().st_mtime_ns] for f in files)]
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def step_keys(recipe: Recipe) -> dict[str, str]:
+    """A key per step the recipe runs (``profile``, ``model``, ``eval/original.json``, ``eval/pruned.json``): equal
+    keys mean the same settings, moekit version and inputs, so the earlier result can be reused."""
+    version = moekit.__version__
+    model = input_fingerprint(recipe.model)
+    step = recipe.profile
+    data = {name: input_fingerprint(path) for name, path in step.data.items()}
+    keys = {"profile": _key("profile", version, model, step.model_dump(), data, input_fingerprint(step.path),
+                            input_fingerprint(step.tokenizer), recipe.seed)}
+    if recipe.prune is not None:
+        keys["model"] = _key("model", version, keys["profile"], recipe.prune.model_dump(), recipe.seed)
+    if recipe.eval is not None and recipe.prune is not None:
+        settings = recipe.eval.model_dump()
+        inputs = {name: input_fingerprint(path) for name, path in recipe.eval.text.items()}
+        tasks = [input_fingerprint(t) for t in recipe.eval.tasks if t.endswith((".yaml", ".yml"))]
+        keys["eval/original.json"] = _key("eval", version, model, settings, inputs, tasks)
+        keys["eval/pruned.json"] = _key("eval", version, keys["model"], settings, inputs, tasks)
+    return keys
+
+
+class _Reuse:
+    """The steps of an earlier run in the same ``out`` whose keys match this run's."""
+
+    def __init__(self, previous: Path | None, keys: dict[str, str]) -> None:
+        self.previous, self.keys = previous, keys
+        recorded: dict[str, str] = {}
+        if previous is not None and (previous / STEPS_FILE).is_file():
+            try:
+                recorded = json.loads((previous / STEPS_FILE).read_text())
+            except (OSError, ValueError):
+                recorded = {}
+        self.matching = {name for name, key in keys.items() if recorded.get(name) == key
+                         and previous is not None and (previous / name).exists()}
+
+    def take(self, name: str, out: Path) -> bool:
+        """Bring step ``name``'s result from the earlier run into ``out`` if it matches; whether it did."""
+        if name not in self.matching or self.previous is None:
+            return False
+        source, target = self.previous / name, out / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(source, target)
+        log.info("reused %s from the earlier run (its settings and inputs are unchanged)", name)
+        return True
+
+
+def _link_or_copy(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
 def run_recipe(recipe: Recipe, overwrite: bool = False, progress: bool = True,
                recipe_file: str | Path | None = None) -> dict[str, Any]:
     """Run the recipe's steps into ``recipe.out``; return what was written.
@@ -245,19 +333,24 @@ def run_recipe(recipe: Recipe, overwrite: bool = False, progress: bool = True,
     Every step's inputs are checked first (:func:`check_recipe_inputs`); the steps then write into a
     temporary directory that becomes ``recipe.out`` only when every step has finished, so a failed or
     interrupted run leaves nothing behind (``moekit.outputs``). ``recipe_file`` (the YAML read) is never
-    replaced."""
+    replaced. With ``overwrite`` over an earlier run, its finished steps whose inputs are unchanged are reused
+    (module docstring)."""
     from moekit.outputs import check_output, writing_directory
 
     sources, inputs = recipe_paths(recipe)
     out = check_output(recipe.out, kind="run", overwrite=overwrite, sources=sources, inputs=[*inputs, recipe_file])
     check_recipe_inputs(recipe)
+    keys = step_keys(recipe)
+    reuse = _Reuse(out if out.is_dir() else None, keys)
     with writing_directory(out, "run") as tmp:
-        written = _run_steps(recipe, tmp, out, progress)
+        written = _run_steps(recipe, tmp, out, progress, reuse)
+        (tmp / STEPS_FILE).write_text(json.dumps(keys, indent=1) + "\n")
+        written["reused"] = sorted(reuse.matching)
     return {key: value.replace(str(tmp), str(out)) if isinstance(value, str) else value
             for key, value in written.items()}
 
 
-def _run_steps(recipe: Recipe, out: Path, final: Path, progress: bool) -> dict[str, Any]:
+def _run_steps(recipe: Recipe, out: Path, final: Path, progress: bool, reuse: _Reuse | None = None) -> dict[str, Any]:
     """The steps, written into ``out`` (a temporary directory that becomes ``final``)."""
     from moekit.pipeline import naee_plan_from_data, plan_from_profile, prune_with_plan
     from moekit.profile import Profile, profile_model
@@ -269,12 +362,22 @@ def _run_steps(recipe: Recipe, out: Path, final: Path, progress: bool) -> dict[s
     data = [f"{name}={path}" for name, path in step.data.items()]
     prune = recipe.prune
     profile_path = Path(step.path) if step.path else out / "profile"
-    if not step.path and (prune is None or prune.method != "naee"):
+    reuse = reuse or _Reuse(None, {})
+    if not step.path and (prune is None or prune.method != "naee") and reuse.take("profile", out):
+        written["profile"] = str(profile_path)
+    elif not step.path and (prune is None or prune.method != "naee"):
         profile_model(recipe.model, data, profile_path, seq_len=step.seq_len, max_tokens=step.max_tokens,
                       seed=recipe.seed, batch_size=step.batch_size, device=step.device, dtype=step.dtype,
                       neuron_stats=step.neuron_stats, tokenizer=step.tokenizer, progress=progress)
         written["profile"] = str(profile_path)
     if prune is None:
+        return written
+    if reuse.take("model", out):
+        plan = json.loads((out / "model" / "moekit_plan.json").read_text())
+        written["model"] = str(out / "model")
+        if recipe.eval is not None:
+            written.update(_evaluate_and_report(recipe, out, plan, profile_path if profile_path.exists() else None,
+                                                progress, reuse))
         return written
     request = _plan_request(recipe)
     if prune.method == "naee":
@@ -294,15 +397,14 @@ def _run_steps(recipe: Recipe, out: Path, final: Path, progress: bool) -> dict[s
     written["model"] = str(result.out)
     if recipe.eval is not None:
         written.update(_evaluate_and_report(recipe, out, plan, profile_path if profile_path.exists() else None,
-                                            progress))
+                                            progress, reuse))
     return written
 
 
 def _evaluate_and_report(recipe: Recipe, out: Path, plan: dict[str, Any], profile: Path | None,
-                         progress: bool) -> dict[str, Any]:
+                         progress: bool, reuse: _Reuse | None = None) -> dict[str, Any]:
     """Evaluate the original and the pruned model the same way; report both."""
-    import json
-
+    from moekit.eval import EvalError
     from moekit.pipeline import evaluate_model
     from moekit.report import build_report, result_point
 
@@ -315,16 +417,24 @@ def _evaluate_and_report(recipe: Recipe, out: Path, plan: dict[str, Any], profil
     ratio = 1 - plan["num_experts"]["after"] / plan["num_experts"]["before"]
     for name, source, method, removed in (("original", recipe.model, "original", 0.0),
                                           ("pruned", str(out / "model"), str(plan.get("method")), ratio)):
-        results = evaluate_model(source, step.tasks, dict(step.text), limit=step.limit, num_fewshot=step.num_fewshot,
-                                 max_length=step.max_length, batch_size=step.batch_size, device=step.device,
-                                 dtype=step.dtype, progress=progress, prompts=step.prompts or None,
-                                 max_new_tokens=step.max_new_tokens)
+        path = out / "eval" / f"{name}.json"
+        if reuse is not None and reuse.take(f"eval/{name}.json", out):
+            results = json.loads(path.read_text())
+        else:
+            try:
+                results = evaluate_model(source, step.tasks, dict(step.text), limit=step.limit,
+                                         num_fewshot=step.num_fewshot, max_length=step.max_length,
+                                         batch_size=step.batch_size, device=step.device, dtype=step.dtype,
+                                         progress=progress, prompts=step.prompts or None,
+                                         max_new_tokens=step.max_new_tokens)
+            except EvalError as err:  # say which model of the run it was
+                raise EvalError(f"evaluating the {name} model ({recipe.model if name == 'original' else 'model/'})"
+                                f": {err}") from None
+            path.write_text(json.dumps(results, indent=1, default=str) + "\n")
         for index, sample in enumerate(results.get("samples", [])):
             if len(samples) <= index:
                 samples.append({"prompt": sample["prompt"], "completions": {}})
             samples[index]["completions"][name] = sample["completion"]
-        path = out / "eval" / f"{name}.json"
-        path.write_text(json.dumps(results, indent=1, default=str) + "\n")
         written[f"eval_{name}"] = str(path)
         points.append(result_point(name, method, removed, results))
     if recipe.report:
