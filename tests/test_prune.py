@@ -96,7 +96,8 @@ def test_plan_and_card_describe_the_removal(tiny_checkpoint, tmp_path):
         entry = plan["layers"][str(layer)]
         assert entry["kept"] == ids and sorted(entry["removed"] + ids) == list(range(8))
     card = (out / "README.md").read_text()
-    assert "3 of 8 routed experts" in card and str(source.resolve()) in card
+    # the source far from the output: named by its folder, not by this machine's absolute path
+    assert "3 of 8 routed experts" in card and f"`{source.name}`" in card and str(source.resolve()) not in card
     # the plan is itself a keep file: applying it again gives the same weights
     again = prune_to_checkpoint(source, {int(k): v["kept"] for k, v in plan["layers"].items()}, tmp_path / "m2").out
     assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
