@@ -6,6 +6,11 @@
 #   bash benchmarks/balanced_testbeds.sh train     # ~9 min: every testbed side by side on the one GPU
 #   bash benchmarks/balanced_testbeds.sh compare   # ~9 min: compare_methods on each chosen testbed
 #
+# Measured (benchmarks/results/testbeds/balance.md): side by side, seven training runs each went 8.6x slower per
+# step than one alone (the GPU time-slices between processes), so they came out undertrained. Train one testbed
+# at a time instead (python benchmarks/train_moe.py --testbed NAME --aux-coef C --minutes M, ~5 min each); the
+# compare stage's processes are short and fine side by side.
+#
 # train: each of qwen3-32x4, mixtral-8x2 and demo-qwen3-16x4 is trained twice side by side, with the per-layer
 # Switch loss at coefficient 0.01 and at 0.03 (a hedge: if 0.01 misses the balance bar, the other may meet it;
 # which one is used is chosen by choose_testbeds.py and recorded), and the fine-grained qwen3-128x8 once at 0.01.
