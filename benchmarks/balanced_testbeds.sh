@@ -17,13 +17,13 @@
 # compare: three calibration seeds, 25/50/75%, every criterion (one process per testbed) and NAEE (one process per
 # testbed and seed; not on qwen3-128x8, where its beam search would run ~50k block forwards per layer).
 set -euo pipefail
-stage=${1:?usage: balanced_testbeds.sh train|compare}
+stage=${1:?usage: balanced_testbeds.sh train|compare|solo NAME COEF}
 corpus=benchmarks/corpus/out
 minutes=${MINUTES:-6.5}
 out=${OUT:?set OUT (the device tool does)}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p testbeds "$out"
-python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
+python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
 
 if [ "$stage" = train ]; then
   pids=()
@@ -44,6 +44,34 @@ if [ "$stage" = train ]; then
   demo=$(grep '^demo-qwen3-16x4 ' testbeds/chosen.txt | cut -d' ' -f2)
   cp "$demo"/model-*.safetensors "$demo"/model.safetensors.index.json "$out"/ 2>/dev/null || cp "$demo"/model.safetensors "$out"/
   exit $status
+fi
+
+if [ "$stage" = solo ]; then
+  # bash benchmarks/balanced_testbeds.sh solo NAME COEF: train one testbed alone (MINUTES, default 4), then compare
+  # the methods on it (criteria and NAEE per seed side by side), all in one call; records and results in $OUT
+  name=${2:?usage: balanced_testbeds.sh solo NAME COEF}; coef=${3:?usage: balanced_testbeds.sh solo NAME COEF}
+  # TRAIN_ARGS / COMPARE_ARGS: extra options (a CPU smoke run: TRAIN_ARGS="--steps 2 --batch-size 4 --device cpu")
+  # shellcheck disable=SC2086
+  python benchmarks/train_moe.py --corpus $corpus --testbed "$name" --minutes "${MINUTES:-4}" --aux-coef "$coef" \
+    --out "testbeds/solo-$coef" ${TRAIN_ARGS:-} > "testbeds/train-$name-$coef-solo.log" 2>&1
+  path="testbeds/solo-$coef/$name"
+  mkdir -p testbeds/results-solo
+  pids=()
+  # shellcheck disable=SC2086
+  timeout 280 python benchmarks/compare_methods.py --testbed "$path" --corpus $corpus --no-naee ${COMPARE_ARGS:-} \
+    --out testbeds/results-solo --tag criteria > "testbeds/compare-$name-solo-criteria.log" 2>&1 & pids+=($!)
+  for seed in 0 1 2; do
+    # shellcheck disable=SC2086
+    timeout 280 python benchmarks/compare_methods.py --testbed "$path" --corpus $corpus --methods naee \
+      ${COMPARE_ARGS:-} --seeds $seed --no-targeted --out testbeds/results-solo --tag "naee$seed" \
+      > "testbeds/compare-$name-solo-naee$seed.log" 2>&1 & pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p" || true; done
+  parts=$(ls testbeds/results-solo/compare_methods-"$name"-*.json)
+  python benchmarks/compare_methods.py --combine $parts --out "$out" > /dev/null || true
+  cp "$path/training.json" "$out/$name-training.json"; cp "$path/loss.png" "$out/$name-loss.png"
+  tar czf "$out/$name-logs.tar.gz" testbeds/train-"$name"-*.log testbeds/compare-"$name"-solo-*.log
+  exit 0
 fi
 
 if [ "$stage" = compare ]; then
