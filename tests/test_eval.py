@@ -330,8 +330,10 @@ def test_bad_task_yaml_gives_clear_errors(tmp_path):
 
 
 def test_bad_inputs_give_clear_errors(tmp_path, tiny, tok):
-    with pytest.raises(EvalError, match=r"task file arc_easy.jsonl not found in .*data_dir="):
+    with pytest.raises(EvalError, match=r"task file arc_easy.jsonl not found in .*does not hold it.*--data-dir FOLDER"):
         build_task("arc_easy", data_dir=tmp_path)
+    with pytest.raises(EvalError, match=r"not found in .*gone \(which does not exist\)"):
+        build_task("arc_easy", data_dir=tmp_path / "gone")
     with pytest.raises(EvalError, match="unknown eval task 'arc_eazy'; valid: arc_challenge, arc_easy, gsm8k"):
         evaluate(tiny, tok, ["arc_eazy"])
     with pytest.raises(EvalError, match="runs 0-shot only"):

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import shutil
+import statistics
 from pathlib import Path
 from typing import Any
 

@@ -49,8 +49,10 @@ def data_file(data_dir: str | Path | None, filename: str) -> Path:
     folder = Path(data_dir) if data_dir is not None else default_data_dir()
     path = folder / filename
     if not path.is_file():
-        raise EvalError(f"task file {filename} not found in {folder}: pass data_dir=<folder holding the eval files> "
-                        f"or set ${DATA_ENV}")
+        where = "which does not exist" if not folder.is_dir() else "which does not hold it"
+        raise EvalError(f"task file {filename} not found in {folder} ({where}): give the folder of the benchmark "
+                        f"files with --data-dir FOLDER (Python: data_dir=FOLDER) or ${DATA_ENV}; `moekit eval "
+                        "--list-tasks` names the file each task reads")
     return path
 
 
