@@ -200,6 +200,8 @@ def recover_training(model: nn.Module, sets: Sequence[CalibrationSet], settings:
     tokens_seen = 0
     start = time.perf_counter()
     bar = tqdm(range(settings.steps), desc=f"recover ({settings.train})", unit="step", disable=not progress)
+    view = MoEModelView.from_model(model)
+    divergence = [{"step": 0, **_divergence_point(view)}]  # before the first update
     for step in bar:
         if cursor + settings.batch_size > len(order):
             order, cursor = torch.randperm(len(input_ids), generator=gen), 0
@@ -232,6 +234,7 @@ def recover_training(model: nn.Module, sets: Sequence[CalibrationSet], settings:
                 entry["balance_loss"] = float(aux.detach())
             history.append(entry)
             bar.set_postfix(loss=f"{entry['loss']:.4f}")
+            divergence.append({"step": step + 1, **_divergence_point(view)})
     for param in model.parameters():
         param.requires_grad_(True)
     model.eval()
@@ -245,7 +248,26 @@ def recover_training(model: nn.Module, sets: Sequence[CalibrationSet], settings:
             "tokens_per_second": round(tokens_seen / max(seconds, 1e-9), 1),
             "sets": [{"name": s.name, "tokens": s.num_tokens, "sequences": s.num_sequences, **s.description}
                      for s in sets],
-            "loss_curve": history}
+            "loss_curve": history,
+            "expert_divergence": {"what": "pairwise cosine of the experts' flattened weights per MoE layer "
+                                          "(moekit.score.similarity), mean over layers of the layer means and the "
+                                          "largest; step = optimizer steps taken", "curve": divergence}}
+
+
+def _divergence_text(record: dict[str, Any]) -> str:
+    """The card's sentence on how far the experts moved apart (pairwise weight cosine, first and last point)."""
+    curve = (record.get("expert_divergence") or {}).get("curve") or []
+    if len(curve) < 2 or curve[0]["mean_pairwise_cosine"] is None:
+        return ""
+    return (f"Experts' pairwise weight cosine (mean over layers): {curve[0]['mean_pairwise_cosine']:.4f} before, "
+            f"{curve[-1]['mean_pairwise_cosine']:.4f} after (1 = copies of each other). ")
+
+
+def _divergence_point(view: MoEModelView) -> dict[str, Any]:
+    from moekit.score.similarity import expert_divergence
+
+    summary = expert_divergence(view)
+    return {key: summary[key] for key in ("mean_pairwise_cosine", "max_pairwise_cosine")}
 
 
 def plot_loss_curves(curves: dict[str, Sequence[dict[str, float]]], path: str | Path, title: str,
@@ -335,8 +357,8 @@ def recover_to_checkpoint(source: str | Path, data: Sequence[str | DataSpec], ou
             f"({record['trained_parameters']:,} of {record['total_parameters']:,} parameters) on "
             f"{', '.join(s.name for s in sets)} with {record['objective']}"
             + (f" from `{shown_path(teacher, out)}`" if teacher is not None else "")
-            + f". Final training loss {final:.4f}. The full record is in moekit_plan.json; the curve in "
-            "recovery_loss.png.\n")
+            + f". Final training loss {final:.4f}. {_divergence_text(record)}The full record is in moekit_plan.json; "
+            "the curve in recovery_loss.png.\n")
     with tempfile.TemporaryDirectory() as tmp:
         png = Path(tmp) / "recovery_loss.png"
         plot_loss_curves({settings.train: record["loss_curve"]}, png,
