@@ -18,7 +18,8 @@ English, German, French, Spanish, Russian; math word problems). Each step draws 
 from a domain chosen uniformly, at a random offset of that domain's training stream (documents
 separated by <|endoftext|>). AdamW, bf16 autocast, linear warm-up then cosine decay. Balancing
 (``--balancing``): ``per-layer`` (default) adds the Switch Transformer loss of every MoE layer,
-averaged over layers (``per_layer_balance_loss``, coefficient 0.01), as Megatron trains released MoEs;
+averaged over layers (``moekit.recover.per_layer_balance_loss``, coefficient ``--aux-coef``), as Megatron trains
+released MoEs;
 ``pooled`` is transformers' ``load_balancing_loss_func``, which adds every layer's counts and
 probabilities into one vector before balancing -- it balances "expert j summed over layers", so a
 layer can starve experts while another compensates (the earlier testbeds were trained with it); the
@@ -58,6 +59,7 @@ from moekit.arch import MoEModelView  # noqa: E402
 from moekit.data import CalibrationSet  # noqa: E402
 from moekit.profile import collect_profile  # noqa: E402
 from moekit.profile.analyze import set_specialisation  # noqa: E402
+from moekit.recover import per_layer_balance_loss  # noqa: E402
 
 TOKENIZER = ROOT / "corpus" / "smollm2_tokenizer"
 VOCAB = 49152
@@ -89,21 +91,6 @@ BIAS_UPDATE_SPEED = 1e-3  # DeepSeek-V3's gamma for the aux-loss-free balancing 
 
 
 BALANCING = ("per-layer", "pooled")
-
-
-def per_layer_balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
-    """The Switch Transformer load-balancing loss of each MoE layer, averaged over layers: for a layer with
-    router logits ``[T, E]``, ``E * sum_j f_j * P_j`` where ``f_j`` is the share of the T*k selections that
-    went to expert j (top-k of the logits) and ``P_j`` the mean softmax probability of j. 1 when balanced."""
-    losses = []
-    for logits in router_logits:
-        logits = logits.reshape(-1, logits.shape[-1]).float()
-        experts = logits.shape[-1]
-        probs = torch.softmax(logits, dim=-1)
-        chosen = torch.zeros_like(probs).scatter_(1, logits.topk(top_k, dim=-1).indices, 1.0)
-        share = chosen.mean(0) / top_k  # f_j, sums to 1
-        losses.append(experts * (share * probs.mean(0)).sum())
-    return torch.stack(losses).mean()
 
 
 def balance_of(profile: Any) -> dict[str, Any]:
@@ -256,7 +243,7 @@ def train(name: str, corpus: Path, out: Path, minutes: float, steps: int | None,
             logits = output.logits.float()
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), micro[:, 1:].flatten())
             if balancing == "per-layer" and not has_bias and output.router_logits:
-                aux = per_layer_balance_loss(output.router_logits, view.top_k)
+                aux = per_layer_balance_loss(output.router_logits, view)
             else:
                 aux = getattr(output, "aux_loss", None)
             total = loss + (config.router_aux_loss_coef * aux if aux is not None else 0.0)

@@ -162,3 +162,27 @@ def test_cards_show_paths_relative_to_the_output_not_this_machines_folders(dense
         card = (tmp_path / out / "README.md").read_text()
         assert str(tmp_path) not in card, out
         assert f"`{source}`" in card, (out, card)
+
+
+def test_balance_loss_is_the_switch_loss_of_every_layer_with_padding_left_out() -> None:
+    """E * sum_j f_j P_j per layer, averaged over layers: a layer sending every token to experts 0 and 1 scores
+    E * (0.5 P_0 + 0.5 P_1); a uniform router scores 1; a padded token does not count."""
+    from moekit.arch.view import MoEModelView
+    from moekit.recover import per_layer_balance_loss
+    from moekit.tiny import build_tiny_model
+
+    view = MoEModelView.from_model(build_tiny_model("qwen3_moe", num_experts=8, top_k=2))
+    skewed = torch.zeros(4, 8)
+    skewed[:, 0], skewed[:, 1] = 10.0, 9.0
+    p = torch.softmax(skewed[0], dim=0)
+    expected_skewed = 8 * (0.5 * float(p[0]) + 0.5 * float(p[1]))
+    uniform = torch.zeros(8, 8)  # every expert equally likely: P_j = 1/8 whichever the router picks on ties
+    layers = len(view.layers)
+    loss = per_layer_balance_loss([skewed] + [torch.zeros(4, 8)] * (layers - 1), view)
+    assert float(loss) == pytest.approx((expected_skewed + (layers - 1) * 1.0) / layers, rel=1e-5)
+    assert float(per_layer_balance_loss([uniform] * layers, view)) == pytest.approx(1.0, rel=1e-6)
+    padded = torch.cat([skewed, torch.full((1, 8), -5.0).index_fill_(1, torch.tensor([6, 7]), 20.0)])
+    mask = torch.tensor([[1, 1, 1, 1, 0]])
+    assert float(per_layer_balance_loss([padded] * layers, view, mask)) == pytest.approx(expected_skewed, rel=1e-5)
+    with pytest.raises(RecoveryError, match="router logits for 1 layers"):
+        per_layer_balance_loss([skewed], view)

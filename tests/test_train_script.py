@@ -68,6 +68,16 @@ def test_corpus_subset_cuts_training_text_and_keeps_the_rest(tmp_path) -> None:
         subset.write_subset(corpus, tmp_path / "small", train_tokens=450)
 
 
+def _balance_loss(layers: tuple, top_k: int = 1) -> float:
+    """moekit's per-layer balance loss (what train_moe.py trains with) on a tiny model with that many MoE layers."""
+    from moekit.arch.view import MoEModelView
+    from moekit.recover import per_layer_balance_loss
+    from moekit.tiny import build_tiny_model
+
+    model = build_tiny_model("qwen3_moe", num_experts=4, top_k=top_k, num_hidden_layers=len(layers))
+    return float(per_layer_balance_loss(layers, MoEModelView.from_model(model)))
+
+
 def test_per_layer_balance_loss_by_hand_and_against_the_pooled_loss() -> None:
     import torch
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
@@ -75,14 +85,14 @@ def test_per_layer_balance_loss_by_hand_and_against_the_pooled_loss() -> None:
     # balanced: every expert chosen equally often with equal mean probability -> exactly 1
     even = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.1, 0.4, 0.3, 0.2], [0.2, 0.1, 0.4, 0.3],
                                    [0.3, 0.2, 0.1, 0.4]]))
-    assert float(train_moe.per_layer_balance_loss((even,), top_k=1)) == pytest.approx(1.0)
+    assert _balance_loss((even,)) == pytest.approx(1.0)
     # one layer sends every token to expert 0: f = (1, 0, 0, 0), P_0 = 0.7 -> 4 * 0.7
     skewed = torch.log(torch.tensor([[0.7, 0.1, 0.1, 0.1]] * 4))
-    assert float(train_moe.per_layer_balance_loss((skewed,), top_k=1)) == pytest.approx(4 * 0.7)
+    assert _balance_loss((skewed,)) == pytest.approx(4 * 0.7)
     # two layers starving opposite experts: pooled over layers they look balanced, per layer they do not
     first = torch.log(torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1]] * 2))
     second = torch.log(torch.tensor([[0.1, 0.1, 0.7, 0.1], [0.1, 0.1, 0.1, 0.7]] * 2))
-    per_layer = float(train_moe.per_layer_balance_loss((first, second), top_k=1))
+    per_layer = _balance_loss((first, second))
     pooled = float(load_balancing_loss_func((first, second), num_experts=4, top_k=1))
     assert pooled == pytest.approx(1.0, abs=1e-6)  # the artefact: "expert j summed over layers" is even
     # each layer: f = (.5, .5, 0, 0), P = (.4, .4, .1, .1)

@@ -1105,7 +1105,8 @@ def recover(
         help="Peak learning rate [default: 1e-3 for --train router, 1e-4 for all].")] = None,
     warmup: Annotated[int, typer.Option(help="Linear warm-up steps (then cosine decay to 10%).")] = 20,
     balance_coef: Annotated[float, typer.Option(
-        "--balance-coef", help="Weight of the family's load-balancing loss, where it has one (0: off).")] = 0.01,
+        "--balance-coef", help="Weight of the load-balancing loss of every MoE layer (the Switch loss, per layer; "
+        "0: off).")] = 0.01,
     seed: Annotated[int, typer.Option(help="Seed for the document order and the batches.")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N (bf16 autocast on CUDA).")] = "cpu",
     dtype: Annotated[str, typer.Option(

@@ -119,6 +119,43 @@ def _lr_scale(step: int, settings: RecoverySettings) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def per_layer_balance_loss(router_logits: Sequence[torch.Tensor], view: MoEModelView,
+                           token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The Switch Transformer load-balancing loss of every MoE layer, averaged over layers: for a layer,
+    ``E * sum_j f_j * P_j`` with ``f_j`` the share of the layer's top-k selections that went to expert j (the
+    family's own selection, ``MoELayer.route_logits``: correction biases, groups) and ``P_j`` the mean router
+    probability of j (softmax; for sigmoid-scored families the sigmoid scores normalised to sum 1, as DeepSeek-V3's
+    sequence-wise balance loss does); 1 when balanced. Counted over the tokens ``token_mask`` keeps (padding out).
+
+    transformers' own ``load_balancing_loss_func`` adds the counts and probabilities of all layers into one vector
+    before balancing, so a layer can starve experts while another compensates (measured on the testbeds,
+    ``benchmarks/results/testbeds/balance.md``); this is the per-layer form Switch and Megatron use."""
+    from moekit.arch.routing import router_scoring
+
+    if len(router_logits) != len(view.layers):
+        raise RecoveryError(f"the model returned router logits for {len(router_logits)} layers, moekit found "
+                            f"{len(view.layers)} MoE layers: cannot balance each layer (pass --balance-coef 0)")
+    losses = []
+    for layer, logits in zip(view.layers, router_logits, strict=True):
+        logits = logits.reshape(-1, logits.shape[-1]).float()
+        experts, top_k = logits.shape[-1], layer.top_k
+        if router_scoring(layer.routing) == "sigmoid":
+            scores = torch.sigmoid(logits)
+            probs = scores / scores.sum(-1, keepdim=True)
+        else:
+            probs = torch.softmax(logits, dim=-1)
+        with torch.no_grad():
+            index = layer.route_logits(logits.detach()).index
+        chosen = torch.zeros_like(probs).scatter_(1, index, 1.0)
+        weight = (token_mask.reshape(-1, 1).float() if token_mask is not None and token_mask.numel() == len(logits)
+                  else torch.ones(len(logits), 1, device=logits.device))
+        count = weight.sum().clamp(min=1.0)
+        share = (chosen * weight).sum(0) / (count * top_k)
+        mean_prob = (probs * weight).sum(0) / count
+        losses.append(experts * (share * mean_prob).sum())
+    return torch.stack(losses).mean()
+
+
 def token_losses(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
                  teacher_logits: torch.Tensor | None) -> torch.Tensor:
     """Mean loss over the real next-token positions: KL(teacher || student) with a teacher, else cross-entropy.
@@ -219,8 +256,9 @@ def recover_training(model: nn.Module, sets: Sequence[CalibrationSet], settings:
                 with torch.no_grad():
                     teacher_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
         loss = token_losses(output.logits[:, :-1], ids[:, 1:], target_mask, teacher_logits)
-        aux = getattr(output, "aux_loss", None)
-        total = loss + settings.balance_coef * aux if aux is not None and settings.balance_coef > 0 else loss
+        router_logits = getattr(output, "router_logits", None) if settings.balance_coef > 0 else None
+        aux = per_layer_balance_loss(router_logits, view, mask) if router_logits else None
+        total = loss + settings.balance_coef * aux if aux is not None else loss
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
@@ -246,6 +284,8 @@ def recover_training(model: nn.Module, sets: Sequence[CalibrationSet], settings:
             "total_parameters": sum(p.numel() for p in model.parameters()),
             "tokens_seen": tokens_seen, "seconds": round(seconds, 2),
             "tokens_per_second": round(tokens_seen / max(seconds, 1e-9), 1),
+            "balancing": "per-layer Switch loss (per_layer_balance_loss), coefficient "
+                         f"{settings.balance_coef}" if settings.balance_coef > 0 else "none",
             "sets": [{"name": s.name, "tokens": s.num_tokens, "sequences": s.num_sequences, **s.description}
                      for s in sets],
             "loss_curve": history,
