@@ -15,7 +15,7 @@
 # Switch loss at coefficient 0.01 and at 0.03 (a hedge: if 0.01 misses the balance bar, the other may meet it;
 # which one is used is chosen by choose_testbeds.py and recorded), and the fine-grained qwen3-128x8 once at 0.01.
 # compare: three calibration seeds, 25/50/75%, every criterion (one process per testbed) and NAEE (one process per
-# testbed and seed; not on qwen3-128x8, where its beam search would run ~50k block forwards per layer).
+# testbed and seed; with cached expert outputs also on qwen3-128x8, where block forwards were ~50k per layer).
 set -euo pipefail
 stage=${1:?usage: balanced_testbeds.sh train|compare|solo NAME COEF}
 corpus=benchmarks/corpus/out
@@ -79,7 +79,7 @@ if [ "$stage" = compare ]; then
   mkdir -p testbeds/results
   while read -r name path _; do
     [ -n "$name" ] || continue
-    naee=1; [ "$name" = qwen3-128x8 ] && naee=0
+    naee=1  # NAEE scores candidates from cached expert outputs now, feasible on qwen3-128x8 too
     timeout 560 python benchmarks/compare_methods.py --testbed "$path" --corpus $corpus --no-naee \
       --out testbeds/results --tag criteria > "testbeds/compare-$name-criteria.log" 2>&1 & pids+=($!)
     if [ $naee = 1 ]; then
