@@ -350,41 +350,55 @@ def run_recipe(recipe: Recipe, overwrite: bool = False, progress: bool = True,
             for key, value in written.items()}
 
 
-def _run_steps(recipe: Recipe, out: Path, final: Path, progress: bool, reuse: _Reuse | None = None) -> dict[str, Any]:
-    """The steps, written into ``out`` (a temporary directory that becomes ``final``)."""
-    from moekit.pipeline import naee_plan_from_data, plan_from_profile, prune_with_plan
-    from moekit.profile import Profile, profile_model
-    from moekit.score import parse_set_weights
+def _run_steps(recipe: Recipe, out: Path, final: Path, progress: bool, reuse: _Reuse) -> dict[str, Any]:
+    """The steps, written into ``out`` (a temporary directory that becomes ``final``); ``reuse`` takes over the
+    earlier run's steps whose keys match."""
+    from moekit.profile import profile_model
 
     (out / "recipe.resolved.yaml").write_text(resolved_yaml(recipe))
     written: dict[str, Any] = {"out": str(out), "recipe": str(out / "recipe.resolved.yaml")}
     step = recipe.profile
-    data = [f"{name}={path}" for name, path in step.data.items()]
     prune = recipe.prune
     profile_path = Path(step.path) if step.path else out / "profile"
-    reuse = reuse or _Reuse(None, {})
-    if not step.path and (prune is None or prune.method != "naee") and reuse.take("profile", out):
-        written["profile"] = str(profile_path)
-    elif not step.path and (prune is None or prune.method != "naee"):
-        profile_model(recipe.model, data, profile_path, seq_len=step.seq_len, max_tokens=step.max_tokens,
-                      seed=recipe.seed, batch_size=step.batch_size, device=step.device, dtype=step.dtype,
-                      neuron_stats=step.neuron_stats, tokenizer=step.tokenizer, progress=progress)
+    if not step.path and (prune is None or prune.method != "naee"):
+        if not reuse.take("profile", out):
+            profile_model(recipe.model, _data_args(recipe), profile_path, seq_len=step.seq_len,
+                          max_tokens=step.max_tokens, seed=recipe.seed, batch_size=step.batch_size,
+                          device=step.device, dtype=step.dtype, neuron_stats=step.neuron_stats,
+                          tokenizer=step.tokenizer, progress=progress)
         written["profile"] = str(profile_path)
     if prune is None:
         return written
     if reuse.take("model", out):
         plan = json.loads((out / "model" / "moekit_plan.json").read_text())
-        written["model"] = str(out / "model")
-        if recipe.eval is not None:
-            written.update(_evaluate_and_report(recipe, out, plan, profile_path if profile_path.exists() else None,
-                                                progress, reuse))
-        return written
+    else:
+        plan = _prune_step(recipe, out, final, profile_path, progress)
+    written["model"] = str(out / "model")
+    if recipe.eval is not None:
+        written.update(_evaluate_and_report(recipe, out, plan, profile_path if profile_path.exists() else None,
+                                            progress, reuse))
+    return written
+
+
+def _data_args(recipe: Recipe) -> list[str]:
+    return [f"{name}={path}" for name, path in recipe.profile.data.items()]
+
+
+def _prune_step(recipe: Recipe, out: Path, final: Path, profile_path: Path, progress: bool) -> dict[str, Any]:
+    """Plan (from the profile, or NAEE's search) and write the pruned model into ``out/model``; the plan."""
+    from moekit.pipeline import naee_plan_from_data, plan_from_profile, prune_with_plan
+    from moekit.profile import Profile
+    from moekit.score import parse_set_weights
+
+    step, prune = recipe.profile, recipe.prune
+    assert prune is not None
     request = _plan_request(recipe)
     if prune.method == "naee":
-        plan = naee_plan_from_data(recipe.model, data, request, seq_len=step.seq_len, max_tokens=step.max_tokens,
-                                   seed=recipe.seed, batch_size=step.batch_size, device=step.device,
-                                   dtype=step.dtype, search=prune.naee.search, progressive=prune.naee.progressive,
-                                   naee_tokens=prune.naee.tokens, tokenizer=step.tokenizer, progress=progress)
+        plan = naee_plan_from_data(recipe.model, _data_args(recipe), request, seq_len=step.seq_len,
+                                   max_tokens=step.max_tokens, seed=recipe.seed, batch_size=step.batch_size,
+                                   device=step.device, dtype=step.dtype, search=prune.naee.search,
+                                   progressive=prune.naee.progressive, naee_tokens=prune.naee.tokens,
+                                   tokenizer=step.tokenizer, progress=progress)
     else:
         loaded = Profile.load(profile_path)
         if prune.set_weights:
@@ -392,17 +406,13 @@ def _run_steps(recipe: Recipe, out: Path, final: Path, progress: bool, reuse: _R
             request = replace(request, set_weights=parse_set_weights(text, loaded.set_names))
         recorded = Path(step.path) if step.path else final / "profile"
         plan = plan_from_profile(recipe.model, loaded, request, profile_path=recorded)
-    result = prune_with_plan(recipe.model, plan, out / "model", dtype=prune.dtype,
-                             reproduce=f"moekit run {final / 'recipe.resolved.yaml'}")
-    written["model"] = str(result.out)
-    if recipe.eval is not None:
-        written.update(_evaluate_and_report(recipe, out, plan, profile_path if profile_path.exists() else None,
-                                            progress, reuse))
-    return written
+    prune_with_plan(recipe.model, plan, out / "model", dtype=prune.dtype,
+                    reproduce=f"moekit run {final / 'recipe.resolved.yaml'}")
+    return plan
 
 
 def _evaluate_and_report(recipe: Recipe, out: Path, plan: dict[str, Any], profile: Path | None,
-                         progress: bool, reuse: _Reuse | None = None) -> dict[str, Any]:
+                         progress: bool, reuse: _Reuse) -> dict[str, Any]:
     """Evaluate the original and the pruned model the same way; report both."""
     from moekit.eval import EvalError
     from moekit.pipeline import evaluate_model
@@ -418,7 +428,7 @@ def _evaluate_and_report(recipe: Recipe, out: Path, plan: dict[str, Any], profil
     for name, source, method, removed in (("original", recipe.model, "original", 0.0),
                                           ("pruned", str(out / "model"), str(plan.get("method")), ratio)):
         path = out / "eval" / f"{name}.json"
-        if reuse is not None and reuse.take(f"eval/{name}.json", out):
+        if reuse.take(f"eval/{name}.json", out):
             results = json.loads(path.read_text())
         else:
             try:
