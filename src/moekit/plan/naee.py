@@ -133,18 +133,24 @@ class ExpertOutputCache:
     def __init__(self, layer: MoELayer, logits: torch.Tensor, outputs: torch.Tensor, rest: torch.Tensor) -> None:
         self.layer, self.logits, self.outputs, self.rest = layer, logits, outputs, rest
 
+    @staticmethod
+    def fits(layer: MoELayer, inputs: torch.Tensor, max_bytes: int = CACHE_BYTES) -> bool:
+        """Whether a cache can be built for ``layer`` on ``inputs`` (``[T, H]``) within ``max_bytes``."""
+        from moekit.arch.experts import DbrxLayout, StackedLayout
+
+        tokens, hidden = inputs.shape
+        return (layer.call.kind != "llama4" and isinstance(layer.layout, (StackedLayout, DbrxLayout))
+                and 0 < tokens * layer.num_experts * hidden * inputs.element_size() <= max_bytes)
+
     @classmethod
     def build(cls, layer: MoELayer, inputs: torch.Tensor, unpruned: torch.Tensor,
               max_bytes: int = CACHE_BYTES) -> ExpertOutputCache | None:
-        from moekit.arch.experts import DbrxLayout, StackedLayout
+        if not cls.fits(layer, inputs, max_bytes):
+            return None
         from moekit.profile.capture import expert_outputs
 
         tokens, hidden = inputs.shape
         experts = layer.num_experts
-        if layer.call.kind == "llama4" or not isinstance(layer.layout, (StackedLayout, DbrxLayout)):
-            return None
-        if tokens * experts * hidden * inputs.element_size() > max_bytes:
-            return None
         with torch.inference_mode():
             logits = torch.cat([layer.router_logits(inputs[s:s + 4096]) for s in range(0, tokens, 4096)])
             outputs = torch.empty(tokens, experts, hidden, dtype=inputs.dtype, device=inputs.device)
@@ -208,7 +214,9 @@ def search_layer(view: MoEModelView, layer: MoELayer, inputs: torch.Tensor, remo
     if search not in SEARCHES:
         raise ValueError(f"unknown NAEE search {search!r}; valid: {', '.join(SEARCHES)}")
     num_experts = layer.num_experts
-    unpruned = block_outputs(layer, inputs)
+    cached = ExpertOutputCache.fits(layer, inputs, cache_bytes)
+    # the unpruned block's output: the reference by default, and what the cache subtracts its routed part from
+    unpruned = block_outputs(layer, inputs) if reference is None or cached else None
     if reference is None:
         reference = unpruned
     if reference.shape != inputs.shape:
@@ -217,7 +225,7 @@ def search_layer(view: MoEModelView, layer: MoELayer, inputs: torch.Tensor, remo
     size, quota = num_experts // groups, remove // groups
     evaluated = 0
 
-    cache = ExpertOutputCache.build(layer, inputs, unpruned, cache_bytes) if cache_bytes > 0 else None
+    cache = ExpertOutputCache.build(layer, inputs, unpruned, cache_bytes) if cached else None
 
     def loss(dropped: tuple[int, ...]) -> float:
         nonlocal evaluated
