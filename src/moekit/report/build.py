@@ -180,8 +180,8 @@ def _measured_speed_section(speed: Mapping[str, Any], models: Mapping[str, Any])
              f"{reference}; * marks a speed whose timed runs overlap the reference's (inside the noise)."),
         Table(["model", "experts", *(SPEED_COLUMNS[c] for c in columns)], rows,
               [False, True] + [True] * len(columns)),
-        Image("speed.png", figures.speed_figure(models, reference, columns), "memory and speed relative to the "
-              "reference"),
+        Image("speed.png", figures.speed_figure(models, reference, {c: SPEED_COLUMNS[c] for c in columns}),
+              "memory and speed relative to the reference"),
     ]
     if speed.get("peak_memory_note"):
         blocks.append(Text(str(speed["peak_memory_note"])))

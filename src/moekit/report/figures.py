@@ -198,12 +198,11 @@ def quality_figure(points: Sequence[ResultPoint]) -> bytes:
     return to_png(fig)
 
 
-def speed_figure(models: Mapping[str, Mapping[str, Any]], reference: str, columns: Sequence[str]) -> bytes:
+def speed_figure(models: Mapping[str, Mapping[str, Any]], reference: str, labels: Mapping[str, str]) -> bytes:
     """Horizontal bars: every model's size and speed as a ratio to the reference (1 = the same), one group of
-    bars per quantity, the reference's line at 1; speeds whose runs overlap the reference's are hatched."""
-    labels = {"total_bytes": "weights", "routed_expert_bytes": "routed experts", "active_bytes": "active / token",
-              "checkpoint_bytes": "checkpoint", "peak_memory_bytes": "peak GPU memory",
-              "prefill_tokens_per_s": "prefill speed", "decode_tokens_per_s": "decode speed"}
+    bars per quantity (``labels``: field -> name, in order), the reference's line at 1; speeds whose runs overlap
+    the reference's are hatched."""
+    columns = list(labels)
     others = [name for name in models if name != reference] or [reference]
     quantities = [c for c in columns if any(isinstance((models[n].get("ratios") or {}).get(c), (int, float))
                                             for n in others)]
