@@ -13,11 +13,16 @@ the same held-out per-domain loads.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
+from moekit.profile.analyze import NEARLY_DEAD_SHARE, STARVED_SHARE
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_moe import balance_bar_met
+
 ROOT = Path(__file__).resolve().parent / "results" / "testbeds"
-MAX_VIOLATION_BAR = 0.5
 
 
 def balance_from_load_share(record: dict[str, Any]) -> dict[str, Any]:
@@ -30,10 +35,9 @@ def balance_from_load_share(record: dict[str, Any]) -> dict[str, Any]:
         load = [sum(shares[d][layer][j] for d in domains) / len(domains) for j in range(len(shares[domains[0]][layer]))]
         mean = sum(load) / len(load)
         rows.append({"layer": int(layer), "max_violation": round(max(load) / mean - 1, 4),
-                     "below_quarter_of_mean": round(sum(x < mean / 4 for x in load) / len(load), 4),
-                     "below_1pct_of_mean": round(sum(x < mean / 100 for x in load) / len(load), 4)})
-    return {"layers": rows, "bar_met": all(r["max_violation"] <= MAX_VIOLATION_BAR and r["below_quarter_of_mean"] == 0
-                                           for r in rows), "derived_from": "load_share (domains averaged)"}
+                     "below_quarter_of_mean": round(sum(x < STARVED_SHARE * mean for x in load) / len(load), 4),
+                     "below_1pct_of_mean": round(sum(x < NEARLY_DEAD_SHARE * mean for x in load) / len(load), 4)})
+    return {"layers": rows, "bar_met": balance_bar_met(rows), "derived_from": "load_share (domains averaged)"}
 
 
 def summarise(path: Path) -> dict[str, Any]:
