@@ -856,8 +856,7 @@ def speed(
     _check_json_out(json_out, overwrite, list(named.values()), [])
     result = measure_footprint_and_speed(named, batch_size=batch_size, prompt_tokens=prompt_tokens,
                                          new_tokens=new_tokens, repeats=repeats, warmup=warmup, rounds=rounds,
-                                         device=device,
-                                         dtype=dtype, progress=True)
+                                         device=device, dtype=dtype, progress=True)
     if _json_to_stdout(json_out, result):
         return
     out.print(format_speed_table(result), soft_wrap=True, markup=False)

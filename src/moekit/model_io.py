@@ -55,17 +55,6 @@ def describe_source(source: str | Path) -> str:
     return str(Path(source).resolve()) if Path(source).exists() else str(source)
 
 
-def shown_path(path: str | Path, base: str | Path) -> str:
-    """A path as a model card or report shows it, without this machine's folders: relative to ``base`` (the
-    folder the card or report is written to) when it is at most one folder up from it (``../tiny`` for a
-    sibling), else its last component. A hub id (no such local path) is shown as given."""
-    path = Path(path)
-    if not path.is_absolute() and not path.exists():
-        return str(path)
-    relative = Path(os.path.relpath(path.resolve(), Path(base).resolve()))
-    return str(relative) if relative.parts[:2].count("..") <= 1 else path.name
-
-
 def check_dtype(dtype: str | torch.dtype) -> None:
     """Refuse a dtype name torch does not have, before anything loads."""
     if isinstance(dtype, torch.dtype) or dtype in DTYPES:

@@ -38,7 +38,8 @@ from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
 
 from moekit.edit.checkpoint import check_output_dir, write_checkpoint
 from moekit.errors import UserError
-from moekit.model_io import describe_source, load_model, shown_path
+from moekit.model_io import describe_source, load_model
+from moekit.outputs import shown_path
 
 # Dense model type -> the stock MoE family that shares its blocks.
 MOEFY_FAMILIES = {"llama": "mixtral", "mistral": "mixtral"}

@@ -93,6 +93,17 @@ def _local(paths: Iterable[str | Path | None]) -> list[Path]:
     return [Path(p).resolve() for p in paths if p is not None and str(p) and Path(p).exists()]
 
 
+def shown_path(path: str | Path, base: str | Path | None) -> str:
+    """A path as a model card or report shows it, without this machine's folders: relative to ``base`` (the
+    folder the card or report is written to) when it is at most one folder up from it (``../tiny`` for a
+    sibling), else its last component. A hub id or placeholder (no such local path), or no ``base``: as given."""
+    path = Path(path)
+    if base is None or (not path.is_absolute() and not path.exists()):
+        return str(path)
+    relative = Path(os.path.relpath(path.resolve(), Path(base).resolve()))
+    return str(relative) if relative.parts[:2].count("..") <= 1 else path.name
+
+
 def check_output(out: str | Path, *, kind: OutputKind, overwrite: bool = False,
                  sources: Iterable[str | Path | None] = (), inputs: Iterable[str | Path | None] = (),
                  offers_overwrite: bool = True) -> Path:

@@ -40,7 +40,8 @@ from moekit.arch import MoEModelView
 from moekit.data import CalibrationSet, DataError, DataSpec, load_calibration_set
 from moekit.environment import versions
 from moekit.errors import UserError
-from moekit.model_io import describe_source, load_config, load_model, load_structure, shown_path
+from moekit.model_io import describe_source, load_config, load_model, load_structure
+from moekit.outputs import shown_path
 
 Trainable = Literal["router", "all"]
 TRAINABLE = ("router", "all")

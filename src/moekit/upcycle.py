@@ -45,8 +45,9 @@ from moekit.arch.view import MoEModelView
 from moekit.edit.checkpoint import check_output_dir, write_checkpoint
 from moekit.edit.prune import prune_layer, set_count_attributes, set_top_k
 from moekit.errors import UserError
-from moekit.model_io import describe_source, load_config, load_model, shown_path
+from moekit.model_io import describe_source, load_config, load_model
 from moekit.moefy import check_swiglu_ffn, dense_fields
+from moekit.outputs import shown_path
 
 # Dense model type -> the stock MoE family that shares its blocks.
 UPCYCLE_FAMILIES = {"llama": "mixtral", "mistral": "mixtral", "qwen3": "qwen3_moe"}

@@ -69,7 +69,7 @@ def run_demo(out: str | Path, overwrite: bool = False, progress: bool = True, ra
     return results
 
 
-def _write_measured_quality(out: Path, paths: dict[str, Path], table: dict[str, dict[str, float]]) -> None:
+def _write_measured_quality(paths: dict[str, Path], table: dict[str, dict[str, float]]) -> None:
     """Each pruned checkpoint's card gets the held-out perplexity the demo measured, beside the original's."""
     from moekit.edit.card import with_measured_quality
 
@@ -126,7 +126,7 @@ def _run_demo_into(out: Path, progress: bool, ratio: float, say: Any) -> dict[st
         model = load_model(paths[variant.name], dtype=torch.float32)
         table[variant.name] = {name: perplexity(model, tokenizer, texts, max_length=SEQ_LEN, batch_size=16,
                                                 progress=False).ppl for name, texts in eval_texts.items()}
-    _write_measured_quality(out, paths, table)
+    _write_measured_quality(paths, table)
     from moekit.eval.speed import measure_footprint_and_speed
 
     speed = measure_footprint_and_speed({v.label: paths[v.name] for v in VARIANTS}, batch_size=1,

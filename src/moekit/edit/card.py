@@ -8,7 +8,7 @@ from typing import Any
 
 import moekit
 from moekit.environment import versions
-from moekit.model_io import shown_path
+from moekit.outputs import shown_path
 from moekit.summary import ModelSummary, format_count
 
 PLAN_FORMAT = "moekit.expert_prune_plan/1"
@@ -94,16 +94,15 @@ def _details_text(details: dict[str, Any], base: Path | None = None) -> str:
 def _data_path(data: Any, base: Path | None = None) -> str:
     items = data if isinstance(data, list) else [data]
     paths = [str(item.get("path", "?")) for item in items if isinstance(item, dict)]
-    return ", ".join(shown_path(p, base) if base is not None and p != "?" else p for p in paths)
+    return ", ".join(shown_path(p, base) for p in paths)
 
 
 def render_prune_card(name: str, source: str, before: ModelSummary, after: ModelSummary, plan: dict[str, Any],
                       reproduce: str, base: Path | None = None) -> str:
     """The pruned checkpoint's README.md; with ``base`` (the output folder) local paths are shown relative to it
     or by name (``shown_path``), not as this machine's absolute paths."""
-    if base is not None:
-        reproduce = reproduce.replace(source, shown_path(source, base))
-        source = shown_path(source, base)
+    reproduce = reproduce.replace(source, shown_path(source, base))
+    source = shown_path(source, base)
     v = versions()
     today = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     rows = "\n".join(

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moekit.outputs import check_output, writing_directory
+from moekit.outputs import check_output, shown_path, writing_directory
 from moekit.report import figures
 from moekit.report.compare import format_value
 from moekit.report.errors import ReportError
@@ -70,7 +70,7 @@ def load_section(profile: Any, base: Path | None = None) -> Section:
     from moekit.profile.analyze import balance_warnings, layer_summary
 
     sets = ", ".join(f"{s['name']} ({s['tokens']:,} tokens)" for s in profile.meta["sets"])
-    source = _shown(profile.meta.get("model", {}).get("source") or "?", base)
+    source = shown_path(profile.meta.get("model", {}).get("source") or "?", base)
     rows = []
     summaries = [layer_summary(profile, layer) for layer in profile.fingerprint["moe_layers"]]
     for summary in summaries:
@@ -90,13 +90,6 @@ def load_section(profile: Any, base: Path | None = None) -> Section:
     ])
 
 
-def _shown(path: str, base: Path | None) -> str:
-    """A model path as the report shows it: relative to the report's folder or by name (``shown_path``)."""
-    from moekit.model_io import shown_path
-
-    return path if base is None or path == "?" else shown_path(path, base)
-
-
 def scores_section(plans: Sequence[dict[str, Any]], base: Path | None = None) -> Section:
     blocks: list[Block] = [Text("Per layer, experts sorted by score (highest left). Experts left of the dashed "
                                 "line are kept; protected experts are kept whatever their score.")]
@@ -104,7 +97,7 @@ def scores_section(plans: Sequence[dict[str, Any]], base: Path | None = None) ->
         title = plan_title(plan)
         details = plan.get("details") or {}
         protections = (details.get("protections") or {}).get("super_experts") or []
-        source = _shown((plan.get("source") or {}).get("model", "?"), base)
+        source = shown_path((plan.get("source") or {}).get("model", "?"), base)
         blocks.append(Text(f"Plan {number}: {title}. Source model: {source}; "
                            f"experts per layer {plan['num_experts']['before']} to {plan['num_experts']['after']}"
                            + (f"; protected super experts {protections}" if protections else "") + "."))
