@@ -122,7 +122,10 @@ def compare(testbed: Path, corpus: Path, seq_len: int, calibration_tokens: int, 
             device: str, naee: bool, tasks: list[str] | None = None, task_limit: int = 500,
             tokenizer_path: Path | None = None, targeted: bool = True, seeds: tuple[int, ...] = (0,),
             ratios: tuple[float, ...] = RATIOS, naee_tokens: int = 8192,
-            only: list[str] | None = None) -> dict[str, Any]:
+            only: list[str] | None = None, save: Any = None) -> dict[str, Any]:
+    """The comparison on one testbed; ``save(result)``, when given, is called with the result so far after every
+    (seed, ratio) block (``complete`` False) and at the end (True), so a run stopped by a time limit keeps what it
+    measured."""
     model = load_model(testbed, dtype=torch.float32, device=device)
     view = MoEModelView.from_model(model)
     domains = sorted(load_manifest(corpus)["domains"])
@@ -133,7 +136,34 @@ def compare(testbed: Path, corpus: Path, seq_len: int, calibration_tokens: int, 
     methods = [m for m in [*CRITERIA.names()] + (["naee"] if naee else []) if only is None or m in only]
     criteria = [m for m in methods if m != "naee"]
     rows: list[dict[str, Any]] = []
-    profile_seconds = []
+    profile_seconds: list[float] = []
+
+    def snapshot(complete: bool) -> dict[str, Any]:
+        general_rows = [r for r in rows if r["kind"] == "general"]
+        extra: dict[str, Any] = {}
+        if original_tasks is not None:
+            extra.update({"task_names": list(tasks), "task_limit": task_limit,
+                          "original_tasks": original_tasks["tasks"],
+                          "original_task_seconds": original_tasks["task_seconds"]})
+        if not targeted:
+            extra["targeted"] = False
+        return {
+            "testbed": testbed.name, "num_experts": view.num_experts, "top_k": view.top_k,
+            "model_type": view.model_type, "domains": domains, "original_perplexity": original,
+            "profile_seconds": profile_seconds, "calibration_tokens_per_domain": calibration_tokens,
+            # what was measured (all of it once complete; a stopped run lists the seeds and ratios it reached)
+            "calibration_seeds": list(seeds) if complete else sorted({r["seed"] for r in general_rows}),
+            "ratios": list(ratios) if complete else sorted({r["ratio"] for r in general_rows}),
+            "naee": {"max_tokens": naee_tokens, "search": "beam", "beam_width": 4} if "naee" in methods else None,
+            "eval_tokens_per_domain": eval_tokens, "seq_len": seq_len, "rows": rows,
+            "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "python": platform.python_version()},
+            "testbed_record": testbed_record(testbed),
+            "complete": complete,
+            **extra,
+        }
+
     for seed in seeds:
         sets = calibration_sets(corpus, domains, seq_len, calibration_tokens, seed)
         start = time.perf_counter()
@@ -164,25 +194,9 @@ def compare(testbed: Path, corpus: Path, seq_len: int, calibration_tokens: int, 
                     rows.append({"kind": "targeted", "method": method, "ratio": ratio, "domain": domain, "seed": seed,
                                  "retention": result["retention"][domain],
                                  "general_retention": general["retention"][domain]})
-    extra: dict[str, Any] = {}
-    if original_tasks is not None:
-        extra.update({"task_names": list(tasks), "task_limit": task_limit, "original_tasks": original_tasks["tasks"],
-                      "original_task_seconds": original_tasks["task_seconds"]})
-    if not targeted:
-        extra["targeted"] = False
-    return {
-        "testbed": testbed.name, "num_experts": view.num_experts, "top_k": view.top_k,
-        "model_type": view.model_type, "domains": domains, "original_perplexity": original,
-        "profile_seconds": profile_seconds, "calibration_tokens_per_domain": calibration_tokens,
-        "calibration_seeds": list(seeds), "ratios": list(ratios),
-        "naee": {"max_tokens": naee_tokens, "search": "beam", "beam_width": 4} if "naee" in methods else None,
-        "eval_tokens_per_domain": eval_tokens, "seq_len": seq_len, "rows": rows,
-        "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version()},
-        "testbed_record": testbed_record(testbed),
-        **extra,
-    }
+            if save is not None:
+                save(snapshot(False))
+    return snapshot(True)
 
 
 def combine(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -202,6 +216,7 @@ def combine(parts: list[dict[str, Any]]) -> dict[str, Any]:
     combined["naee"] = next((part["naee"] for part in parts if part.get("naee")), None)
     combined["profile_seconds"] = [x for part in parts for x in part["profile_seconds"]]
     combined["targeted"] = any(part.get("targeted", True) for part in parts)
+    combined["complete"] = all(part.get("complete", True) for part in parts)
     return combined
 
 
@@ -244,6 +259,9 @@ def markdown(result: dict[str, Any]) -> str:
              f"tokens per domain (1.000 = no loss). Calibration: {result['calibration_tokens_per_domain']:,} tokens "
              f"per domain (windows drawn by the calibration seed), all domains weighted equally, seeds "
              f"{', '.join(map(str, seeds))}. Super experts protected (moekit's default). Device {result['device']}."]
+    if not result.get("complete", True):
+        lines += ["", "**Incomplete**: the run was stopped (a time limit) before it measured every method, seed and "
+                      "ratio it was asked for; the tables hold what it reached."]
     if result.get("naee"):
         lines += ["", f"NAEE: beam search (width {result['naee']['beam_width']}) on the block reconstruction loss, "
                       f"{result['naee']['max_tokens']:,} calibration tokens split equally over the domains."]
@@ -354,13 +372,17 @@ def main() -> None:
         print(markdown(result))
         return
     for testbed in args.testbed or ():
+        name = f"compare_methods-{testbed.name}" + (f"-{args.tag}" if args.tag else "")
+
+        def save(result: dict[str, Any], name: str = name) -> None:
+            (args.out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+            (args.out / f"{name}.md").write_text(markdown(result))
+
         result = compare(testbed, args.corpus, args.seq_len, args.calibration_tokens, args.eval_tokens,
                          args.device, not args.no_naee, args.tasks, args.task_limit, args.tokenizer,
                          not args.no_targeted, tuple(args.seeds), tuple(args.ratios), args.naee_tokens,
-                         args.methods)
-        name = f"compare_methods-{testbed.name}" + (f"-{args.tag}" if args.tag else "")
-        (args.out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
-        (args.out / f"{name}.md").write_text(markdown(result))
+                         args.methods, save=save)
+        save(result)
         print(markdown(result))
 
 
