@@ -17,7 +17,7 @@
 # compare: three calibration seeds, 25/50/75%, every criterion (one process per testbed) and NAEE (one process per
 # testbed and seed; with cached expert outputs also on qwen3-128x8, where block forwards were ~50k per layer).
 set -euo pipefail
-stage=${1:?usage: balanced_testbeds.sh train|compare|solo NAME COEF}
+stage=${1:?usage: balanced_testbeds.sh train|compare|solo NAME COEFS}
 corpus=benchmarks/corpus/out
 minutes=${MINUTES:-6.5}
 out=${OUT:?set OUT (the device tool does)}
@@ -47,30 +47,40 @@ if [ "$stage" = train ]; then
 fi
 
 if [ "$stage" = solo ]; then
-  # bash benchmarks/balanced_testbeds.sh solo NAME COEF: train one testbed alone (MINUTES, default 4), then compare
-  # the methods on it (criteria and NAEE per seed side by side), all in one call; records and results in $OUT
-  name=${2:?usage: balanced_testbeds.sh solo NAME COEF}; coef=${3:?usage: balanced_testbeds.sh solo NAME COEF}
+  # bash benchmarks/balanced_testbeds.sh solo NAME COEFS: train one testbed alone (MINUTES per run, default 4) once
+  # per balancing coefficient in the comma list COEFS, one run after the other; choose_testbeds.py's rule picks the
+  # run (the smallest coefficient that meets the balance bar); then compare the methods on it (criteria and NAEE
+  # per seed side by side, at most COMPARE_SECONDS, default 280; a stopped run keeps what it measured), all in one
+  # call; records of every run and the comparison in $OUT
+  name=${2:?usage: balanced_testbeds.sh solo NAME COEFS}; coefs=${3:?usage: balanced_testbeds.sh solo NAME COEFS}
   # TRAIN_ARGS / COMPARE_ARGS: extra options (a CPU smoke run: TRAIN_ARGS="--steps 2 --batch-size 4 --device cpu")
-  # shellcheck disable=SC2086
-  python benchmarks/train_moe.py --corpus $corpus --testbed "$name" --minutes "${MINUTES:-4}" --aux-coef "$coef" \
-    --out "testbeds/solo-$coef" ${TRAIN_ARGS:-} > "testbeds/train-$name-$coef-solo.log" 2>&1
-  path="testbeds/solo-$coef/$name"
+  for coef in ${coefs//,/ }; do
+    # shellcheck disable=SC2086
+    python benchmarks/train_moe.py --corpus $corpus --testbed "$name" --minutes "${MINUTES:-4}" --aux-coef "$coef" \
+      --out "testbeds/solo-$coef" ${TRAIN_ARGS:-} > "testbeds/train-$name-$coef-solo.log" 2>&1
+    cp "testbeds/solo-$coef/$name/training.json" "$out/$name-coef$coef-training.json"
+    cp "testbeds/solo-$coef/$name/loss.png" "$out/$name-coef$coef-loss.png"
+  done
+  python benchmarks/choose_testbeds.py testbeds "solo-*/$name/training.json" | tee "testbeds/chosen-$name.txt"
+  path=$(cut -d' ' -f2 "testbeds/chosen-$name.txt")
   mkdir -p testbeds/results-solo
   pids=()
   # shellcheck disable=SC2086
-  timeout 280 python benchmarks/compare_methods.py --testbed "$path" --corpus $corpus --no-naee ${COMPARE_ARGS:-} \
-    --out testbeds/results-solo --tag criteria > "testbeds/compare-$name-solo-criteria.log" 2>&1 & pids+=($!)
+  timeout "${COMPARE_SECONDS:-280}" python benchmarks/compare_methods.py --testbed "$path" --corpus $corpus --no-naee \
+    ${COMPARE_ARGS:-} --out testbeds/results-solo --tag criteria > "testbeds/compare-$name-solo-criteria.log" 2>&1 &
+  pids+=($!)
   for seed in 0 1 2; do
     # shellcheck disable=SC2086
-    timeout 280 python benchmarks/compare_methods.py --testbed "$path" --corpus $corpus --methods naee \
-      ${COMPARE_ARGS:-} --seeds $seed --no-targeted --out testbeds/results-solo --tag "naee$seed" \
+    timeout "${COMPARE_SECONDS:-280}" python benchmarks/compare_methods.py --testbed "$path" --corpus $corpus \
+      --methods naee ${COMPARE_ARGS:-} --seeds $seed --no-targeted --out testbeds/results-solo --tag "naee$seed" \
       > "testbeds/compare-$name-solo-naee$seed.log" 2>&1 & pids+=($!)
   done
   for p in "${pids[@]}"; do wait "$p" || true; done
   parts=$(ls testbeds/results-solo/compare_methods-"$name"-*.json)
+  # shellcheck disable=SC2086
   python benchmarks/compare_methods.py --combine $parts --out "$out" > /dev/null || true
-  cp "$path/training.json" "$out/$name-training.json"; cp "$path/loss.png" "$out/$name-loss.png"
-  tar czf "$out/$name-logs.tar.gz" testbeds/train-"$name"-*.log testbeds/compare-"$name"-solo-*.log
+  tar czf "$out/$name-logs.tar.gz" testbeds/chosen-"$name".txt testbeds/train-"$name"-*.log \
+    testbeds/compare-"$name"-solo-*.log
   exit 0
 fi
 
