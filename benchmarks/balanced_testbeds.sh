@@ -18,7 +18,7 @@
 # testbed and seed; with cached expert outputs also on qwen3-128x8, where block forwards were ~50k per layer).
 set -euo pipefail
 stage=${1:?usage: balanced_testbeds.sh train|compare|solo NAME COEFS}
-corpus=benchmarks/corpus/out
+corpus=${CORPUS:-benchmarks/corpus/out}  # CORPUS: a subset (benchmarks/corpus/subset.py) to fit the 64 MiB transfer
 minutes=${MINUTES:-6.5}
 out=${OUT:?set OUT (the device tool does)}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"

@@ -1,6 +1,7 @@
 """Choose, per testbed, which balancing run of ``benchmarks/balanced_testbeds.sh train`` the experiments use.
 
-Reads ``ROOT/PATTERN`` (default ``coef*/*/training.json``; the solo stage's runs: ``solo-*/*/training.json``) and prints one line per testbed: ``name path coefficient bar_met``.
+Reads ``ROOT/PATTERN`` (default ``coef*/*/training.json``; the solo stage's runs: ``solo-*/*/training.json``)
+and prints one line per testbed: ``name path coefficient bar_met``.
 Rule (fixed before the runs): the smallest balancing coefficient whose run meets the balance bar (per layer
 MaxVio <= 0.5 and no expert below a quarter of the mean load, on held-out text of every domain); if none
 meets it, the smallest coefficient, with ``bar_met`` False (and the comparison on it says so).
