@@ -87,6 +87,17 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                   f"each ran {slowdown:.1f}x fewer steps per minute than alone (demo model: {shared['steps']:,} steps "
                   f"in {shared['minutes']} minutes side by side, {alone['steps']:,} in {alone['minutes']} alone), so "
                   "they are undertrained (higher perplexity) and their balance is that of an early model."]
+    solo = [r for r in rows if r["round"] in ("current", "other-coefficients") and r["minutes"] <= 2.5]
+    if solo:
+        lines += ["", f"Top-level records trained in {max(r['minutes'] for r in solo)} minutes or less "
+                  f"({', '.join(sorted({r['testbed'] for r in solo}))}): each trained alone on one H200, one run after "
+                  "the other, by `benchmarks/balanced_testbeds.sh solo NAME COEFS` (a few minutes per run so that "
+                  "training and the method comparison fit one 10-minute device call; the fine-grained testbed's "
+                  "weights cannot come back from that machine, so they are regenerated with the experiments), on the "
+                  "corpus subset of 8M training tokens per domain (`benchmarks/corpus/subset.py`). The coefficient "
+                  "was chosen by the rule fixed before the runs (`choose_testbeds.py`: the smallest that meets the "
+                  "bar); `other-coefficients/` holds the runs it did not choose. Short training: these are earlier "
+                  "models than the demo model (higher perplexity), the fine-grained one most of all."]
     lines += ["", "`pooled-balancing/`: the first testbeds (H100, each alone), trained with transformers' pooled loss, "
               "which balances experts summed over layers rather than each layer.", ""]
     return "\n".join(lines)
