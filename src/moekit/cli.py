@@ -362,71 +362,35 @@ def prune(
       moekit prune ./model --profile prof --method frequency --keep 6 --plan-only --out plan.json
     """
     from moekit.data import DataSpec
-    from moekit.edit import PlanError, parse_keep, prune_to_checkpoint
-    from moekit.edit.keep import read_json_plan
+    from moekit.edit import PlanError
     from moekit.outputs import check_output
-    from moekit.pipeline import plan_from_profile, prune_with_plan, write_plan
+    from moekit.pipeline import RunOptions, kept_per_layer, make_plan, prune_with_plan, read_inputs, write_plan
     from moekit.plan import PlanRequest, parse_protect
-    from moekit.profile import Profile
-    from moekit.score import parse_set_weights
 
     _quiet_transformers()
-    reproduce = " ".join(["moekit", *sys.argv[1:]])
     protect_file = Path(protect) if protect and Path(protect).is_file() else None
-    inputs = [profile, keep_json, protect_file, *(DataSpec.parse(d).path for d in data or [])]
+    paths = [profile, keep_json, protect_file, *(DataSpec.parse(d).path for d in data or [])]
     check_output(out_dir, kind="file" if plan_only else "checkpoint", overwrite=overwrite, sources=[model],
-                 inputs=inputs)
-    if keep_json is not None:
-        if profile is not None:
-            raise PlanError("give either --profile (moekit scores the experts) or --keep-json (you list them)")
-        if plan_only:
-            raise PlanError("--plan-only needs --profile; a --keep-json file already is a plan")
-        listed = read_json_plan(keep_json, "keep file")
-        if isinstance(listed, dict) and "format" in listed:  # a moekit plan: applied (and checked) as moekit apply does
-            if top_k is not None or allow_regroup:
-                raise PlanError(f"{keep_json} is a moekit plan, which holds its own top-k and regrouping; drop "
-                                "--top-k / --allow-regroup or make a new plan")
-            if dry_run:
-                return _print_prune_needs(model, out_dir, listed["num_experts"]["after"], dtype)
-            result = prune_with_plan(model, listed, out_dir, overwrite=overwrite, dtype=dtype, reproduce=reproduce)
-        else:
-            keep_map = parse_keep(listed, f"keep file {keep_json}")
-            if dry_run:
-                return _print_prune_needs(model, out_dir, len(next(iter(keep_map.values()))), dtype)
-            result = prune_to_checkpoint(model, keep_map, out_dir, overwrite=overwrite, allow_regroup=allow_regroup,
-                                         dtype=dtype, top_k=top_k, details={"keep_file": str(keep_json)},
-                                         reproduce=reproduce)
-    elif profile is None and method != "naee":
-        raise PlanError("say which experts to remove: --profile PROFILE with --method and --ratio (or --keep), "
-                        "--method naee with --data, or --keep-json FILE")
-    elif method == "naee" and profile is not None:
-        raise PlanError("--method naee runs the model on --data and takes no --profile")
-    else:
-        from moekit.pipeline import naee_plan_from_data
-
-        protect_text = _read_text_input(protect_file, "--protect file") if protect_file else protect
-        loaded = Profile.load(profile) if profile is not None else None
-        request = PlanRequest(method=method, ratio=ratio, keep=keep, protect_super=not no_protect_super,
-                              protect=parse_protect(protect_text),
-                              set_weights=parse_set_weights(set_weights, loaded.set_names) if loaded else
-                              (parse_set_weights(set_weights, [DataSpec.parse(d).name for d in data or []])
-                               if set_weights else None),
-                              seed=seed, top_k=top_k, allow_regroup=allow_regroup)
-        if loaded is None:
-            plan = naee_plan_from_data(model, data or [], request, seed=seed, device=device, dtype=dtype,
-                                       search=naee_search, progressive=progressive, naee_tokens=naee_tokens,
-                                       sequential=sequential, say=_note)
-        else:
-            plan = plan_from_profile(model, loaded, request, profile_path=profile)
-        if dry_run:
-            return _print_prune_needs(model, out_dir, plan["num_experts"]["after"], dtype)
-        if plan_only:
-            write_plan(plan, out_dir, overwrite=overwrite, sources=[model], inputs=inputs)
-            _wrote(f"plan {out_dir}: keep {plan['num_experts']['after']} of {plan['num_experts']['before']} experts "
-                   f"per layer ({method}); apply it with moekit apply {model} {out_dir} --out DIR")
-            return
-        result = prune_with_plan(model, plan, out_dir, overwrite=overwrite, dtype=dtype, reproduce=reproduce)
-    _print_pruned(result)
+                 inputs=paths)
+    if plan_only and keep_json is not None:
+        raise PlanError("--plan-only needs --profile; a --keep-json file already is a plan")
+    protect_text = _read_text_input(protect_file, "--protect file") if protect_file else protect
+    inputs = read_inputs(profile, data or [], keep_json, run=RunOptions(device=device, dtype=dtype,
+                                                                       sequential=sequential, say=_note),
+                         options={"search": naee_search, "tokens": naee_tokens, "progressive": progressive})
+    request = PlanRequest(method=method, ratio=ratio, keep=keep, protect_super=not no_protect_super,
+                          protect=parse_protect(protect_text), set_weights=inputs.set_weights(set_weights),
+                          seed=seed, top_k=top_k, allow_regroup=allow_regroup)
+    plan = make_plan(model, request, inputs)
+    if dry_run:
+        return _print_prune_needs(model, out_dir, kept_per_layer(plan), dtype)
+    if plan_only:
+        write_plan(plan, out_dir, overwrite=overwrite, sources=[model], inputs=paths)
+        _wrote(f"plan {out_dir}: keep {plan['num_experts']['after']} of {plan['num_experts']['before']} experts "
+               f"per layer ({method}); apply it with moekit apply {model} {out_dir} --out DIR")
+        return
+    _print_pruned(prune_with_plan(model, plan, out_dir, overwrite=overwrite, dtype=dtype,
+                                  reproduce=" ".join(["moekit", *sys.argv[1:]])))
 
 
 def _print_prune_needs(model: str, out_dir: Path, kept: int, dtype: str) -> None:

@@ -1,42 +1,102 @@
-"""The pipeline steps a user runs, as functions: plan from a profile, apply a plan, prune in one go.
+"""The pipeline steps a user runs, as functions: make a plan, apply a plan, prune in one go.
 
-    plan = plan_from_profile("model-dir", "profile-dir", PlanRequest("reap", ratio=0.5))
+    inputs = read_inputs(profile="profile-dir")                  # or data=["code=./src"], plan_file="keep.json"
+    plan = make_plan("model-dir", PlanRequest("reap", ratio=0.5), inputs)
     write_plan(plan, "plan.json")
     prune_with_plan("model-dir", plan, "pruned-dir")
 
-Each checks everything it can before a weight is loaded (profile against the model's structure,
-the budget, protections, group and top-k constraints, the output path).
+``make_plan`` is the one way from a request to a plan, for the command line, recipes and notebooks: a plan
+file the user gave (``given_plan``), or the request's method from ``moekit.plan.methods.METHODS``, whose
+needs are checked against the inputs first (``check_needs``). Each step checks everything it can before a
+weight is loaded (profile against the model's structure, the budget, protections, group and top-k
+constraints, the output path).
 """
 
 from __future__ import annotations
 
 import shlex
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from moekit.arch.view import MoEModelView
 from moekit.edit import PruneResult, prune_to_checkpoint
+from moekit.edit.card import prune_plan_record
 from moekit.edit.checkpoint import check_output_dir
-from moekit.edit.keep import PlanError, check_plan_format, read_json_plan
+from moekit.edit.keep import PlanError, check_plan_format, parse_keep, read_json_plan, validate_keep
+from moekit.edit.prune import validate_top_k
 from moekit.model_io import describe_source, load_structure
 from moekit.outputs import check_output, write_json_file
-from moekit.plan import PlanRequest, make_prune_plan, plan_keep_map, plan_top_k
+from moekit.plan import PlanRequest, plan_keep_map, plan_top_k
 from moekit.plan.check import checked_plan
+from moekit.plan.methods import (
+    COMMAND_LINE,
+    METHODS,
+    PlanInputs,
+    RunOptions,
+    Spelling,
+    check_needs,
+    naee_plan_from_data,
+    plan_from_profile,
+)
 from moekit.profile import Profile
 from moekit.profile.profile_file import config_sha256
+from moekit.summary import summarize
+
+__all__ = ["PlanInputs", "RunOptions", "check_plan_source", "evaluate_model", "given_plan", "kept_per_layer",
+           "make_plan", "naee_plan_from_data", "plan_from_profile", "prune_from_profile", "prune_with_plan",
+           "read_inputs", "read_plan", "write_plan"]
 
 
-def plan_from_profile(source: str | Path, profile: str | Path | Profile, request: PlanRequest,
-                      profile_path: str | Path | None = None) -> dict[str, Any]:
-    """The pruning plan for ``request``, from a saved profile of the model at ``source``.
+def read_inputs(profile: str | Path | None = None, data: Sequence[str] = (), plan_file: str | Path | None = None,
+                *, run: RunOptions | None = None, options: Mapping[str, Any] | None = None) -> PlanInputs:
+    """The inputs a plan is made from, read (a profile is loaded and checked; no model is): a profile directory,
+    calibration sets (``NAME=PATH``), or a plan file the user wrote (``--keep-json``: a keep map or a plan)."""
+    if plan_file is not None and profile is not None:
+        raise PlanError("give either --profile (moekit scores the experts) or --keep-json (you list them)")
+    return PlanInputs(profile=Profile.load(profile) if profile is not None else None, profile_path=profile,
+                      data=tuple(data), plan_file=Path(plan_file) if plan_file is not None else None,
+                      run=run or RunOptions(), options=dict(options or {}))
 
-    ``profile`` is a profile directory or a loaded Profile (then ``profile_path`` says where it came from)."""
-    loaded = profile if isinstance(profile, Profile) else Profile.load(profile)
+
+def make_plan(source: str | Path, request: PlanRequest, inputs: PlanInputs,
+              spelling: Spelling = COMMAND_LINE) -> dict[str, Any]:
+    """The plan for ``request`` on the model at ``source``: the plan file given (``given_plan``), else the one
+    the request's method makes (``METHODS``) once ``check_needs`` found everything it needs in ``inputs``.
+    ``spelling`` names the inputs in the errors (the command line's options by default)."""
+    if inputs.plan_file is not None:
+        return given_plan(source, inputs.plan_file, request)
+    method = METHODS.get(request.method)
+    where = f"the profile {inputs.profile_path}" if inputs.profile_path is not None else "the profile"
+    check_needs(method, request, inputs.profile, inputs.data, spelling, where)
+    return method.plan(source, request, inputs)
+
+
+def given_plan(source: str | Path, path: str | Path, request: PlanRequest) -> dict[str, Any]:
+    """The plan in a file the user wrote (``--keep-json``): a moekit plan as it is (applied and checked as
+    ``moekit apply`` does; it holds its own top-k and regrouping), or a keep map ``{"<layer>": [expert ids to
+    keep], ...}`` as a keep-list plan with the request's top-k and regrouping, checked against the model."""
+    listed = read_json_plan(path, "keep file")
+    if isinstance(listed, dict) and "format" in listed:
+        if request.top_k is not None or request.allow_regroup:
+            raise PlanError(f"{path} is a moekit plan, which holds its own top-k and regrouping; drop --top-k / "
+                            "--allow-regroup or make a new plan")
+        return listed
+    keep = parse_keep(listed, f"keep file {path}")
     view = MoEModelView.from_model(load_structure(source))
-    origin = profile_path if isinstance(profile, Profile) else profile
-    path = str(Path(origin).resolve()) if origin is not None else None
-    return make_prune_plan(view, loaded, request, profile_path=path, source=describe_source(source))
+    kept = validate_keep(view, keep, allow_regroup=request.allow_regroup)
+    if request.top_k is not None:
+        validate_top_k(view, request.top_k, kept)
+    details: dict[str, Any] = {"keep_file": str(path)}
+    if request.allow_regroup:  # recorded, so that moekit apply of the saved plan regroups too
+        details["allow_regroup"] = True
+    return prune_plan_record(describe_source(source), summarize(view), keep, "keep-list", details,
+                             top_k=request.top_k)
+
+
+def kept_per_layer(plan: dict[str, Any]) -> int:
+    """The experts every MoE layer keeps under ``plan`` (a plan record or a keep map)."""
+    return len(next(iter(plan_keep_map(plan).values())))
 
 
 def write_plan(plan: dict[str, Any], path: str | Path, overwrite: bool = False,
@@ -97,53 +157,8 @@ def prune_from_profile(source: str | Path, profile: str | Path, request: PlanReq
                        overwrite: bool = False, dtype: str = "auto", reproduce: str | None = None) -> PruneResult:
     """Plan from the profile and apply it in one step."""
     check_output_dir(out, source, overwrite)
-    plan = plan_from_profile(source, profile, request)
+    plan = make_plan(source, request, read_inputs(profile))
     return prune_with_plan(source, plan, out, overwrite=overwrite, dtype=dtype, reproduce=reproduce)
-
-
-def naee_plan_from_data(source: str | Path, data: list[str], request: PlanRequest, *, seq_len: int | None = None,
-                        max_tokens: int | None = 65_536, seed: int = 0, batch_size: int = 8, device: str = "cpu",
-                        dtype: str = "auto", search: str = "auto", progressive: bool = False,
-                        naee_tokens: int = 4096, tokenizer: str | Path | None = None,
-                        progress: bool = True, sequential: bool | None = None,
-                        say: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """NAEE's plan for the model at ``source`` from calibration text (``NAME=PATH`` sets).
-
-    ``sequential``: run the model one decoder layer at a time (``moekit.layerwise``; the same plan); None chooses
-    it, and says so through ``say``, when the whole model does not fit the device."""
-    from moekit.data import DataError, DataSpec, load_calibration_set, load_tokenizer
-    from moekit.layerwise import LayerwiseModel, layerwise_possible
-    from moekit.model_io import load_config, load_model
-    from moekit.needs import format_bytes, profile_needs
-    from moekit.plan import kept_count
-    from moekit.plan.naee import check_search_options, make_naee_plan, make_naee_plan_layerwise
-    from moekit.profile.collect import DEFAULT_SEQ_LEN, max_positions
-
-    check_search_options(search, naee_tokens, batch_size)
-    if max_tokens is not None and max_tokens < 1:
-        raise DataError(f"--max-tokens must be at least 1, got {max_tokens}")
-    if not data:
-        raise PlanError("NAEE searches on calibration text: give --data NAME=PATH")
-    structure = MoEModelView.from_model(load_structure(source))
-    kept_count(structure.num_experts, request)  # budget errors before any weight loads
-    limit = max_positions(load_config(source))
-    seq_len = seq_len or min(DEFAULT_SEQ_LEN, limit or DEFAULT_SEQ_LEN)
-    needs = profile_needs(source, None, dtype=dtype, device=device, batch_size=batch_size, seq_len=seq_len,
-                          sets=len(data), neuron_stats=False, max_tokens=max_tokens)
-    if sequential is None:
-        sequential = not needs.fits_whole() and layerwise_possible(source, device)
-        if sequential and say is not None:
-            say(f"the whole model needs {format_bytes(needs.whole_bytes)} on {device} but "
-                f"{format_bytes(needs.device_free_bytes)} are free: NAEE runs it layer by layer (as --sequential)")
-    needs.check(layerwise=sequential)
-    tok = load_tokenizer(tokenizer or source)
-    sets = [load_calibration_set(DataSpec.parse(d), tok, seq_len, max_tokens, seed) for d in data]
-    options = dict(search=search, progressive=progressive, max_tokens=naee_tokens, batch_size=batch_size,
-                   source=describe_source(source), progress=progress)
-    if sequential:
-        with LayerwiseModel(source, dtype=dtype, device=device) as run:
-            return make_naee_plan_layerwise(run, sets, request, **options)
-    return make_naee_plan(load_model(source, dtype=dtype, device=device), sets, request, **options)
 
 
 def evaluate_model(source: str | Path, tasks: list[str] | None = None, texts: dict[str, str | Path] | None = None,

@@ -94,10 +94,9 @@ class PruneStep(_Strict):
     @field_validator("method")
     @classmethod
     def _known_method(cls, method: str) -> str:
-        from moekit.score import CRITERIA
+        from moekit.plan.methods import METHODS
 
-        if method != "naee" and method not in CRITERIA:
-            raise ValueError(f"unknown method {method!r}; valid: {', '.join([*CRITERIA.names(), 'naee'])}")
+        METHODS.get(method)  # an unknown name lists the valid ones
         return method
 
     @model_validator(mode="after")
@@ -197,7 +196,9 @@ def check_recipe_inputs(recipe: Recipe) -> None:
     from moekit.eval import resolve_task
     from moekit.model_io import check_device, check_dtype, load_structure
     from moekit.plan import check_protect, kept_count
+    from moekit.plan.methods import METHODS, check_needs
     from moekit.profile import Profile
+    from moekit.profile.stats import collected_statistics
     from moekit.score import parse_set_weights
 
     view = MoEModelView.from_model(load_structure(recipe.model))
@@ -218,20 +219,35 @@ def check_recipe_inputs(recipe: Recipe) -> None:
         if prune.top_k is not None:
             validate_top_k(view, prune.top_k, kept)
         check_protect(view, request.protect)
-        if prune.method == "naee" and not step.data:
-            raise RecipeError("prune.method naee runs the model on calibration text: give profile.data")
     existing = Profile.load(step.path) if step.path else None
     if existing is not None:
         existing.check_model(view)
-    if prune is not None and prune.set_weights:
-        names = existing.set_names if existing is not None else list(step.data)
-        parse_set_weights(",".join(f"{k}={v}" for k, v in prune.set_weights.items()), names)
+    if prune is not None:  # what the method needs: the existing profile or what the profile step collects, data
+        method = METHODS.get(prune.method)
+        profile: Profile | frozenset[str] | None = None
+        if method.needs.profile:
+            profile = existing if existing is not None else collected_statistics(neuron_stats=step.neuron_stats)
+        check_needs(method, _plan_request(recipe), profile, _data_args(recipe) if method.needs.data else [],
+                    _spelling(), where="profile.path" if existing is not None else "the recipe's profile")
+        if prune.set_weights:  # the sets the method weighs: the profile's, else the data's
+            names = existing.set_names if existing is not None and method.needs.profile else list(step.data)
+            parse_set_weights(",".join(f"{k}={v}" for k, v in prune.set_weights.items()), names)
     if recipe.eval is not None:
         for name, path in recipe.eval.text.items():
             if not Path(path).exists():
                 raise DataError(f"eval.text.{name}: {path} does not exist")
         for task in recipe.eval.tasks:
             resolve_task(task, num_fewshot=recipe.eval.num_fewshot, limit=1)
+
+
+def _spelling() -> Any:
+    """How ``moekit.plan.methods.check_needs`` names a recipe's keys in its errors."""
+    from moekit.plan.methods import Spelling
+
+    return Spelling(method="prune.method", profile="profile.path", data="profile.data", data_example="profile.data",
+                    nothing="give profile.data (NAME: PATH sets) or profile.path (an existing profile)",
+                    profile_option=lambda option: f"profile.{option}: true",
+                    collect="set {options} (with profile.data: an existing profile.path lacks them)")
 
 
 def _plan_request(recipe: Recipe) -> Any:
@@ -360,7 +376,7 @@ def _run_steps(recipe: Recipe, out: Path, final: Path, progress: bool, reuse: _R
     step = recipe.profile
     prune = recipe.prune
     profile_path = Path(step.path) if step.path else out / "profile"
-    if not step.path and (prune is None or prune.method != "naee"):
+    if not step.path and (prune is None or _method(prune).needs.profile):
         if not reuse.take("profile", out):
             profile_model(recipe.model, _data_args(recipe), profile_path, seq_len=step.seq_len,
                           max_tokens=step.max_tokens, seed=recipe.seed, batch_size=step.batch_size,
@@ -384,28 +400,31 @@ def _data_args(recipe: Recipe) -> list[str]:
     return [f"{name}={path}" for name, path in recipe.profile.data.items()]
 
 
+def _method(prune: PruneStep) -> Any:
+    from moekit.plan.methods import METHODS
+
+    return METHODS.get(prune.method)
+
+
 def _prune_step(recipe: Recipe, out: Path, final: Path, profile_path: Path, progress: bool) -> dict[str, Any]:
-    """Plan (from the profile, or NAEE's search) and write the pruned model into ``out/model``; the plan."""
-    from moekit.pipeline import naee_plan_from_data, plan_from_profile, prune_with_plan
+    """Plan (``moekit.pipeline.make_plan``: the method's needs from the profile step or its data) and write the
+    pruned model into ``out/model``; the plan."""
+    from moekit.pipeline import PlanInputs, RunOptions, make_plan, prune_with_plan
     from moekit.profile import Profile
-    from moekit.score import parse_set_weights
 
     step, prune = recipe.profile, recipe.prune
     assert prune is not None
-    request = _plan_request(recipe)
-    if prune.method == "naee":
-        plan = naee_plan_from_data(recipe.model, _data_args(recipe), request, seq_len=step.seq_len,
-                                   max_tokens=step.max_tokens, seed=recipe.seed, batch_size=step.batch_size,
-                                   device=step.device, dtype=step.dtype, search=prune.naee.search,
-                                   progressive=prune.naee.progressive, naee_tokens=prune.naee.tokens,
-                                   tokenizer=step.tokenizer, progress=progress)
-    else:
-        loaded = Profile.load(profile_path)
-        if prune.set_weights:
-            text = ",".join(f"{k}={v}" for k, v in prune.set_weights.items())
-            request = replace(request, set_weights=parse_set_weights(text, loaded.set_names))
-        recorded = Path(step.path) if step.path else final / "profile"
-        plan = plan_from_profile(recipe.model, loaded, request, profile_path=recorded)
+    needs = _method(prune).needs
+    run = RunOptions(device=step.device, dtype=step.dtype, seq_len=step.seq_len, max_tokens=step.max_tokens,
+                     batch_size=step.batch_size, tokenizer=step.tokenizer, progress=progress)
+    inputs = PlanInputs(profile=Profile.load(profile_path) if needs.profile else None,
+                        profile_path=(Path(step.path) if step.path else final / "profile") if needs.profile else None,
+                        data=tuple(_data_args(recipe)) if needs.data else (), run=run,
+                        options={"search": prune.naee.search, "tokens": prune.naee.tokens,
+                                 "progressive": prune.naee.progressive})
+    text = ",".join(f"{k}={v}" for k, v in prune.set_weights.items()) if prune.set_weights else None
+    request = replace(_plan_request(recipe), set_weights=inputs.set_weights(text))
+    plan = make_plan(recipe.model, request, inputs, _spelling())
     prune_with_plan(recipe.model, plan, out / "model", dtype=prune.dtype,
                     reproduce=f"moekit run {final / 'recipe.resolved.yaml'}")
     return plan

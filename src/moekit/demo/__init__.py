@@ -88,7 +88,7 @@ def _run_demo_into(out: Path, progress: bool, ratio: float, say: Any) -> dict[st
     from moekit.data import load_tokenizer
     from moekit.eval import perplexity
     from moekit.model_io import load_model, load_structure
-    from moekit.pipeline import plan_from_profile, prune_with_plan
+    from moekit.pipeline import PlanInputs, make_plan, prune_with_plan
     from moekit.plan import PlanRequest
     from moekit.profile import profile_model
     from moekit.profile.analyze import analyze_profile
@@ -113,7 +113,7 @@ def _run_demo_into(out: Path, progress: bool, ratio: float, say: Any) -> dict[st
     sizes = {"original": summary.total_parameters}
     for variant in VARIANTS[1:]:
         request = PlanRequest(variant.method or "", ratio=ratio, set_weights=variant.set_weights)
-        plan = plan_from_profile(MODEL_DIR, profile, request)
+        plan = make_plan(MODEL_DIR, request, PlanInputs(profile=profile))
         result = prune_with_plan(MODEL_DIR, plan, out / variant.name)
         paths[variant.name] = result.out
         sizes[variant.name] = result.after.total_parameters

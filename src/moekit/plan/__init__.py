@@ -177,14 +177,15 @@ def make_prune_plan(view: MoEModelView, profile: Profile, request: PlanRequest,
     keep: KeepMap = {}
     details: dict[int, list[dict[str, Any]]] = {}
     for layer in view.layers:
-        scores = [float(s) for s in criterion(layer_stats(profile, layer.index, weights, request.seed))]
+        stats = layer_stats(profile, layer.index, weights, request.seed, reads=criterion.reads)
+        scores = [float(s) for s in criterion(stats)]
         reasons = {e: why for (i, e), why in protected.items() if i == layer.index}
         chosen = _choose(_rank(scores), reasons, kept, view.num_experts, groups, layer.index)
         keep[layer.index] = sorted(chosen)
         details[layer.index] = layer_entries(scores, chosen, reasons, "score rank {rank} of {experts}" + in_group,
                                              "score rank {rank} of {experts}: below the cut" + in_group)
     validate_keep(view, keep, allow_regroup=request.allow_regroup)
-    record = plan_details(profile, request, kept, supers, profile_path, criterion.__doc__ or "")
+    record = plan_details(profile, request, kept, supers, profile_path, criterion.doc)
     return prune_plan_record(source or profile.meta["model"].get("source", ""), summarize(view), keep,
                              request.method, record, details, top_k=request.top_k)
 

@@ -29,7 +29,7 @@ from moekit.arch.routing import router_scoring
 from moekit.arch.view import MoEModelView
 from moekit.errors import UserError
 from moekit.outputs import check_output, writing_directory
-from moekit.profile.stats import CHUNK_SIZES, NEURON_STATS, STATS, reduction
+from moekit.profile.stats import CHUNK_SIZES, COLLECTED_BY, NEURON_STATS, STATS, profile_flag, reduction
 
 FORMAT = "moekit-profile"
 FORMAT_VERSION = 1
@@ -90,8 +90,8 @@ class Profile:
         if layer not in self.layers:
             raise ProfileError(f"layer {layer} is not an MoE layer of this profile; layers: {sorted(self.layers)}")
         if name not in self.layers[layer]:
-            raise ProfileError(f"this profile has no statistic {name!r}"
-                               + (" (profile with --neuron-stats)" if name in NEURON_STATS else ""))
+            hint = f" (profile with {profile_flag(COLLECTED_BY[name])})" if name in COLLECTED_BY else ""
+            raise ProfileError(f"this profile has no statistic {name!r}{hint}")
         tensor = self.layers[layer][name]
         chosen = self.set_names if sets is None else [sets] if isinstance(sets, str) else sets
         picked = tensor[[self.set_index(s) for s in chosen]]

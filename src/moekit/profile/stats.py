@@ -66,6 +66,20 @@ NEURON_STATS: dict[str, tuple[tuple[str, ...], str]] = {
     "neuron_max": (("E", "I"), "max"),
 }
 
+# Statistics a profile holds only when asked: the ``moekit profile`` option (as a keyword of ``profile_model``, and
+# a recipe's profile key) that collects each. Every other statistic is in every profile.
+COLLECTED_BY: dict[str, str] = {name: "neuron_stats" for name in NEURON_STATS}
+
+
+def collected_statistics(**options: bool) -> frozenset[str]:
+    """The statistics a profile collected with ``options`` (``neuron_stats=True``, ...) holds."""
+    return frozenset(STATS) | {name for name, option in COLLECTED_BY.items() if options.get(option)}
+
+
+def profile_flag(option: str) -> str:
+    """The ``moekit profile`` command-line flag of a profile option: ``neuron_stats`` -> ``--neuron-stats``."""
+    return "--" + option.replace("_", "-")
+
 
 def reduction(name: str) -> str:
     return {**STATS, **NEURON_STATS}[name][1]

@@ -1,5 +1,13 @@
 """Expert importance criteria (pure functions of a profile) and their registry."""
 
-from moekit.score.criteria import CRITERIA, ExpertStats, check_set_weights, layer_stats, parse_set_weights
+from moekit.score.criteria import (
+    CRITERIA,
+    Criterion,
+    ExpertStats,
+    check_set_weights,
+    criterion,
+    layer_stats,
+    parse_set_weights,
+)
 
-__all__ = ["CRITERIA", "ExpertStats", "check_set_weights", "layer_stats", "parse_set_weights"]
+__all__ = ["CRITERIA", "Criterion", "ExpertStats", "check_set_weights", "criterion", "layer_stats", "parse_set_weights"]

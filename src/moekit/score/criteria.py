@@ -5,7 +5,12 @@ score per expert, ``[E]`` float64; higher = more important. Notation as in ``MET
 tokens routed to expert j, g_{t,j} the model's final gate weight, f_j the expert's output before
 gating, p_t = softmax(z_t) over all experts.
 
-    scores = CRITERIA.get("reap")(layer_stats(profile, layer))
+    reap = CRITERIA.get("reap")
+    scores = reap(layer_stats(profile, layer, reads=reap.reads))
+
+Each criterion declares the profile statistics it reads (``@criterion("reap", reads=("gated_norm_sum",
+"count"))``): ``moekit.plan.methods`` checks a profile for them before planning, and ``layer_stats`` takes
+only those, so a criterion that read more would fail at once.
 
 Combining named sets (``layer_stats``): each set's sums are divided by the set's token count and
 weighted (default weight 1), then added, so every set has the influence its weight gives it,
@@ -26,25 +31,81 @@ from moekit.registry import Registry
 
 @dataclass(frozen=True)
 class ExpertStats:
-    """One layer's statistics, sets combined; every tensor ``[E]``."""
+    """One layer's statistics, sets combined: the ones a criterion reads (``Criterion.reads``), each ``[E]``.
+
+    Reading a statistic that was not taken from the profile is an error, so a criterion cannot read more
+    than it declares (the declaration is what ``moekit.plan.methods.check_needs`` checks a profile for)."""
 
     layer: int
-    count: torch.Tensor  # |X_j| (token-normalised when sets are combined)
-    gate_sum: torch.Tensor
-    router_prob_sum: torch.Tensor
-    norm_sum: torch.Tensor
-    gated_norm_sum: torch.Tensor
-    easy_ep_sum: torch.Tensor
-    act_max: torch.Tensor
+    num_experts: int
+    values: dict[str, torch.Tensor]  # statistic name (moekit.profile.stats) -> [E]
     seed: int = 0
 
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.values:
+            raise ProfileError(f"statistic {name!r} was not read from the profile (read: "
+                               f"{', '.join(sorted(self.values)) or 'none'}); a criterion declares every statistic "
+                               "it reads")
+        return self.values[name]
+
     @property
-    def num_experts(self) -> int:
-        return int(self.count.numel())
+    def count(self) -> torch.Tensor:
+        return self.get("count")  # |X_j| (token-normalised when sets are combined)
+
+    @property
+    def gate_sum(self) -> torch.Tensor:
+        return self.get("gate_sum")
+
+    @property
+    def router_prob_sum(self) -> torch.Tensor:
+        return self.get("router_prob_sum")
+
+    @property
+    def norm_sum(self) -> torch.Tensor:
+        return self.get("norm_sum")
+
+    @property
+    def gated_norm_sum(self) -> torch.Tensor:
+        return self.get("gated_norm_sum")
+
+    @property
+    def easy_ep_sum(self) -> torch.Tensor:
+        return self.get("easy_ep_sum")
+
+    @property
+    def act_max(self) -> torch.Tensor:
+        return self.get("act_max")
 
 
-Criterion = Callable[[ExpertStats], torch.Tensor]
+EXPERT_STATS = ("count", "gate_sum", "router_prob_sum", "norm_sum", "gated_norm_sum", "easy_ep_sum", "act_max")
+ScoreFunction = Callable[[ExpertStats], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """A scoring function and the profile statistics it reads (names in ``moekit.profile.stats``)."""
+
+    score: ScoreFunction
+    reads: tuple[str, ...]
+
+    def __call__(self, stats: ExpertStats) -> torch.Tensor:
+        return self.score(stats)
+
+    @property
+    def doc(self) -> str:
+        return self.score.__doc__ or ""
+
+
 CRITERIA: Registry[Criterion] = Registry("criterion")
+
+
+def criterion(name: str, reads: tuple[str, ...]) -> Callable[[ScoreFunction], ScoreFunction]:
+    """Register the decorated function as criterion ``name``, reading the statistics ``reads``."""
+    def decorate(score: ScoreFunction) -> ScoreFunction:
+        CRITERIA.register(name)(Criterion(score, reads))
+        return score
+
+    return decorate
 
 
 def _mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -52,13 +113,13 @@ def _mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     return torch.where(count > 0, total / count.clamp(min=torch.finfo(torch.float64).tiny), torch.zeros_like(total))
 
 
-@CRITERIA.register("frequency")
+@criterion("frequency", reads=("count",))
 def frequency(stats: ExpertStats) -> torch.Tensor:
     """|X_j|: how many tokens chose expert j. The usual baseline (e.g. in REAP)."""
     return stats.count.double()
 
 
-@CRITERIA.register("router_mass")
+@criterion("router_mass", reads=("router_prob_sum",))
 def router_mass(stats: ExpertStats) -> torch.Tensor:
     """sum_t p_{t,j}: soft frequency, the router's probability mass over all tokens, selected or not, with the
     family's own probabilities (softmax, or each expert's sigmoid score for sigmoid-scored routers such as
@@ -67,27 +128,27 @@ def router_mass(stats: ExpertStats) -> torch.Tensor:
     return stats.router_prob_sum.double()
 
 
-@CRITERIA.register("ean_sum")
+@criterion("ean_sum", reads=("norm_sum",))
 def ean_sum(stats: ExpertStats) -> torch.Tensor:
     """sum_{t in X_j} ||f_j(x_t)||_2: expert activation norm summed over the tokens routed to j -- the EAN
     baseline REAP compares against (a sum, so it also grows with how often j is used)."""
     return stats.norm_sum.double()
 
 
-@CRITERIA.register("ean_mean")
+@criterion("ean_mean", reads=("norm_sum", "count"))
 def ean_mean(stats: ExpertStats) -> torch.Tensor:
     """(1/|X_j|) sum_{t in X_j} ||f_j(x_t)||_2: EAN per routed token, 0 if unused. Not REAP's EAN (that is
     ``ean_sum``): moekit's variant that separates output size from usage, as REAP does with the gate."""
     return _mean(stats.norm_sum.double(), stats.count.double())
 
 
-@CRITERIA.register("weighted_ean_sum")
+@criterion("weighted_ean_sum", reads=("gated_norm_sum",))
 def weighted_ean_sum(stats: ExpertStats) -> torch.Tensor:
     """sum_{t in X_j} g_{t,j} ||f_j(x_t)||_2: gate-weighted activation norm, summed (REAP's baselines)."""
     return stats.gated_norm_sum.double()
 
 
-@CRITERIA.register("reap")
+@criterion("reap", reads=("gated_norm_sum", "count"))
 def reap(stats: ExpertStats) -> torch.Tensor:
     """REAP (Lasby et al. 2025, "REAP the Experts"): (1/|X_j|) sum_{t in X_j} g_{t,j} ||f_j(x_t)||_2, 0 if X_j is
     empty. g is the model's true final gate weight (its reference takes top-k on raw logits, which is wrong for
@@ -95,7 +156,7 @@ def reap(stats: ExpertStats) -> torch.Tensor:
     return _mean(stats.gated_norm_sum.double(), stats.count.double())
 
 
-@CRITERIA.register("easy_ep")
+@criterion("easy_ep", reads=("easy_ep_sum",))
 def easy_ep(stats: ExpertStats) -> torch.Tensor:
     """EASY-EP (Dong et al. 2025, domain-specific pruning from few-shot demonstrations):
     sum_t g_{t,j} ||f_j(x_t)|| * max(0, 1 - cos(h_t^in, h_t^out)), h^in the residual stream entering the MoE
@@ -104,7 +165,7 @@ def easy_ep(stats: ExpertStats) -> torch.Tensor:
     return stats.easy_ep_sum.double()
 
 
-@CRITERIA.register("random")
+@criterion("random", reads=())
 def random(stats: ExpertStats) -> torch.Tensor:
     """Seeded uniform scores: a sanity baseline. The same (seed, layer) gives the same scores."""
     gen = torch.Generator().manual_seed(stats.seed * 1_000_003 + stats.layer)
@@ -151,12 +212,15 @@ def check_set_weights(weights: dict[str, float], names: list[str]) -> dict[str, 
     return {name: float(weight) for name, weight in weights.items()}
 
 
-def layer_stats(profile: Profile, layer: int, weights: dict[str, float] | None = None, seed: int = 0) -> ExpertStats:
-    """One layer's statistics with the named sets combined by ``weights`` (see the module docstring)."""
+def layer_stats(profile: Profile, layer: int, weights: dict[str, float] | None = None, seed: int = 0,
+                reads: tuple[str, ...] = EXPERT_STATS) -> ExpertStats:
+    """One layer's statistics ``reads`` with the named sets combined by ``weights`` (see the module docstring)."""
     weights = weights or {name: 1.0 for name in profile.set_names}
     used = [name for name, w in weights.items() if w > 0]
 
     def combined(name: str) -> torch.Tensor:
+        if name == "act_max":  # a maximum: over the sets used, not weighed
+            return profile.stat(layer, name, used).double()
         total = None
         for set_name in used:
             tokens = float(profile.stat(layer, "tokens", set_name))
@@ -165,9 +229,8 @@ def layer_stats(profile: Profile, layer: int, weights: dict[str, float] | None =
         assert total is not None
         return total
 
-    return ExpertStats(
-        layer=layer, count=combined("count"), gate_sum=combined("gate_sum"),
-        router_prob_sum=combined("router_prob_sum"), norm_sum=combined("norm_sum"),
-        gated_norm_sum=combined("gated_norm_sum"), easy_ep_sum=combined("easy_ep_sum"),
-        act_max=profile.stat(layer, "act_max", used).double(), seed=seed,
-    )
+    layers = profile.fingerprint["moe_layers"]
+    if layer not in layers:
+        profile.stat(layer, "tokens")  # the error that lists the profile's layers
+    experts = profile.fingerprint["num_experts"][layers.index(layer)]
+    return ExpertStats(layer=layer, num_experts=experts, values={name: combined(name) for name in reads}, seed=seed)
