@@ -247,3 +247,21 @@ def test_a_keep_file_is_already_a_plan(saved, tmp_path: Path) -> None:
     result = run("prune", source, "--keep-json", tmp_path / "keep.json", "--plan-only", "--out", tmp_path / "p.json")
     assert result.exit_code == 2 and "a --keep-json file already is a plan" in " ".join(result.stderr.split())
     assert not (tmp_path / "p.json").exists()
+
+
+def test_default_method_is_the_criterion_the_balanced_testbeds_rank_first():
+    """`moekit prune` and recipes default to the criterion benchmarks/method_summary.py ranked first over the
+    balanced testbeds; rerunning the comparison with another winner must make someone change the default."""
+    import inspect
+
+    from moekit.cli import prune
+    from moekit.recipe import PruneStep
+
+    summary = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" /
+                          "method_summary.json").read_text())
+    cli_default = inspect.signature(prune).parameters["method"].default
+    assert cli_default == PruneStep(ratio=0.5).method == summary["choice"]
+    assert summary["order"][0] == summary["choice"] and summary["choice"] in METHODS
+    # the summary ranks over several testbeds, every cell ranking every criterion
+    assert len(summary["testbeds"]) >= 3
+    assert all(set(c["rank"]) == set(CRITERIA.names()) for c in summary["cells"])

@@ -301,7 +301,9 @@ def prune(
     method: Annotated[str, typer.Option(
         help="Importance criterion: frequency, router_mass, ean_sum, ean_mean, weighted_ean_sum, reap, easy_ep, "
         "random (lowest-scoring experts are removed); or naee, a reconstruction-loss search that runs the model on "
-        "--data instead of reading a profile.")] = "reap",
+        "--data instead of reading a profile. Default easy_ep: the lowest mean rank of the criteria over moekit's "
+        "balanced testbeds at 25% and 50% (benchmarks/results/method_summary.md; reap, weighted_ean_sum and ean_sum "
+        "come next, often within the spread over calibration seeds).")] = "easy_ep",
     ratio: Annotated[float | None, typer.Option(
         help="Fraction of experts removed from every MoE layer, e.g. 0.5.")] = None,
     keep: Annotated[int | None, typer.Option("--keep", help="Experts kept per MoE layer (instead of --ratio).")] = None,

@@ -80,7 +80,7 @@ class NaeeOptions(_Strict):
 
 
 class PruneStep(_Strict):
-    method: str = "reap"
+    method: str = "easy_ep"  # moekit prune's default (its --help says why)
     ratio: float | None = Field(None, gt=0, lt=1)
     keep: int | None = Field(None, ge=1)
     set_weights: dict[str, float] | None = None
