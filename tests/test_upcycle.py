@@ -145,3 +145,132 @@ def test_expert_divergence_starts_at_copies_and_grows_with_training() -> None:
     curve = record["expert_divergence"]["curve"]
     assert curve[0]["step"] == 0 and curve[0]["mean_pairwise_cosine"] == pytest.approx(1.0, abs=1e-6)
     assert curve[-1]["step"] == 6 and curve[-1]["mean_pairwise_cosine"] < curve[0]["mean_pairwise_cosine"] - 1e-4
+
+
+# --- utility-based (non-uniform) duplication ---------------------------------------------------------------
+
+def test_utility_copies_give_one_copy_each_and_the_rest_by_utility() -> None:
+    from moekit.upcycle import utility_copies
+
+    # 4 experts -> 8: four extra copies, shares 3 : 1 : 0 : 0 of the utility
+    assert utility_copies(torch.tensor([3.0, 1.0, 0.0, 0.0]), 8) == [4, 2, 1, 1]
+    # equal utilities, 2 extra copies for 3 experts: the largest remainders tie, the lower indices win
+    assert utility_copies(torch.tensor([1.0, 1.0, 1.0]), 5) == [2, 2, 1]
+    # shares 0.5 * 6 = 3.0, 0.3 * 6 = 1.8, 0.2 * 6 = 1.2 -> floors 3, 1, 1 and the last copy to remainder 0.8
+    assert utility_copies(torch.tensor([0.5, 0.3, 0.2]), 9) == [4, 3, 2]
+    assert utility_copies(torch.zeros(2), 4) == [2, 2]  # nothing measured: uniform
+    with pytest.raises(UpcycleError, match="cannot grow"):
+        utility_copies(torch.ones(4), 3)
+
+
+def _loss_slope_along_expert(model, ids, layer_index: int, expert: int) -> float:
+    """dL/dalpha at alpha = 1, where every weight of one expert is multiplied by alpha (autograd through a
+    functional call on scaled copies of the weights; float64 cross-entropy of the next token)."""
+    from torch.func import functional_call
+
+    alpha = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    prefix = f"model.layers.{layer_index}.mlp.experts."
+    experts = model.model.layers[layer_index].mlp.experts
+    scaled = {}
+    for name, param in experts.named_parameters():
+        pick = torch.zeros(param.shape[0], *([1] * (param.dim() - 1)), dtype=torch.float64)
+        pick[expert] = 1.0
+        scaled[prefix + name] = param.detach() * (1 + (alpha - 1) * pick)
+    logits = functional_call(model, scaled, kwargs={"input_ids": ids}).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    (slope,) = torch.autograd.grad(loss, alpha)
+    return float(slope)
+
+
+def test_expert_utility_is_the_squared_derivative_of_the_loss_along_each_expert() -> None:
+    """sum_w w * dL/dw over an expert's weights is dL/dalpha at alpha = 1 when the expert's weights are scaled by
+    alpha; the reference differentiates the loss along that one direction (float64), one batch, so utility is its
+    square; a finite difference agrees with the reference to ~1%."""
+    from moekit.data import CalibrationSet
+    from moekit.upcycle import expert_utility
+
+    model = build_tiny_model("qwen3_moe", num_experts=4, top_k=2).double()
+    model.config._experts_implementation = "eager"  # grouped_mm has no float64 kernel
+    ids = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(5))
+    utility = expert_utility(model, [CalibrationSet("text", ids, torch.ones_like(ids))], batch_size=2)
+    view = MoEModelView.from_model(model)
+    assert sorted(utility) == [layer.index for layer in view.layers]
+    for layer in view.layers:
+        expected = torch.tensor([_loss_slope_along_expert(model, ids, layer.index, e) ** 2 for e in range(4)],
+                                dtype=torch.float64)
+        torch.testing.assert_close(utility[layer.index], expected, rtol=1e-3, atol=0)
+        assert len(set(expected.tolist())) == 4  # the experts differ: a mix-up of experts would show
+    assert all(p.requires_grad for p in model.parameters())  # flags restored (from_config: all trainable)
+    # the reference itself against a central difference of the loss (a different computation)
+    with torch.no_grad():
+        experts = model.model.layers[view.layers[0].index].mlp.experts
+        losses = []
+        for alpha in (1.01, 0.99):
+            for param in experts.parameters():
+                param[0] *= alpha
+            logits = model(input_ids=ids).logits
+            losses.append(float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())))
+            for param in experts.parameters():
+                param[0] /= alpha
+    slope = _loss_slope_along_expert(model, ids, view.layers[0].index, 0)
+    assert abs((losses[0] - losses[1]) / 0.02 - slope) <= 0.02 * abs(slope)
+
+
+def test_duplicating_by_copies_puts_each_experts_copies_next_to_each_other() -> None:
+    model = build_tiny_model("qwen3_moe", num_experts=4, top_k=2)
+    first = MoEModelView.from_model(model).layers[0]
+    originals = [first.expert_weights(j).down.clone() for j in range(4)]
+    rows = first.router_weight.detach().clone()
+    layers = [layer.index for layer in MoEModelView.from_model(model).layers]
+    copies = {index: [3, 1, 2, 2] for index in layers}
+    view = duplicate_experts(model, 2, copies=copies)
+    assert view.num_experts == 8 and model.config.num_experts == 8 and view.top_k == 2
+    expected = [0, 0, 0, 1, 2, 2, 3, 3]
+    layer = view.layers[0]
+    for slot, source in enumerate(expected):
+        assert torch.equal(layer.expert_weights(slot).down, originals[source])
+        assert torch.equal(layer.router_weight[slot], rows[source])
+    with pytest.raises(UpcycleError, match="at least one copy"):
+        duplicate_experts(build_tiny_model("qwen3_moe", num_experts=4), 2, copies={i: [5, 1, 1, 0] for i in layers})
+
+
+def test_upcycle_cli_duplicates_by_utility_and_records_it(tmp_path) -> None:
+    source = tmp_path / "moe"
+    model = build_tiny_model("qwen3_moe", num_experts=4, top_k=2)
+    model.save_pretrained(source)
+    byte_tokenizer().save_pretrained(source)
+    text = tmp_path / "code.jsonl"
+    text.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i} + 1\n"}) + "\n"
+                            for i in range(40)))
+    result = runner.invoke(app, ["upcycle", str(source), "--factor", "2", "--utility-data", f"code={text}",
+                                 "--utility-tokens", "512", "--seq-len", "64", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "out" / "moekit_plan.json").read_text())
+    details = record["duplication_details"]
+    assert record["duplication"] == "utility" and record["experts"] == {"before": 4, "after": 8}
+    assert 0 < details["data"]["code"] <= 512
+    for index, counts in details["copies"].items():
+        assert sum(counts) == 8 and min(counts) >= 1
+        utility = details["utility"][index]
+        # the most useful expert gets at least as many copies as the least useful one
+        assert counts[utility.index(max(utility))] >= counts[utility.index(min(utility))]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert reloaded.config.num_experts == 8
+    assert "not exact at step 0" in result.output
+
+
+def test_utility_duplication_refuses_bad_inputs_before_writing(tmp_path) -> None:
+    dense = tmp_path / "dense"
+    _dense(LlamaConfig).save_pretrained(dense)
+    byte_tokenizer().save_pretrained(dense)
+    text = tmp_path / "t.jsonl"
+    text.write_text(json.dumps({"text": "hello"}) + "\n")
+    result = runner.invoke(app, ["upcycle", str(dense), "--experts", "4", "--utility-data", f"t={text}",
+                                 "--out", str(tmp_path / "a")])
+    assert result.exit_code == 2 and "--factor" in result.output and not (tmp_path / "a").exists()
+    moe = tmp_path / "moe"
+    build_tiny_model("qwen3_moe", num_experts=4).save_pretrained(moe)
+    byte_tokenizer().save_pretrained(moe)
+    result = runner.invoke(app, ["upcycle", str(moe), "--factor", "2", "--utility-data",
+                                 f"t={tmp_path / 'missing.jsonl'}", "--out", str(tmp_path / "b")])
+    assert result.exit_code == 2 and "missing.jsonl" in result.output and not (tmp_path / "b").exists()

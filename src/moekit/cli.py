@@ -1020,6 +1020,14 @@ def upcycle(
     seed: Annotated[int, typer.Option(help="Seed of the random router.")] = 0,
     dtype: Annotated[str, typer.Option(callback=_dtype_name, help="dtype to load and save in.")] = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
+    utility_data: Annotated[list[str] | None, typer.Option(
+        "--utility-data", help="MoE: duplicate by utility instead of uniformly -- calibration text NAME=PATH "
+        "(repeatable) on which every expert's gradient importance is measured; every expert keeps one copy and "
+        "the other copies go to the most important experts.")] = None,
+    utility_tokens: Annotated[int, typer.Option(
+        "--utility-tokens", help="--utility-data: tokens per set (one forward and backward pass per 4 sequences).")]
+    = 16384,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="--utility-data: tokens per packed sequence.")] = 512,
 ) -> None:
     """Upcycle: copy a dense model's FFN into experts, or duplicate an MoE's experts (no training here).
 
@@ -1030,17 +1038,31 @@ def upcycle(
     E -> factor x E: every expert copied factor times with its router row. Exact at step 0 with
     --top-k factor x the old top-k (for softmax or renormalised routing); with the top-k unchanged
     each token picks copies of fewer experts. The record gives the measured logit difference.
+    With --utility-data, copies go to the experts with the largest gradient importance (first-order
+    Taylor score on that text; never exact at step 0: unequal copies change the router's softmax).
     Then train with moekit recover, which breaks the symmetry between the copies.
 
-    Example: moekit upcycle ./smollm2-135m --experts 8 --top-k 2 --out ./smollm2-8x
+    \b
+    Examples:
+      moekit upcycle ./smollm2-135m --experts 8 --top-k 2 --out ./smollm2-8x
+      moekit upcycle ./olmoe --factor 2 --utility-data code=./code.jsonl --out ./olmoe-2x
     """
+    from moekit.data import DataSpec
+    from moekit.outputs import check_output
     from moekit.upcycle import upcycle_to_checkpoint
 
     _quiet_transformers()
+    check_output(out_dir, kind="checkpoint", overwrite=overwrite, sources=[model],
+                 inputs=[DataSpec.parse(d).path for d in utility_data or []])
     path, record = upcycle_to_checkpoint(model, out_dir, experts=experts, factor=factor, top_k=top_k,
-                                         router_std=router_std, seed=seed, dtype=dtype, overwrite=overwrite)
+                                         router_std=router_std, seed=seed, dtype=dtype, overwrite=overwrite,
+                                         utility_data=utility_data, utility_tokens=utility_tokens, seq_len=seq_len,
+                                         progress=True)
     difference = record["step0_max_logit_difference"]
-    if record["mode"] == "duplicate" and difference > 1e-3:
+    if record["mode"] == "duplicate" and record["duplication"] == "utility":
+        _note(f"duplicated by utility: not exact at step 0 (logits moved by up to {difference:.3g}); train it with "
+              "moekit recover")
+    elif record["mode"] == "duplicate" and difference > 1e-3:
         _note(f"not exact at step 0: the logits moved by up to {difference:.3g} (each token now picks copies of "
               f"fewer experts); --top-k {record['factor'] * record['top_k']['before']} keeps the model exact")
     what = (f"{record['experts']} copies of the FFN per layer, top-{record['top_k']}" if record["mode"] == "dense"

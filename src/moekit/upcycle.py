@@ -26,8 +26,17 @@ kept. Exactness at step 0 depends on the routing maths and the new top-K:
 The difference of the logits before and after, on random token ids, is measured and recorded
 either way (``step0_max_logit_difference``), so the record says what the maths above predicts.
 Group-limited routing (``n_group > 1``) is refused: its group scores would count an expert's copies
-twice. The paper's utility-based non-uniform duplication (copies for the experts with the largest
-gradient importance) is not implemented: every expert gets ``factor`` copies.
+twice.
+
+**Utility-based (non-uniform) duplication** (``utility_sets``; the paper's "utility-based expert selection"
+guides duplication by gradient importance): the layer still grows from E to ``factor * E`` experts, but every
+expert keeps one copy and the other ``(factor - 1) * E`` copies go to the experts in proportion to their
+utility (largest remainders; ties to the lower index). The utility of expert j is moekit's choice, because the
+paper's exact score was not available here: the first-order Taylor estimate of the loss change from removing
+the expert (Molchanov et al. 2019), ``u_j = mean over batches of (sum over the expert's weights of
+w * dL/dw)^2`` with L the next-token loss on the calibration text. With unequal copies the router's softmax
+counts an expert c_j times, so the model is not exact at step 0 whatever the top-K (measured and recorded as
+above).
 
 Both work on a model loaded into memory (``from_pretrained``), unlike pruning's streaming editor: meant
 for testbeds and models that fit the RAM.
@@ -42,6 +51,7 @@ import torch
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PreTrainedModel
 
 from moekit.arch.view import MoEModelView
+from moekit.data import CalibrationSet
 from moekit.edit.checkpoint import check_output_dir, write_checkpoint
 from moekit.edit.prune import prune_layer, set_count_attributes, set_top_k
 from moekit.errors import UserError
@@ -110,12 +120,98 @@ def upcycle_dense(dense: PreTrainedModel, experts: int, top_k: int, router_std: 
     return moe.eval()
 
 
-def duplicate_experts(model: PreTrainedModel, factor: int, top_k: int | None = None) -> MoEModelView:
-    """Duplicate every expert of every MoE layer ``factor`` times in place (expert j's copies at
-    ``j*factor .. j*factor+factor-1``); ``top_k`` the new experts per token (default: unchanged)."""
+def expert_utility(model: PreTrainedModel, sets: list[CalibrationSet], batch_size: int = 4,
+                   progress: bool = False) -> dict[int, torch.Tensor]:
+    """Per MoE layer (by decoder-layer index), every expert's utility ``[E]`` (float64): the mean over
+    calibration batches of ``(sum over the expert's weights of w * dL/dw)^2``, L the model's next-token loss on
+    the batch (padding masked) -- the first-order Taylor estimate of the loss change from removing the expert
+    (Molchanov et al. 2019, "Importance Estimation for Neural Network Pruning"). One forward and one backward
+    pass per batch; only the experts' weights take gradients; the model's ``requires_grad`` flags are restored."""
+    from tqdm.auto import tqdm
+
+    view = MoEModelView.from_model(model)
+    tensors: dict[int, list[torch.nn.Parameter]] = {}
+    for layer in view.layers:
+        owned = []
+        for name, param in layer.experts.named_parameters():
+            rows = layer.layout.expert_rows(layer.experts, name)
+            if rows is not None:
+                if param.shape[0] != rows * layer.num_experts:
+                    raise UpcycleError(f"layer {layer.index}: {name} has {param.shape[0]} rows, not "
+                                       f"{rows} x {layer.num_experts} experts")
+                owned.append(param)
+        if not owned:
+            raise UpcycleError(f"layer {layer.index}: found no per-expert weights to take gradients of")
+        tensors[layer.index] = owned
+    flat = [param for owned in tensors.values() for param in owned]
+    flags = {param: param.requires_grad for param in model.parameters()}
+    device = next(model.parameters()).device
+    utility = {index: torch.zeros(view.num_experts, dtype=torch.float64) for index in tensors}
+    batches = [(s.input_ids[i:i + batch_size], s.attention_mask[i:i + batch_size])
+               for s in sets for i in range(0, len(s.input_ids), batch_size)]
+    if not batches:
+        raise UpcycleError("the utility calibration data holds no tokens")
+    training = model.training
+    try:
+        model.eval()
+        for param in model.parameters():
+            param.requires_grad_(False)
+        for param in flat:
+            param.requires_grad_(True)
+        for ids, mask in tqdm(batches, desc="expert utility", unit="batch", disable=not progress):
+            ids, mask = ids.to(device), mask.to(device)
+            loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+            grads = iter(torch.autograd.grad(loss, flat))
+            for index, owned in tensors.items():
+                taylor = torch.zeros(view.num_experts, dtype=torch.float64)
+                for param in owned:
+                    product = param.detach().double() * next(grads).double()
+                    taylor += product.reshape(view.num_experts, -1).sum(1).cpu()
+                utility[index] += taylor.square()
+    finally:
+        for param, flag in flags.items():
+            param.requires_grad_(flag)
+        model.train(training)
+    return {index: total / len(batches) for index, total in utility.items()}
+
+
+def utility_copies(utility: torch.Tensor, total: int) -> list[int]:
+    """How many copies each expert gets when a layer of ``len(utility)`` experts grows to ``total``: one each,
+    and the ``total - E`` others in proportion to ``utility`` by largest remainders (ties to the lower index);
+    uniform when every utility is 0."""
+    experts = len(utility)
+    extra = total - experts
+    if extra < 0:
+        raise UpcycleError(f"cannot grow {experts} experts to {total}")
+    weights = utility.double().clamp(min=0)
+    if float(weights.sum()) <= 0:
+        weights = torch.ones(experts, dtype=torch.float64)
+    share = weights / weights.sum() * extra
+    base = share.floor().long()
+    left = extra - int(base.sum())
+    order = sorted(range(experts), key=lambda j: (-float(share[j] - base[j]), j))
+    for j in order[:left]:
+        base[j] += 1
+    return [1 + int(c) for c in base]
+
+
+def duplicate_experts(model: PreTrainedModel, factor: int, top_k: int | None = None,
+                      copies: dict[int, list[int]] | None = None) -> MoEModelView:
+    """Duplicate the experts of every MoE layer in place, E becoming ``factor * E``: every expert ``factor`` times
+    (expert j's copies at ``j*factor .. j*factor+factor-1``), or, with ``copies`` (per decoder-layer index, the
+    copies of each expert, summing to ``factor * E``; ``utility_copies``), expert j ``copies[layer][j]`` times,
+    copies next to each other in expert order; ``top_k`` the new experts per token (default: unchanged)."""
     view = MoEModelView.from_model(model)
     if factor < 2:
         raise UpcycleError(f"--factor {factor} must be at least 2")
+    if copies is not None:
+        for layer in view.layers:
+            counts = copies.get(layer.index)
+            if (counts is None or len(counts) != layer.num_experts or min(counts) < 1
+                    or sum(counts) != factor * layer.num_experts):
+                raise UpcycleError(f"layer {layer.index}: copies {counts} must give each of its "
+                                   f"{layer.num_experts} experts at least one copy and {factor * layer.num_experts} "
+                                   "in all")
     spec = view.layers[0].routing
     if spec.group_limited:
         raise UpcycleError(f"{view.model_type} routes within {spec.n_group} expert groups; duplicating experts "
@@ -129,7 +225,8 @@ def duplicate_experts(model: PreTrainedModel, factor: int, top_k: int | None = N
                            "change it")
     with torch.no_grad():
         for layer in view.layers:
-            prune_layer(layer, [j for j in range(layer.num_experts) for _ in range(factor)])
+            counts = copies[layer.index] if copies is not None else [factor] * layer.num_experts
+            prune_layer(layer, [j for j in range(layer.num_experts) for _ in range(counts[j])])
     view.config_fields.set_expert_count(model.config, experts)
     set_count_attributes(model, experts)
     if new_top_k != view.top_k:
@@ -146,11 +243,23 @@ def probe_logits(model: PreTrainedModel, seed: int = PROBE_SEED) -> torch.Tensor
 
 def upcycle_to_checkpoint(source: str | Path, out: str | Path, *, experts: int | None = None,
                           factor: int | None = None, top_k: int | None = None, router_std: float | None = None,
-                          seed: int = 0, dtype: str = "auto", overwrite: bool = False) -> tuple[Path, dict[str, Any]]:
+                          seed: int = 0, dtype: str = "auto", overwrite: bool = False,
+                          utility_data: list[str] | None = None, utility_tokens: int = 16384,
+                          seq_len: int = 512, progress: bool = False) -> tuple[Path, dict[str, Any]]:
     """Upcycle the model at ``source`` and write a stock checkpoint to ``out``: a dense model into ``experts``
     copies of its FFN (top-``top_k``, default 2), or an MoE's experts ``factor`` times (``top_k`` default:
-    unchanged). Returns the path and the record saved as ``moekit_plan.json``."""
+    unchanged), uniformly or, with ``utility_data`` (``NAME=PATH`` sets, ``utility_tokens`` tokens each, packed
+    in ``seq_len``-token sequences), by expert utility (``expert_utility``, ``utility_copies``). Returns the path
+    and the record saved as ``moekit_plan.json``."""
+    from moekit.data import DataSpec
+
     check_output_dir(out, source, overwrite)
+    if utility_data and factor is None:
+        raise UpcycleError("utility-based duplication grows an MoE's experts: give --factor M with --utility-data")
+    if utility_tokens < 1 or seq_len < 2:
+        raise UpcycleError(f"--utility-tokens ({utility_tokens}) must be at least 1 and --seq-len ({seq_len}) at "
+                           "least 2")
+    specs = [DataSpec.parse(d) for d in utility_data or []]  # missing files are errors before weights load
     config = load_config(source)
     dense = getattr(config, "model_type", None) in UPCYCLE_FAMILIES
     if dense and (experts is None or factor is not None):
@@ -177,14 +286,31 @@ def upcycle_to_checkpoint(source: str | Path, out: str | Path, *, experts: int |
         assert factor is not None
         before = MoEModelView.from_model(model)
         old_experts, old_top_k = before.num_experts, before.top_k
-        view = duplicate_experts(model, factor, top_k)
+        duplication: dict[str, Any] = {"rule": "uniform"}
+        copies = None
+        if specs:
+            from moekit.data import load_calibration_set, load_tokenizer
+
+            tokenizer = load_tokenizer(source)
+            sets = [load_calibration_set(spec, tokenizer, seq_len, utility_tokens, seed) for spec in specs]
+            utility = expert_utility(model, sets, progress=progress)
+            copies = {index: utility_copies(u, factor * old_experts) for index, u in utility.items()}
+            duplication = {"rule": "utility", "score": "mean over batches of (sum_w w * dL/dw)^2 per expert, L the "
+                           "next-token loss (first-order Taylor, Molchanov et al. 2019)",
+                           "allocation": "one copy each, the rest proportional to utility (largest remainders)",
+                           "data": {s.name: int(s.attention_mask.sum()) for s in sets},
+                           "copies": {str(i): c for i, c in copies.items()},
+                           "utility": {str(i): [float(x) for x in u] for i, u in utility.items()}}
+        view = duplicate_experts(model, factor, top_k, copies=copies)
         moe = view.model
         difference = float((probe_logits(moe) - reference).abs().max())
         record = {"format": "moekit.upcycle/1", "mode": "duplicate", "source": describe_source(source),
                   "factor": factor, "experts": {"before": old_experts, "after": view.num_experts},
-                  "top_k": {"before": old_top_k, "after": view.top_k}, "duplication": "uniform",
-                  "step0_max_logit_difference": difference}
-        what = (f"every expert duplicated {factor} times ({old_experts} -> {view.num_experts} per layer), "
+                  "top_k": {"before": old_top_k, "after": view.top_k}, "duplication": duplication["rule"],
+                  "duplication_details": duplication, "step0_max_logit_difference": difference}
+        how = ("duplicated by utility (one copy each, the rest in proportion to gradient importance; most copies: "
+               f"{max(max(c) for c in copies.values())})" if copies else f"duplicated {factor} times")
+        what = (f"every expert {how} ({old_experts} -> {view.num_experts} per layer), "
                 f"top-{old_top_k} -> top-{view.top_k}")
     card = (f"# {Path(out).name}\n\nUpcycled by `moekit upcycle` from `{shown_path(source, out)}`: {what}. "
             f"Largest logit difference to the source on random tokens at step 0: {difference:.3g}. Not trained yet: "
