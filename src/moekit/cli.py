@@ -697,9 +697,11 @@ def _write_json(target: str | None, data: Any) -> None:
 def eval_command(
     model: Annotated[str | None, typer.Argument(help="Model directory or hub id.")] = None,
     task: Annotated[list[str] | None, typer.Option(
-        "--task", help="A benchmark task (arc_easy, arc_challenge, piqa, hellaswag, winogrande, mmlu, "
-        "lambada_openai, gsm8k) or a task YAML file; repeatable. lm-evaluation-harness's prompts and metrics on "
-        "the local files (GSM8K's few-shot exemplars: the first other test items).")] = None,
+        "--task", help="A built-in task (arc_easy, arc_challenge, piqa, hellaswag, winogrande, mmlu, "
+        "lambada_openai, gsm8k: lm-evaluation-harness's prompts and metrics on local files; GSM8K's few-shot "
+        "exemplars: the first other test items), a task YAML file, or -- with lm-evaluation-harness installed "
+        "(pip install 'moekit[lm-eval]') -- any of its registered task names, run by lm-eval itself on this model "
+        "(its datasets download from the hub unless cached); repeatable.")] = None,
     text: Annotated[list[str] | None, typer.Option(
         "--text", help="Perplexity on your own text: NAME=PATH (any format moekit profile reads); repeatable.")]
     = None,
@@ -731,7 +733,11 @@ def eval_command(
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Check the inputs and print the memory the run needs, then stop.")] = False,
     list_tasks: Annotated[bool, typer.Option(
-        "--list-tasks", help="List the built-in tasks (what each measures, the file it reads) and stop.")] = False,
+        "--list-tasks", help="List the built-in tasks (what each measures, the file it reads) and, when "
+        "lm-evaluation-harness is installed, its registered tasks; then stop.")] = False,
+    lm_eval_include: Annotated[list[Path] | None, typer.Option(
+        "--lm-eval-include", help="A folder of lm-eval task YAMLs of your own (lm-eval's --include_path); "
+        "repeatable.")] = None,
 ) -> None:
     """Measure a model: benchmark accuracy (acc / acc_norm as lm-eval defines them) and perplexity.
 
@@ -749,6 +755,18 @@ def eval_command(
             out.print(f"{name:<16} {description}", markup=False, soft_wrap=True)
         out.print("or the path of a task YAML file of your own (see the README's evaluation section)", markup=False,
                   soft_wrap=True)
+        from moekit.eval.harness import INSTALL_HINT, harness_available, harness_tasks, harness_version
+
+        if not harness_available():
+            out.print(f"lm-evaluation-harness's registered tasks: not installed ({INSTALL_HINT})", markup=False,
+                      soft_wrap=True)
+            return
+        names = harness_tasks(lm_eval_include)
+        out.print(f"\nlm-evaluation-harness {harness_version()}: {len(names):,} registered tasks, groups and tags "
+                  "(run by lm-eval on the model; their datasets download from the hub unless cached):", markup=False,
+                  soft_wrap=True)
+        for name in names:
+            out.print(name, markup=False, soft_wrap=True)
         return
     if model is None:
         raise typer.BadParameter("give the model to evaluate (a directory or hub id), or --list-tasks",
@@ -759,12 +777,13 @@ def eval_command(
             for part in ([item] if item.endswith((".yaml", ".yml")) else item.split(",")) if part.strip()]
     specs = [DataSpec.parse(t) for t in text or []]
     task_files = [Path(t) for t in task or [] if t.endswith((".yaml", ".yml"))]
-    _check_json_out(json_out, overwrite, [model], [*(s.path for s in specs), *task_files, data_dir, tokenizer])
+    _check_json_out(json_out, overwrite, [model], [*(s.path for s in specs), *task_files, data_dir, tokenizer,
+                                                   *(lm_eval_include or [])])
     results = evaluate_model(model, task, {spec.name: spec.path for spec in specs}, limit=limit,
                              num_fewshot=num_fewshot, max_length=max_length, batch_size=batch_size,
                              device=device, dtype=dtype, data_dir=data_dir, prompts=prompt, stride=stride,
                              tokenizer=tokenizer, allow_task_data_outside=allow_task_data_outside,
-                             dry_run=dry_run, say=_note)
+                             dry_run=dry_run, say=_note, lm_eval_include=lm_eval_include)
     if results is None:
         out.print("dry run: nothing was loaded or written", highlight=False)
         return

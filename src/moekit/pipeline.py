@@ -167,12 +167,15 @@ def evaluate_model(source: str | Path, tasks: list[str] | None = None, texts: di
                    data_dir: str | Path | None = None, progress: bool = True, prompts: list[str] | None = None,
                    max_new_tokens: int = 48, stride: int | None = None,
                    tokenizer: str | Path | None = None, allow_task_data_outside: bool = False,
-                   dry_run: bool = False, say: Callable[[str], None] | None = None) -> dict[str, Any] | None:
+                   dry_run: bool = False, say: Callable[[str], None] | None = None,
+                   lm_eval_include: str | Path | list[str | Path] | None = None) -> dict[str, Any] | None:
     """Benchmark tasks, perplexity on named texts and greedy generation samples for the model at ``source``
     (what ``moekit eval`` runs). Every task file, text and the tokenizer (``tokenizer``, else the model's
     own) is read and checked before the model loads. A task YAML's ``data_path`` must lie in the YAML's
-    folder unless ``allow_task_data_outside``. The memory the run needs (``moekit.needs.eval_needs``) is given
-    to ``say`` and checked before the model loads; ``dry_run`` stops there and returns None."""
+    folder unless ``allow_task_data_outside``. Names that are not built-in tasks are lm-evaluation-harness's
+    (``moekit.eval.harness``; with its YAMLs under ``lm_eval_include``), checked against its registry. The memory
+    the run needs (``moekit.needs.eval_needs``) is given to ``say`` and checked before the model loads;
+    ``dry_run`` stops there and returns None."""
     from moekit.data import DataError, load_tokenizer, read_documents
     from moekit.eval import EvalError, evaluate, perplexity, resolve_task
     from moekit.eval.custom import load_task_spec
@@ -188,8 +191,18 @@ def evaluate_model(source: str | Path, tasks: list[str] | None = None, texts: di
             raise DataError(f"text set {name!r}: no text found")
     tasks = [load_task_spec(t, allow_outside=allow_task_data_outside) if str(t).endswith((".yaml", ".yml")) else t
              for t in tasks or []]
+    from moekit.eval import TASKS
+    from moekit.eval.harness import check_harness_tasks
+
+    includes = [lm_eval_include] if isinstance(lm_eval_include, (str, Path)) else list(lm_eval_include or [])
+    for folder in includes:
+        if not Path(folder).is_dir():
+            raise EvalError(f"--lm-eval-include {folder}: not a folder of lm-eval task YAMLs")
+    lm_eval_names = [t for t in tasks if isinstance(t, str) and t not in TASKS]
+    check_harness_tasks(lm_eval_names, includes, TASKS.names())
     for name in tasks:
-        resolve_task(name, data_dir=data_dir, num_fewshot=num_fewshot, limit=1)
+        if name not in lm_eval_names:
+            resolve_task(name, data_dir=data_dir, num_fewshot=num_fewshot, limit=1)
     check_dtype(dtype)
     check_device(device)
     limit_positions = max_positions(load_config(source))
@@ -205,7 +218,8 @@ def evaluate_model(source: str | Path, tasks: list[str] | None = None, texts: di
     results: dict[str, Any] = {"model": describe_source(source), "tasks": {}}
     if tasks:
         results.update(evaluate(model, tok, tasks, limit=limit, batch_size=batch_size, num_fewshot=num_fewshot,
-                                max_length=max_length, data_dir=data_dir, progress=progress))
+                                max_length=max_length, data_dir=data_dir, progress=progress,
+                                lm_eval_include=lm_eval_include))
     results["perplexity"] = {}
     for name, docs in documents.items():
         result = perplexity(model, tok, docs, max_length=max_length, stride=stride, batch_size=batch_size,

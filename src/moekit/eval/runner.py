@@ -146,7 +146,8 @@ def evaluate(model: Any, tokenizer: Any = None, tasks: Sequence[TaskRef] = (), *
              limit: int | None = None, batch_size: int = 8, device: str | torch.device | None = None,
              num_fewshot: int | dict[str, int] | None = None, max_length: int | None = None,
              stride: int | None = None, max_new_tokens: int | None = None, data_dir: str | Path | None = None,
-             samples: bool = False, progress: bool = True) -> dict[str, Any]:
+             samples: bool = False, progress: bool = True,
+             lm_eval_include: str | Path | Sequence[str | Path] | None = None) -> dict[str, Any]:
     """Run ``tasks`` on ``model`` and return JSON-serialisable results (see module docstring).
 
     ``model``: a loaded causal LM, or a model directory (then ``tokenizer`` defaults to its own).
@@ -156,12 +157,22 @@ def evaluate(model: Any, tokenizer: Any = None, tasks: Sequence[TaskRef] = (), *
     in their spec). ``max_length``: the window (default: the model's context). ``stride``: for
     perplexity tasks. ``max_new_tokens``: overrides generation tasks' limit. ``device``: moves the
     model there (default: where it is). ``samples``: add per-item details (log-likelihoods,
-    completions). ``progress``: tqdm bars.
+    completions). ``progress``: tqdm bars. A name that is not a built-in task is one of lm-evaluation-harness's
+    registered tasks (or of its task YAMLs under ``lm_eval_include``), run by lm-eval itself on this model
+    (``moekit.eval.harness``; needs ``moekit[lm-eval]``); ``num_fewshot`` (one value) and ``limit`` apply to them.
     """
+    from moekit.eval import harness
+
     if isinstance(tasks, (str, Path, TaskSpec, Task)):
         tasks = [tasks]
     if not tasks:
         raise EvalError(f"no tasks given: name some of {', '.join(TASKS.names())}")
+    lm_eval_names = [str(ref) for ref in tasks if isinstance(ref, str) and ref not in TASKS
+                     and not ref.endswith((".yaml", ".yml"))]
+    tasks = [ref for ref in tasks if not (isinstance(ref, str) and ref in lm_eval_names)]
+    if isinstance(num_fewshot, dict) and set(num_fewshot) & set(lm_eval_names):
+        raise EvalError("num_fewshot per task is for built-in tasks; lm-eval tasks take one value for all")
+    manager = harness.check_harness_tasks(lm_eval_names, lm_eval_include, TASKS.names())  # before weights load
     if isinstance(model, (str, Path)):
         from moekit.data import load_tokenizer
         from moekit.model_io import load_model
@@ -179,7 +190,7 @@ def evaluate(model: Any, tokenizer: Any = None, tasks: Sequence[TaskRef] = (), *
     built = [resolve_task(ref, data_dir=data_dir, limit=limit,
                           num_fewshot=num_fewshot.get(str(ref)) if isinstance(num_fewshot, dict) else num_fewshot)
              for ref in tasks]
-    names = [task.name for task in built]
+    names = [task.name for task in built] + lm_eval_names
     if len(set(names)) != len(names):
         raise EvalError(f"task names must be unique, got {', '.join(names)}")
     if device is not None:
@@ -202,11 +213,22 @@ def evaluate(model: Any, tokenizer: Any = None, tasks: Sequence[TaskRef] = (), *
                                   window, stride)
         results[task.name] = {"kind": task.kind, **out, "n": len(task.items), "num_fewshot": task.num_fewshot,
                               "version": task.version, "seconds": round(time.perf_counter() - t0, 3)}
+    if lm_eval_names:
+        t0 = time.perf_counter()
+        entries = harness.run_harness(model, tokenizer, lm_eval_names, limit=limit, batch_size=batch_size,
+                                      num_fewshot=num_fewshot if isinstance(num_fewshot, int) else None,
+                                      max_length=window, task_manager=manager)
+        clash = sorted(set(entries) & set(results))
+        if clash:
+            raise EvalError(f"lm-eval reported tasks named like built-in ones: {', '.join(clash)}")
+        for entry in entries.values():
+            entry["seconds_all_lm_eval_tasks"] = round(time.perf_counter() - t0, 3)
+        results.update(entries)
     config = getattr(model, "config", None)
     dtype = next((str(p.dtype).removeprefix("torch.") for p in model.parameters()), None)
     return _finite({
         "schema": RESULTS_SCHEMA,
-        "versions": versions(),
+        "versions": {**versions(), **({"lm_eval": harness.harness_version()} if lm_eval_names else {})},
         "model": {"name": str(getattr(config, "_name_or_path", "") or type(model).__name__),
                   "dtype": dtype, "device": str(model_device(model)), "max_length": window},
         "settings": {"limit": limit, "batch_size": batch_size, "num_fewshot": num_fewshot, "stride": stride,
