@@ -44,13 +44,17 @@ def default_data_dir() -> Path:
     return candidates[0]
 
 
+class TaskFileMissing(EvalError):
+    """A benchmark file is not in the folder it was looked for in."""
+
+
 def data_file(data_dir: str | Path | None, filename: str) -> Path:
     """The path of one benchmark file, with an error that says where it was looked for."""
     folder = Path(data_dir) if data_dir is not None else default_data_dir()
     path = folder / filename
     if not path.is_file():
         where = "which does not exist" if not folder.is_dir() else "which does not hold it"
-        raise EvalError(f"task file {filename} not found in {folder} ({where}): give the folder of the benchmark "
+        raise TaskFileMissing(f"task file {filename} not found in {folder} ({where}): give the folder of the benchmark "
                         f"files with --data-dir FOLDER (Python: data_dir=FOLDER) or ${DATA_ENV}; `moekit eval "
                         "--list-tasks` names the file each task reads")
     return path
@@ -78,6 +82,26 @@ def read_jsonl(path: str | Path, required: Sequence[str] = ()) -> list[dict[str,
             rows.append(row)
     if not rows:
         raise EvalError(f"{path} holds no items")
+    return rows
+
+
+def load_rows(data_dir: str | Path | None, filename: str, reader: Any) -> Any:
+    """``reader(path)`` of the local benchmark file; when it is missing and no folder was named (neither
+    ``data_dir`` nor ``$MOEKIT_EVAL_DATA``), the same benchmark from the hub (``moekit.eval.hub``), checked as the
+    local file would be. The error when neither works names ``--data-dir``."""
+    try:
+        return reader(data_file(data_dir, filename))
+    except TaskFileMissing as missing:
+        if data_dir is not None or os.environ.get(DATA_ENV):
+            raise
+        from moekit.eval.hub import hub_rows
+
+        rows = hub_rows(filename, missing)
+    where = Path(f"hub copy of {filename}")
+    if filename == "winogrande.jsonl":
+        _check_choice_rows(where, rows, "context_options")
+    elif isinstance(rows, list) and rows and "choices" in rows[0]:
+        _check_choice_rows(where, rows)
     return rows
 
 

@@ -124,7 +124,7 @@ def question_prompt(query: str) -> str:
 def _choice_task(name: str, filename: str, data_dir: Path | None, num_fewshot: int | None,
                  limit: int | None) -> Task:
     shots = _no_fewshot(name, num_fewshot)
-    rows = data.read_choice_file(data.data_file(data_dir, filename))
+    rows = data.load_rows(data_dir, filename, data.read_choice_file)
     items = tuple(
         ChoiceItem(requests=tuple((question_prompt(r["query"]), " " + c) for c in r["choices"]),
                    choices=tuple(r["choices"]), gold=r["gold"])
@@ -150,7 +150,7 @@ def piqa(data_dir: Path | None, num_fewshot: int | None, limit: int | None) -> T
 @TASKS.register("hellaswag")
 def hellaswag(data_dir: Path | None, num_fewshot: int | None, limit: int | None) -> Task:
     shots = _no_fewshot("hellaswag", num_fewshot)
-    rows = data.read_hellaswag(data.data_file(data_dir, "hellaswag_val_full.txt.bz2"))
+    rows = data.load_rows(data_dir, "hellaswag_val_full.txt.bz2", data.read_hellaswag)
     items = tuple(ChoiceItem(tuple((r["query"], " " + c) for c in r["choices"]), tuple(r["choices"]), r["gold"])
                   for r in first(rows, limit))
     return Task("hellaswag", "multiple_choice", items, ("acc", "acc_norm"), shots)
@@ -159,7 +159,7 @@ def hellaswag(data_dir: Path | None, num_fewshot: int | None, limit: int | None)
 @TASKS.register("winogrande")
 def winogrande(data_dir: Path | None, num_fewshot: int | None, limit: int | None) -> Task:
     shots = _no_fewshot("winogrande", num_fewshot)
-    rows = data.read_winogrande(data.data_file(data_dir, "winogrande.jsonl"))
+    rows = data.load_rows(data_dir, "winogrande.jsonl", data.read_winogrande)
     items = tuple(
         ChoiceItem(requests=tuple((option, " " + r["continuation"]) for option in r["context_options"]),
                    choices=tuple(r["context_options"]), gold=r["gold"])
@@ -183,7 +183,7 @@ def mmlu_prompt(subject: str, exemplars: Sequence[dict], row: dict) -> str:
 @TASKS.register("mmlu")
 def mmlu(data_dir: Path | None, num_fewshot: int | None, limit: int | None) -> Task:
     shots = 0 if num_fewshot is None else num_fewshot
-    subjects = data.read_mmlu(data.data_file(data_dir, "mmlu.tar.xz"))
+    subjects = data.load_rows(data_dir, "mmlu.tar.xz", data.read_mmlu)
     items = []
     for subject, splits in subjects.items():
         if shots > len(splits["dev"]):
@@ -199,7 +199,7 @@ def mmlu(data_dir: Path | None, num_fewshot: int | None, limit: int | None) -> T
 @TASKS.register("lambada_openai")
 def lambada_openai(data_dir: Path | None, num_fewshot: int | None, limit: int | None) -> Task:
     shots = _no_fewshot("lambada_openai", num_fewshot)
-    rows = data.read_lambada(data.data_file(data_dir, "lambada_openai.jsonl"))
+    rows = data.load_rows(data_dir, "lambada_openai.jsonl", data.read_lambada)
     items = tuple(ContinuationItem(r["context"], " " + r["continuation"]) for r in first(rows, limit))
     return Task("lambada_openai", "loglikelihood", items, ("acc", "perplexity"), shots)
 
@@ -218,7 +218,7 @@ def gsm8k_prompt(rows: Sequence[dict], index: int, shots: int) -> str:
 @TASKS.register("gsm8k")
 def gsm8k(data_dir: Path | None, num_fewshot: int | None, limit: int | None) -> Task:
     shots = 5 if num_fewshot is None else num_fewshot
-    rows = data.read_gsm8k(data.data_file(data_dir, "gsm8k.jsonl"))
+    rows = data.load_rows(data_dir, "gsm8k.jsonl", data.read_gsm8k)
     count = len(rows) if limit is None else min(limit, len(rows))
     items = tuple(GenerationItem(gsm8k_prompt(rows, i, shots), str(rows[i]["answer"])) for i in range(count))
     return Task("gsm8k", "generation", items, ("exact_match_strict", "exact_match_flexible"), shots, version="3.0",
