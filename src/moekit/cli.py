@@ -723,7 +723,9 @@ def eval_command(
     json_out: Annotated[str | None, typer.Option("--json", metavar="FILE|-", help=JSON_HELP)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the --json file if it exists.")] = False,
     data_dir: Annotated[Path | None, typer.Option(
-        "--data-dir", help="Folder of the benchmark files [default: $MOEKIT_EVAL_DATA or ../shared/data/eval].")]
+        "--data-dir", help="Folder of the built-in tasks' benchmark files [default: $MOEKIT_EVAL_DATA or "
+        "../shared/data/eval; without either and without the files there, the same benchmarks from the hub, "
+        "through datasets].")]
     = None,
     tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer directory, if not the model's.")] = None,
     allow_task_data_outside: Annotated[bool, typer.Option(
