@@ -220,3 +220,55 @@ def test_prune_card_and_report_show_paths_relative_to_the_output(workspace) -> N
     assert run("report", "--profile", w["prof"], "--plan", w["plan"], "--out", w["root"] / "rep").exit_code == 0
     report = (w["root"] / "rep" / "report.md").read_text()
     assert str(w["root"]) not in report and "Source model: ../models/tiny" in report, report
+
+
+def _strings(record):
+    if isinstance(record, dict):
+        for value in record.values():
+            yield from _strings(value)
+    elif isinstance(record, list):
+        for value in record:
+            yield from _strings(value)
+    elif isinstance(record, str):
+        yield record
+
+
+def test_plans_written_into_checkpoints_hold_no_absolute_paths(tmp_path) -> None:
+    """The plan travels with the checkpoint: this machine's absolute folders stay out of it (paths are shown
+    relative to the output, as the card shows them), whether prune writes it or apply copies it from a plan file."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from moekit.cli import app
+
+    runner = CliRunner()
+    work = tmp_path / "home" / "alice" / "secret-project"
+    work.mkdir(parents=True)
+    assert runner.invoke(app, ["tiny-model", "qwen3_moe", "--out", str(work / "tiny")]).exit_code == 0
+    text = work / "code.jsonl"
+    text.write_text("".join(json.dumps({"text": f"def f{i}(x): return x + {i}\n"}) + "\n" for i in range(30)))
+    assert runner.invoke(app, ["profile", "collect", str(work / "tiny"), "--data", f"code={text}", "--out",
+                               str(work / "prof")]).exit_code == 0
+    result = runner.invoke(app, ["prune", str(work / "tiny"), "--profile", str(work / "prof"), "--ratio", "0.5",
+                                 "--out", str(work / "pruned")])
+    assert result.exit_code == 0, result.output
+    plan_file = tmp_path / "plans" / "plan.json"
+    result = runner.invoke(app, ["prune", str(work / "tiny"), "--profile", str(work / "prof"), "--ratio", "0.5",
+                                 "--plan-only", "--out", str(plan_file)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["apply", str(work / "tiny"), str(plan_file), "--out", str(tmp_path / "applied")])
+    assert result.exit_code == 0, result.output
+    pruned = json.loads((work / "pruned" / "moekit_plan.json").read_text())
+    applied = json.loads((tmp_path / "applied" / "moekit_plan.json").read_text())
+    for record in (pruned, applied):
+        assert not [s for s in _strings(record) if str(tmp_path) in s or s.startswith("/")]
+    assert pruned["source"]["model"] == "../tiny"
+    assert pruned["details"]["profile"]["path"] == "../prof"
+    assert pruned["details"]["profile"]["sets"][0]["data"]["path"] == "../code.jsonl"
+    # relative to the output, one folder up at most (moekit.outputs.shown_path)
+    assert applied["source"]["model"] == "../home/alice/secret-project/tiny"
+    assert (tmp_path / "applied" / "model.safetensors").read_bytes() == \
+        (work / "pruned" / "model.safetensors").read_bytes()
+    # the plan file is this machine's working file: apply reads its absolute paths
+    assert json.loads(plan_file.read_text())["source"]["model"] == str((work / "tiny").resolve())

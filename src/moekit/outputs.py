@@ -34,7 +34,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from moekit.errors import UserError
 
@@ -102,6 +102,20 @@ def shown_path(path: str | Path, base: str | Path | None) -> str:
         return str(path)
     relative = Path(os.path.relpath(path.resolve(), Path(base).resolve()))
     return str(relative) if relative.parts[:2].count("..") <= 1 else path.name
+
+
+def portable_record(record: Any, base: str | Path) -> Any:
+    """A copy of a JSON record (a plan, an upcycling or recovery record) to be written into ``base``, with every
+    string that is an absolute path of this machine shown as ``shown_path`` shows it (``../tiny``, or the last
+    component): records travel with checkpoints, and this machine's folders are not theirs to publish. Other
+    strings, hashes and fingerprints are kept as they are."""
+    if isinstance(record, dict):
+        return {key: portable_record(value, base) for key, value in record.items()}
+    if isinstance(record, list):
+        return [portable_record(value, base) for value in record]
+    if isinstance(record, str) and len(record) < 4096 and os.path.isabs(record):
+        return shown_path(record, base)
+    return record
 
 
 def check_output(out: str | Path, *, kind: OutputKind, overwrite: bool = False,

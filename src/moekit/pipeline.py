@@ -101,7 +101,9 @@ def kept_per_layer(plan: dict[str, Any]) -> int:
 
 def write_plan(plan: dict[str, Any], path: str | Path, overwrite: bool = False,
                sources: Sequence[str | Path | None] = (), inputs: Sequence[str | Path | None] = ()) -> Path:
-    """Write a plan as JSON (sorted keys: same plan, same bytes), atomically (``moekit.outputs`` rules)."""
+    """Write a plan as JSON (sorted keys: same plan, same bytes), atomically (``moekit.outputs`` rules). A plan
+    file is a working file of this machine: its paths stay absolute (what ``moekit apply`` writes into the
+    checkpoint is made portable there, relative to the checkpoint)."""
     checked = check_output(path, kind="file", overwrite=overwrite, sources=sources, inputs=inputs)
     return write_json_file(checked, plan, indent=2, sort_keys=True)
 

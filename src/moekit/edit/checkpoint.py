@@ -14,7 +14,7 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from moekit.data.tokenizer import TOKENIZER_FILES
-from moekit.outputs import OutputError, check_output, writing_directory
+from moekit.outputs import OutputError, check_output, portable_record, writing_directory
 
 log = logging.getLogger("moekit")
 
@@ -135,7 +135,8 @@ def finish_checkpoint(tmp: Path, source: str | Path, plan: dict[str, Any], card:
     if config_aliases:
         _write_config_aliases(tmp, config_aliases)
     files = _copy_side_files(Path(source), tmp)
-    (tmp / PLAN_FILE).write_text(json.dumps(plan, indent=2, sort_keys=True) + "\n")
+    # the plan travels with the checkpoint: this machine's absolute paths become ../name or name
+    (tmp / PLAN_FILE).write_text(json.dumps(portable_record(plan, tmp), indent=2, sort_keys=True) + "\n")
     (tmp / CARD_FILE).write_text(card.rstrip("\n") + "\n" + _side_files_section(files))
     for name, content in (extra_files or {}).items():
         (tmp / name).write_bytes(content)
