@@ -177,6 +177,10 @@ if [ "$stage" = build ]; then
     --stop-after "${STOP_AFTER:-380}" ${TESTBED_ARGS:-} > testbeds/testbed.log 2>&1 \
     || status=$?
   tr '\r' '\n' < testbeds/testbed.log | grep -v 'it/s]' | tail -n 25 || true
+  if [ $status = 124 ]; then  # the device tool reads 124 as its own time limit: say what stopped, exit 3
+    echo "the testbed script was stopped at BUILD_SECONDS (${BUILD_SECONDS:-570} s): see what it saved above" >&2
+    status=3
+  fi
   cp testbeds/results/smollm2_upcycled8x2* "$out/" 2>/dev/null || true
   # what is left: compare seed 0 with the six tasks, 50% first (a stopped run keeps every finished ratio)
   left=$((deadline - $(date +%s) - 15))
@@ -200,8 +204,9 @@ if [ "$stage" = compare ]; then
   if [ ! -f "$testbed/training.json" ]; then  # build stopped while it measured the recovered model: measure it now
     # shellcheck disable=SC2086
     python benchmarks/smollm2_upcycled_testbed.py --gguf "$cache/$gguf_name" --corpus "$cache/corpus" --out testbeds \
-      --results testbeds/results --stages recovered --reuse-testbed ${TESTBED_ARGS:-} > testbeds/testbed-reuse.log 2>&1
-    cp testbeds/results/smollm2_upcycled8x2* "$out/"
+      --results testbeds/results --stages recovered --reuse-testbed ${TESTBED_ARGS:-} > testbeds/testbed-reuse.log 2>&1 \
+      || echo "measuring the saved testbed failed: testbeds/testbed-reuse.log (in compare-logs.tar.gz)" >&2
+    cp testbeds/results/smollm2_upcycled8x2* "$out/" 2>/dev/null || true
   fi
   seconds=$(( ${COMPARE_SECONDS:-560} - ($(date +%s) - begin) ))
   # seed 0's ratios that build did not reach (with the tasks), seeds 1 and 2 (perplexity only), side by side
