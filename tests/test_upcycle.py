@@ -274,3 +274,15 @@ def test_utility_duplication_refuses_bad_inputs_before_writing(tmp_path) -> None
     result = runner.invoke(app, ["upcycle", str(moe), "--factor", "2", "--utility-data",
                                  f"t={tmp_path / 'missing.jsonl'}", "--out", str(tmp_path / "b")])
     assert result.exit_code == 2 and "missing.jsonl" in result.output and not (tmp_path / "b").exists()
+
+
+def test_copies_read_cosine_one_to_double_precision() -> None:
+    """Exact copies have weight cosine 1 up to float64 round-off (float32 sums left ~1e-7 .. 2e-4 of it)."""
+    from moekit.score.similarity import expert_weight_cosine
+
+    model = build_tiny_model("qwen3_moe", num_experts=2, top_k=1)
+    view = duplicate_experts(model, 2)
+    cosine = expert_weight_cosine(view.layers[0])
+    assert cosine.dtype == torch.float64
+    assert abs(float(cosine[0, 1]) - 1.0) < 1e-12 and abs(float(cosine[2, 3]) - 1.0) < 1e-12
+    assert float(cosine[0, 2]) < 0.999  # different experts are not
