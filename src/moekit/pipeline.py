@@ -193,15 +193,11 @@ def evaluate_model(source: str | Path, tasks: list[str] | None = None, texts: di
             raise DataError(f"text set {name!r}: no text found")
     tasks = [load_task_spec(t, allow_outside=allow_task_data_outside) if str(t).endswith((".yaml", ".yml")) else t
              for t in tasks or []]
-    from moekit.eval import TASKS
-    from moekit.eval.harness import check_harness_tasks
+    from moekit.eval import TASKS, harness
 
-    includes = [lm_eval_include] if isinstance(lm_eval_include, (str, Path)) else list(lm_eval_include or [])
-    for folder in includes:
-        if not Path(folder).is_dir():
-            raise EvalError(f"--lm-eval-include {folder}: not a folder of lm-eval task YAMLs")
-    lm_eval_names = [t for t in tasks if isinstance(t, str) and t not in TASKS]
-    check_harness_tasks(lm_eval_names, includes, TASKS.names())
+    includes = harness.include_folders(lm_eval_include)  # checked even when no lm-eval task is named
+    lm_eval_names = harness.lm_eval_names(tasks, TASKS)
+    harness.check_harness_tasks(lm_eval_names, includes, TASKS.names())
     for name in tasks:
         if name not in lm_eval_names:
             resolve_task(name, data_dir=data_dir, num_fewshot=num_fewshot, limit=1)

@@ -236,11 +236,10 @@ def check_recipe_inputs(recipe: Recipe) -> None:
         for name, path in recipe.eval.text.items():
             if not Path(path).exists():
                 raise DataError(f"eval.text.{name}: {path} does not exist")
-        from moekit.eval import TASKS
-        from moekit.eval.harness import check_harness_tasks
+        from moekit.eval import TASKS, harness
 
-        harness_names = [t for t in recipe.eval.tasks if t not in TASKS and not t.endswith((".yaml", ".yml"))]
-        check_harness_tasks(harness_names, None, TASKS.names())  # lm-evaluation-harness's, when installed
+        harness_names = harness.lm_eval_names(recipe.eval.tasks, TASKS)
+        harness.check_harness_tasks(harness_names, None, TASKS.names())  # lm-evaluation-harness's, when installed
         for task in recipe.eval.tasks:
             if task not in harness_names:
                 resolve_task(task, num_fewshot=recipe.eval.num_fewshot, limit=1)

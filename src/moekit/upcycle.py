@@ -28,7 +28,7 @@ either way (``step0_max_logit_difference``), so the record says what the maths a
 Group-limited routing (``n_group > 1``) is refused: its group scores would count an expert's copies
 twice.
 
-**Utility-based (non-uniform) duplication** (``utility_sets``; the paper's "utility-based expert selection"
+**Utility-based (non-uniform) duplication** (``utility_data``; the paper's "utility-based expert selection"
 guides duplication by gradient importance): the layer still grows from E to ``factor * E`` experts, but every
 expert keeps one copy and the other ``(factor - 1) * E`` copies go to the experts in proportion to their
 utility (largest remainders; ties to the lower index). The utility of expert j is moekit's choice, because the
@@ -270,6 +270,13 @@ def upcycle_to_checkpoint(source: str | Path, out: str | Path, *, experts: int |
                            "MoE's experts give --factor M (and --top-k), not --experts")
     if dense:
         upcycled_config(config, experts or 0, top_k or 2)  # errors before any weight loads
+    # the utility data is read and tokenised before any weight loads (a missing tokenizer or empty file fails fast)
+    sets: list[CalibrationSet] = []
+    if specs:
+        from moekit.data import load_calibration_set, load_tokenizer
+
+        tokenizer = load_tokenizer(source)
+        sets = [load_calibration_set(spec, tokenizer, seq_len, utility_tokens, seed) for spec in specs]
     model = load_model(source, dtype=dtype)
     reference = probe_logits(model)
     if dense:
@@ -288,11 +295,7 @@ def upcycle_to_checkpoint(source: str | Path, out: str | Path, *, experts: int |
         old_experts, old_top_k = before.num_experts, before.top_k
         duplication: dict[str, Any] = {"rule": "uniform"}
         copies = None
-        if specs:
-            from moekit.data import load_calibration_set, load_tokenizer
-
-            tokenizer = load_tokenizer(source)
-            sets = [load_calibration_set(spec, tokenizer, seq_len, utility_tokens, seed) for spec in specs]
+        if sets:
             utility = expert_utility(model, sets, progress=progress)
             copies = {index: utility_copies(u, factor * old_experts) for index, u in utility.items()}
             duplication = {"rule": "utility", "score": "mean over batches of (sum_w w * dL/dw)^2 per expert, L the "

@@ -15,8 +15,9 @@ are cached or the YAML points at local files; moekit's built-in tasks read local
 
 from __future__ import annotations
 
+import functools
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +42,31 @@ def harness_version() -> str | None:
         return None
 
 
-def _task_manager(include_path: str | Path | Sequence[str | Path] | None) -> Any:
-    from lm_eval.tasks import TaskManager
+def lm_eval_names(refs: Sequence[Any], builtin: Collection[str]) -> list[str]:
+    """The task references that are lm-eval's: names that are neither built in nor a task YAML's path."""
+    return [ref for ref in refs if isinstance(ref, str) and ref not in builtin and not ref.endswith((".yaml", ".yml"))]
 
+
+def include_folders(include_path: str | Path | Sequence[str | Path] | None) -> tuple[str, ...]:
+    """``--lm-eval-include`` as a tuple of folders, each checked to be one."""
     paths = [include_path] if isinstance(include_path, (str, Path)) else list(include_path or [])
     for path in paths:
         if not Path(path).is_dir():
             raise EvalError(f"--lm-eval-include {path}: not a folder of lm-eval task YAMLs")
-    return TaskManager(include_path=[str(p) for p in paths] or None)
+    return tuple(str(path) for path in paths)
+
+
+def _task_manager(include_path: str | Path | Sequence[str | Path] | None) -> Any:
+    return _indexed_task_manager(include_folders(include_path))
+
+
+@functools.lru_cache(maxsize=4)
+def _indexed_task_manager(folders: tuple[str, ...]) -> Any:
+    """lm-eval's task index (seconds to build: it reads every task YAML), built once per set of include folders
+    in a process, so checking names before the model loads and running them later index once."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(folders) or None)
 
 
 def harness_tasks(include_path: str | Path | Sequence[str | Path] | None = None) -> list[str]:

@@ -167,8 +167,7 @@ def evaluate(model: Any, tokenizer: Any = None, tasks: Sequence[TaskRef] = (), *
         tasks = [tasks]
     if not tasks:
         raise EvalError(f"no tasks given: name some of {', '.join(TASKS.names())}")
-    lm_eval_names = [str(ref) for ref in tasks if isinstance(ref, str) and ref not in TASKS
-                     and not ref.endswith((".yaml", ".yml"))]
+    lm_eval_names = harness.lm_eval_names(tasks, TASKS)
     tasks = [ref for ref in tasks if not (isinstance(ref, str) and ref in lm_eval_names)]
     if isinstance(num_fewshot, dict) and set(num_fewshot) & set(lm_eval_names):
         raise EvalError("num_fewshot per task is for built-in tasks; lm-eval tasks take one value for all")
