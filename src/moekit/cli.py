@@ -481,6 +481,10 @@ def profile_collect(
     neuron_stats: Annotated[bool, typer.Option(
         "--neuron-stats", help="Also keep per-neuron sums of (g*a)^2 and max |g*a| (for neuron-level "
         "criteria; E x I numbers per layer and set).")] = False,
+    merge_stats: Annotated[bool, typer.Option(
+        "--merge-stats", help="Also keep what the merging methods read: router-logit products (m_smoe) and every "
+        "expert's mean output over all tokens (hc_smoe, sub_moe). Runs all E experts on every token: the experts "
+        "do E/top_k times their usual work.")] = False,
     tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer directory, if not the model's.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
     dry_run: Annotated[bool, typer.Option(
@@ -519,8 +523,8 @@ def profile_collect(
     _quiet_transformers()
     result = profile_model(model, data, out_dir, seq_len=seq_len, max_tokens=max_tokens, seed=seed,
                            batch_size=batch_size, device=device, dtype=dtype, neuron_stats=neuron_stats,
-                           overwrite=overwrite, tokenizer=tokenizer, dry_run=dry_run, sequential=sequential,
-                           resume=resume, say=_note if is_main_process() else None)
+                           merge_stats=merge_stats, overwrite=overwrite, tokenizer=tokenizer, dry_run=dry_run,
+                           sequential=sequential, resume=resume, say=_note if is_main_process() else None)
 
     if result is None:
         out.print("dry run: nothing was loaded or written", highlight=False)

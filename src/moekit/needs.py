@@ -130,7 +130,8 @@ def _resident_bytes(view: MoEModelView, element: int) -> int:
 
 
 def profile_needs(source: str | Path, out: str | Path | None, *, dtype: str, device: str, batch_size: int, seq_len: int,
-                  sets: int, neuron_stats: bool, max_tokens: int | None = None) -> RunNeeds:
+                  sets: int, neuron_stats: bool, max_tokens: int | None = None,
+                  merge_stats: bool = False) -> RunNeeds:
     """Needs of profiling ``source``: the model on ``device``, one batch of hidden states, a small profile (and, for a
     layer-by-layer run, the hidden states of up to ``max_tokens`` tokens per set). ``out`` None: no output (its
     size and disk are not looked at)."""
@@ -139,7 +140,8 @@ def profile_needs(source: str | Path, out: str | Path | None, *, dtype: str, dev
     element = element_bytes(view.model, dtype)
     hidden = int(getattr(view.model.config, "hidden_size", 0) or view.layers[0].router_weight.shape[-1])
     experts = max(layer.num_experts for layer in view.layers)
-    per_layer = experts * (16 + experts) + (2 * experts * view.layers[0].intermediate_size if neuron_stats else 0)
+    per_layer = experts * (16 + experts) + (2 * experts * view.layers[0].intermediate_size if neuron_stats else 0) \
+        + (experts * (experts + hidden) if merge_stats else 0)
     output_dir, free = _free_disk(Path(out).resolve().parent) if out is not None else (Path(), None)
     return RunNeeds(model_bytes=model_bytes, largest_layer_bytes=_layer_bytes(view, element),
                     activation_bytes=2 * batch_size * seq_len * hidden * element,

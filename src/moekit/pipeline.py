@@ -25,16 +25,18 @@ from moekit.edit.card import prune_plan_record
 from moekit.edit.checkpoint import check_output_dir
 from moekit.edit.keep import PlanError, check_plan_format, parse_keep, read_json_plan, validate_keep
 from moekit.edit.prune import validate_top_k
+from moekit.merge.apply import MergeResult
 from moekit.model_io import describe_source, load_structure
 from moekit.outputs import check_output, write_json_file
 from moekit.plan import PlanRequest, plan_keep_map, plan_top_k
-from moekit.plan.check import checked_plan
+from moekit.plan.check import checked_plan, plan_groups
 from moekit.plan.methods import (
     COMMAND_LINE,
     METHODS,
     PlanInputs,
     RunOptions,
     Spelling,
+    check_kind,
     check_needs,
     naee_plan_from_data,
     plan_from_profile,
@@ -43,9 +45,9 @@ from moekit.profile import Profile
 from moekit.profile.profile_file import config_sha256
 from moekit.summary import summarize
 
-__all__ = ["PlanInputs", "RunOptions", "check_plan_source", "evaluate_model", "given_plan", "kept_per_layer",
-           "make_plan", "naee_plan_from_data", "plan_from_profile", "prune_from_profile", "prune_with_plan",
-           "read_inputs", "read_plan", "write_plan"]
+__all__ = ["PlanInputs", "RunOptions", "apply_plan", "check_plan_source", "evaluate_model", "given_plan",
+           "kept_per_layer", "make_plan", "naee_plan_from_data", "plan_from_profile", "prune_from_profile",
+           "prune_with_plan", "read_inputs", "read_plan", "write_plan"]
 
 
 def read_inputs(profile: str | Path | None = None, data: Sequence[str] = (), plan_file: str | Path | None = None,
@@ -60,13 +62,16 @@ def read_inputs(profile: str | Path | None = None, data: Sequence[str] = (), pla
 
 
 def make_plan(source: str | Path, request: PlanRequest, inputs: PlanInputs,
-              spelling: Spelling = COMMAND_LINE) -> dict[str, Any]:
+              spelling: Spelling = COMMAND_LINE, kind: str | None = "prune") -> dict[str, Any]:
     """The plan for ``request`` on the model at ``source``: the plan file given (``given_plan``), else the one
     the request's method makes (``METHODS``) once ``check_needs`` found everything it needs in ``inputs``.
-    ``spelling`` names the inputs in the errors (the command line's options by default)."""
+    ``spelling`` names the inputs in the errors (the command line's options by default); ``kind``: the kind of
+    method asked for (``prune``: moekit prune's, ``merge``: moekit merge's; None: any)."""
     if inputs.plan_file is not None:
         return given_plan(source, inputs.plan_file, request)
     method = METHODS.get(request.method)
+    if kind is not None:
+        check_kind(method, kind, f"moekit {kind}")
     where = f"the profile {inputs.profile_path}" if inputs.profile_path is not None else "the profile"
     check_needs(method, request, inputs.profile, inputs.data, spelling, where)
     return method.plan(source, request, inputs)
@@ -131,13 +136,15 @@ def check_plan_source(plan: dict[str, Any], source: str | Path) -> None:
                         f"plan for {source} from its own profile")
 
 
-def prune_with_plan(source: str | Path, plan: dict[str, Any], out: str | Path, *, overwrite: bool = False,
-                    dtype: str = "auto", reproduce: str | None = None) -> PruneResult:
-    """Apply a plan (a planner's record or a plain keep map) and write the pruned checkpoint.
+def apply_plan(source: str | Path, plan: dict[str, Any], out: str | Path, *, overwrite: bool = False,
+               dtype: str = "auto", reproduce: str | None = None) -> PruneResult | MergeResult:
+    """Apply a plan (a pruning or merge plan record, or a plain keep map) and write the edited checkpoint.
 
     A planner's record (it has a ``format``) is checked completely against the model's structure
     before any weight loads (``moekit.plan.check``); the checked record is what the checkpoint's
-    ``moekit_plan.json`` holds. A plain keep map gets a keep-list record."""
+    ``moekit_plan.json`` holds. A plain keep map gets a keep-list record. A merge plan is merged
+    (``moekit.merge.merge_to_checkpoint``); a pruning plan is the merge plan of singleton groups, and is
+    pruned (the same bytes)."""
     check_output_dir(out, source, overwrite)
     if not isinstance(plan, dict):
         raise PlanError(f"a plan must be a JSON object, got {type(plan).__name__}")
@@ -148,11 +155,21 @@ def prune_with_plan(source: str | Path, plan: dict[str, Any], out: str | Path, *
     check_plan_format(plan)
     check_plan_source(plan, source)
     checked = checked_plan(plan, MoEModelView.from_model(load_structure(source)))
+    groups = plan_groups(checked)
+    if groups is not None:
+        from moekit.merge import merge_to_checkpoint
+
+        return merge_to_checkpoint(source, groups, checked, out, overwrite=overwrite,
+                                   allow_regroup=checked.get("details", {}).get("allow_regroup", False), dtype=dtype,
+                                   top_k=plan_top_k(checked), reproduce=reproduce)
     return prune_to_checkpoint(
         source, plan_keep_map(checked), out, overwrite=overwrite,
         allow_regroup=checked.get("details", {}).get("allow_regroup", False), dtype=dtype, method=checked["method"],
         top_k=plan_top_k(checked), plan=checked, reproduce=reproduce,
     )
+
+
+prune_with_plan = apply_plan  # its earlier name: it applies either kind of plan
 
 
 def prune_from_profile(source: str | Path, profile: str | Path, request: PlanRequest, out: str | Path, *,

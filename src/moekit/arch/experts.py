@@ -228,5 +228,26 @@ def layout_of(module: nn.Module) -> ExpertLayout | None:
     return None
 
 
+def write_expert_weights(layout: ExpertLayout, experts: nn.Module, expert: int, new: ExpertWeights) -> None:
+    """Overwrite expert ``expert``'s weights in place with ``new`` (canonical shapes, cast to the stored dtype).
+
+    Every layout's ``expert_weights`` returns views into the stored tensors (slices, transposes, the chunks or
+    strided halves of a fused gate/up tensor), so copying into them writes the layout's own storage, whatever it
+    is; a layout whose view were a copy would silently drop the write, so that is checked."""
+    current = layout.expert_weights(experts, expert)
+    stored = [t for t in (*experts.parameters(), *experts.buffers())]
+    with torch.no_grad():
+        for field in ("gate", "up", "down", "gate_bias", "up_bias", "down_bias"):
+            old, value = getattr(current, field), getattr(new, field)
+            if old is None and value is None:
+                continue
+            if old is None or value is None or tuple(old.shape) != tuple(value.shape):
+                raise ValueError(f"expert {expert}: {field} is {None if old is None else list(old.shape)} in the "
+                                 f"model but {None if value is None else list(value.shape)} in the merged expert")
+            if not any(old.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in stored):
+                raise ValueError(f"{layout.name} layout: the {field} weights are not a view of the stored tensor")
+            old.copy_(value.to(old.dtype))
+
+
 def expert_parameter_count(experts: nn.Module) -> int:
     return sum(int(p.numel()) for p in experts.parameters())

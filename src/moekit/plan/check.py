@@ -20,6 +20,7 @@ import math
 from typing import Any
 
 from moekit.arch.view import MoEModelView
+from moekit.edit.card import MERGE_PLAN_FORMAT
 from moekit.edit.keep import KeepMap, PlanError, plan_record_keep, validate_keep
 from moekit.edit.prune import validate_top_k
 from moekit.profile.profile_file import ProfileError
@@ -60,11 +61,30 @@ def checked_plan(plan: dict[str, Any], view: MoEModelView, origin: str = "plan")
     _check_top_k(plan.get("top_k"), view, kept, origin)
     if "criterion" in details:
         _check_planner_details(details, method, keep, view.num_experts, origin)
+    groups = plan_groups(plan, keep, origin)
+    if groups is not None:
+        from moekit.merge.groups import check_groups, check_neuron_maps
+
+        check_groups(view, groups, allow_regroup=details.get("allow_regroup", False))
+        check_neuron_maps(groups, view.layers[0].intermediate_size, origin)
     for layer in view.layers:
         entries = _entry(plan, layer.index).get("experts")
         if entries is not None:
-            _check_expert_entries(entries, set(keep[layer.index]), layer.num_experts, f"{origin}: layer {layer.index}")
+            merged = {e for g in groups[layer.index] for e in g.experts} if groups is not None else set()
+            _check_expert_entries(entries, set(keep[layer.index]), layer.num_experts, f"{origin}: layer {layer.index}",
+                                  merged)
     return _canonical(plan, keep)
+
+
+def plan_groups(plan: dict[str, Any], keep: KeepMap | None = None, origin: str = "plan") -> Any:
+    """A merge plan's groups (``moekit.merge.groups.GroupMap``), checked against its kept lists; None for a pruning
+    plan. The one place that tells the two kinds apart: a merge plan is never applied as the pruning of its kept
+    experts."""
+    if plan.get("format") != MERGE_PLAN_FORMAT:
+        return None
+    from moekit.merge.groups import parse_groups
+
+    return parse_groups(plan, keep if keep is not None else plan_record_keep(plan, origin), origin)
 
 
 def _entry(plan: dict[str, Any], layer: int) -> dict[str, Any]:
@@ -188,8 +208,10 @@ def _check_protections(protections: Any, keep: KeepMap, origin: str) -> None:
                                 f" but the plan does not keep it; keep it, or {HAND_EDIT_HINT}")
 
 
-def _check_expert_entries(entries: Any, kept: set[int], num_experts: int, where: str) -> None:
-    """A planner's per-expert records: one per expert, in id order, finite scores, ranks and decisions that agree."""
+def _check_expert_entries(entries: Any, kept: set[int], num_experts: int, where: str,
+                          merged: set[int] = frozenset()) -> None:  # type: ignore[assignment]
+    """A planner's per-expert records: one per expert, in id order, finite scores, ranks and decisions that agree
+    (``keep`` for a kept expert, ``merge`` for an expert merged into another (``merged``), else ``drop``)."""
     if not isinstance(entries, list) or len(entries) != num_experts or not all(isinstance(e, dict) for e in entries):
         raise PlanError(f"{where}: 'experts' must list one record per expert ({num_experts})")
     for expert, entry in enumerate(entries):
@@ -197,9 +219,10 @@ def _check_expert_entries(entries: Any, kept: set[int], num_experts: int, where:
                 or not isinstance(entry.get("reason"), str):
             raise PlanError(f"{where}: expert record {expert} must hold its id {expert}, a finite score, an integer "
                             f"rank and a reason, got {entry!r}")
-        decision = "keep" if expert in kept else "drop"
+        decision = "keep" if expert in kept else "merge" if expert in merged else "drop"
         if entry.get("decision") != decision:
-            raise PlanError(f"{where}: expert {expert} is {'kept' if expert in kept else 'removed'} but its record's "
+            fate = {"keep": "kept", "merge": "merged into a kept expert", "drop": "removed"}[decision]
+            raise PlanError(f"{where}: expert {expert} is {fate} but its record's "
                             f"decision is {entry.get('decision')!r}; update its decision and reason, or "
                             f"{HAND_EDIT_HINT}")
     order = sorted(range(num_experts), key=lambda j: (-entries[j]["score"], j))

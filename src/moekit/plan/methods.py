@@ -13,8 +13,9 @@ those needs before anything heavy runs, and names the input (``--profile``, ``--
 it declares; NAEE runs the model on calibration text. A plan the user wrote (``--keep-json``) is an input,
 not a method (``moekit.pipeline.given_plan``).
 
-Kinds: ``prune`` (a plan of the experts each layer keeps); merging and neuron-level methods will be
-kinds of their own.
+Kinds: ``prune`` (a plan of the experts each layer keeps; ``moekit prune``) and ``merge`` (a plan of groups of
+experts, each group one output expert; ``moekit merge``, ``moekit.merge.methods``); neuron-level methods will
+be a kind of their own.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from moekit.profile.stats import COLLECTED_BY, profile_flag
 from moekit.registry import Registry
 from moekit.score.criteria import CRITERIA
 
-KINDS = ("prune",)
+KINDS = ("prune", "merge")
 
 
 @dataclass(frozen=True)
@@ -196,6 +197,37 @@ METHODS.register("naee")(Method(
         "reconstructs the original on calibration text (moekit.plan.naee)."))
 
 
+def _merge_plan(source: str | Path, request: PlanRequest, inputs: PlanInputs) -> dict[str, Any]:
+    from moekit.merge.methods import make_merge_plan
+
+    assert inputs.profile is not None  # check_needs
+    view = MoEModelView.from_model(load_structure(source))
+    path = str(Path(inputs.profile_path).resolve()) if inputs.profile_path is not None else None
+    return make_merge_plan(source, view, inputs.profile, request, profile_path=path,
+                           source_name=describe_source(source), progress=inputs.run.progress)
+
+
+def _register_merge_methods() -> None:
+    from moekit.merge.methods import MERGE_METHODS
+
+    for name, merge in MERGE_METHODS.items():  # weights: read layer by layer from the checkpoint while planning
+        METHODS.register(name)(Method(name, "merge", Needs(profile=True, statistics=merge.reads, weights=merge.weights),
+                                      _merge_plan, doc=merge.doc))
+
+
+_register_merge_methods()
+
+
+def check_kind(method: Method, kind: str, command: str = "moekit prune") -> None:
+    """Refuse a method of another kind than the command makes (a merging method given to moekit prune, ...)."""
+    if method.kind == kind:
+        return
+    valid = ", ".join(sorted(m for m in METHODS if METHODS.get(m).kind == kind))
+    other = {"prune": "moekit prune", "merge": "moekit merge"}[method.kind]
+    raise PlanError(f"{command}: {method.name} is a {'merging' if method.kind == 'merge' else 'pruning'} method "
+                    f"(use {other}); the {command.split()[-1]} methods are {valid}")
+
+
 @dataclass(frozen=True)
 class Spelling:
     """How a front end names what ``check_needs`` asks for: the command line's options, a recipe's keys."""
@@ -266,5 +298,6 @@ def check_needs(method: Method, request: PlanRequest, profile: Profile | Collect
                            f"{', '.join(missing)}, which {where} lacks: {how}")
 
 
-__all__ = ["COMMAND_LINE", "METHODS", "Method", "Needs", "PlanInputs", "RunOptions", "Spelling", "check_needs",
+__all__ = ["COMMAND_LINE", "METHODS", "Method", "Needs", "PlanInputs", "RunOptions", "Spelling", "check_kind",
+           "check_needs",
            "naee_plan_from_data", "plan_from_profile", "statistics_needed"]

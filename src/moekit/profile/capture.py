@@ -68,9 +68,11 @@ class CaptureState:
 class LayerCapture:
     """Hooks' view of one MoE layer: its accumulators and the residual stream of the current batch."""
 
-    def __init__(self, layer: MoELayer, state: CaptureState, num_sets: int, neuron_stats: bool) -> None:
-        self.layer, self.state, self.neuron_stats = layer, state, neuron_stats
-        self.stats = LayerStats(num_sets, layer.num_experts, layer.intermediate_size, neuron_stats)
+    def __init__(self, layer: MoELayer, state: CaptureState, num_sets: int, neuron_stats: bool,
+                 merge_stats: bool = False) -> None:
+        self.layer, self.state, self.neuron_stats, self.merge_stats = layer, state, neuron_stats, merge_stats
+        self.stats = LayerStats(num_sets, layer.num_experts, layer.intermediate_size, neuron_stats, merge_stats,
+                                hidden=int(layer.router_weight.shape[-1]))
         self.scoring = router_scoring(layer.routing)
         self.residuals: dict[int, torch.Tensor] = {}  # norm output storage pointer -> norm input
         self.easy_ep_input = "not run"
@@ -188,7 +190,22 @@ def capture_forward(capture: LayerCapture, hidden: torch.Tensor, top_k_index: to
     change = (1 - F.cosine_similarity(residual, residual + routed.float(), dim=-1)).clamp(min=0)  # [T]
     capture.stats.add_routing(state.set_index, top_k_index, valid, state.batch_shape)
     capture.stats.add_pairs(state.set_index, pairs, valid, change)
+    if capture.merge_stats:
+        _all_expert_outputs(capture, x, valid)
     return routed
+
+
+def _all_expert_outputs(capture: LayerCapture, x: torch.Tensor, valid: torch.Tensor) -> None:
+    """Every expert run on every token of the batch (ungated, unscaled input), summed per expert: HC-SMoE's
+    expert representation. One grouped call per expert (the other experts get empty groups)."""
+    layer = capture.layer
+    num_tokens, num_experts = x.shape[0], layer.num_experts
+    for expert in range(num_experts):
+        ids = torch.full((num_tokens,), expert, dtype=torch.long, device=x.device)
+        offsets = torch.zeros(num_experts, dtype=torch.int32, device=x.device)
+        offsets[expert:] = num_tokens
+        out, _ = expert_outputs(layer.experts, layer.layout, x, ids, offsets)
+        capture.stats.add_all_expert_outputs(capture.state.set_index, expert, out, valid)
 
 
 def _decorated_capture(experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
@@ -230,10 +247,11 @@ def _dbrx_experts_forward(capture: LayerCapture) -> Any:
 class Capture:
     """Every layer's capture and the shared per-batch state, while :func:`capturing` is active."""
 
-    def __init__(self, view: MoEModelView, num_sets: int, neuron_stats: bool) -> None:
+    def __init__(self, view: MoEModelView, num_sets: int, neuron_stats: bool, merge_stats: bool = False) -> None:
         self.view = view
         self.state = CaptureState()
-        self.layers = {layer.index: LayerCapture(layer, self.state, num_sets, neuron_stats) for layer in view.layers}
+        self.layers = {layer.index: LayerCapture(layer, self.state, num_sets, neuron_stats, merge_stats)
+                       for layer in view.layers}
 
     def all_reduce_(self, device: torch.device | None = None, group: object | None = None) -> None:
         """Sum (and max) every accumulator over the ranks of a ``torch.distributed`` group (on ``device``, default:
@@ -255,10 +273,11 @@ def _residual_norms(model: nn.Module, layer: MoELayer) -> list[nn.Module]:
 
 
 @contextmanager
-def capturing(view: MoEModelView, num_sets: int = 1, neuron_stats: bool = False) -> Iterator[Capture]:
+def capturing(view: MoEModelView, num_sets: int = 1, neuron_stats: bool = False,
+              merge_stats: bool = False) -> Iterator[Capture]:
     """Attach the capture to every MoE layer of ``view.model``; everything is undone on exit."""
     model = view.model
-    capture = Capture(view, num_sets, neuron_stats)
+    capture = Capture(view, num_sets, neuron_stats, merge_stats)
     handles: list[Any] = []
     instance_patches: list[tuple[nn.Module, str]] = []
     previous_implementation = None

@@ -83,8 +83,10 @@ def _check_sets(sets: Sequence[CalibrationSet], batch_size: int) -> None:
 
 def collect_profile(model: PreTrainedModel, sets: Sequence[CalibrationSet], batch_size: int = 8,
                     neuron_stats: bool = False, progress: bool = True, source: str | None = None,
-                    options: dict[str, Any] | None = None, distributed: bool = False) -> Profile:
-    """Profile ``model`` on ``sets`` (each kept separately).
+                    options: dict[str, Any] | None = None, distributed: bool = False,
+                    merge_stats: bool = False) -> Profile:
+    """Profile ``model`` on ``sets`` (each kept separately). ``neuron_stats``, ``merge_stats``: collect those
+    optional statistics too (``moekit.profile.stats``).
 
     Sequences are right-padded (padding only after the real tokens); since the models are causal,
     real tokens never see padding, so no attention mask is passed and padding is excluded from
@@ -102,7 +104,7 @@ def collect_profile(model: PreTrainedModel, sets: Sequence[CalibrationSet], batc
     start = time.perf_counter()
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="profiling", disable=not progress)
     rank, world = _rank_and_world(distributed)
-    with capturing(view, len(sets), neuron_stats) as capture, torch.inference_mode():
+    with capturing(view, len(sets), neuron_stats, merge_stats) as capture, torch.inference_mode():
         for set_index, ids, mask in _rank_batches(sets, batch_size, rank, world):
             bar.set_postfix_str(sets[set_index].name, refresh=False)
             capture.state.begin_batch(set_index, mask.to(device, non_blocking=True))
@@ -112,7 +114,7 @@ def collect_profile(model: PreTrainedModel, sets: Sequence[CalibrationSet], batc
             capture.all_reduce_()
     bar.close()
     return _finish(view, capture, sets, total, start, neuron_stats, batch_size, options,
-                   source or getattr(model, "name_or_path", "") or "in-memory model", device)
+                   source or getattr(model, "name_or_path", "") or "in-memory model", device, merge_stats)
 
 
 def _rank_batches(sets: Sequence[CalibrationSet], batch_size: int, rank: int,
@@ -128,7 +130,8 @@ def _rank_batches(sets: Sequence[CalibrationSet], batch_size: int, rank: int,
 def collect_profile_layerwise(run: LayerwiseModel, sets: Sequence[CalibrationSet], batch_size: int = 8,
                               neuron_stats: bool = False, progress: bool = True, source: str | None = None,
                               options: dict[str, Any] | None = None, distributed: bool = False,
-                              state: LayerwiseState | None = None, resume: bool = False) -> Profile:
+                              state: LayerwiseState | None = None, resume: bool = False,
+                              merge_stats: bool = False) -> Profile:
     """:func:`collect_profile`, one decoder layer at a time (``moekit.layerwise``): the same statistics, with only
     one layer's weights and the batches' hidden states in memory. Data parallelism as in :func:`collect_profile`
     (each rank streams every layer over its share of the batches).
@@ -142,7 +145,7 @@ def collect_profile_layerwise(run: LayerwiseModel, sets: Sequence[CalibrationSet
     rank, world = _rank_and_world(distributed)
     batches = _rank_batches(sets, batch_size, rank, world)
     first_layer, saved_at = 0, None
-    with capturing(view, len(sets), neuron_stats) as capture, torch.inference_mode():
+    with capturing(view, len(sets), neuron_stats, merge_stats) as capture, torch.inference_mode():
         if resume and state is not None:
             saved = state.load()
             _same_on_every_rank(saved.done, world, device)
@@ -180,7 +183,7 @@ def collect_profile_layerwise(run: LayerwiseModel, sets: Sequence[CalibrationSet
         if world > 1:
             capture.all_reduce_(device)
     profile = _finish(view, capture, sets, total, start, neuron_stats, batch_size, options,
-                      source or str(run.source), device)
+                      source or str(run.source), device, merge_stats)
     if first_layer:
         profile.meta["timing"]["resumed_at_layer"] = first_layer
     return profile
@@ -202,13 +205,14 @@ def _same_on_every_rank(done: int, world: int, device: torch.device) -> None:
 
 def _finish(view: MoEModelView, capture: Any, sets: Sequence[CalibrationSet], total: int, start: float,
             neuron_stats: bool, batch_size: int, options: dict[str, Any] | None, source: str,
-            device: torch.device) -> Profile:
+            device: torch.device, merge_stats: bool = False) -> Profile:
     results = capture.results()  # to the CPU, as ordinary tensors: the one synchronisation
     easy_ep_input = {i: c.easy_ep_input for i, c in capture.layers.items()}
     elapsed = time.perf_counter() - start
     set_meta = [{"name": s.name, "tokens": s.num_tokens, "sequences": s.num_sequences, "data": s.description}
                 for s in sets]
-    run = {"neuron_stats": neuron_stats, "batch_size": batch_size, **(options or {})}
+    run = {"neuron_stats": neuron_stats, **({"merge_stats": True} if merge_stats else {}), "batch_size": batch_size,
+           **(options or {})}
     meta = new_meta(view, source, set_meta, run, versions(), easy_ep_input)
     meta["timing"] = {"seconds": round(elapsed, 3), "tokens_per_second": round(total / max(elapsed, 1e-9), 1),
                       "device": str(device)}
@@ -230,7 +234,8 @@ DEFAULT_SEQ_LEN = 2048
 
 def profile_model(source: str | Path, data: Sequence[str | DataSpec], out: str | Path, *, seq_len: int | None = None,
                   max_tokens: int | None = 262_144, seed: int = 0, batch_size: int = 8, device: str = "cpu",
-                  dtype: str = "auto", neuron_stats: bool = False, overwrite: bool = False,
+                  dtype: str = "auto", neuron_stats: bool = False, merge_stats: bool = False,
+                  overwrite: bool = False,
                   tokenizer: str | Path | None = None, progress: bool = True, dry_run: bool = False,
                   sequential: bool | None = None, resume: bool = False,
                   say: Callable[[str], None] | None = None) -> Profile | None:
@@ -265,7 +270,8 @@ def profile_model(source: str | Path, data: Sequence[str | DataSpec], out: str |
     if seq_len < 1 or (limit is not None and seq_len > limit):
         raise DataError(f"--seq-len {seq_len} is outside what the model handles (1 to {limit} positions)")
     needs = profile_needs(source, out_path, dtype=dtype, device=device, batch_size=batch_size, seq_len=seq_len,
-                          sets=len(specs), neuron_stats=neuron_stats, max_tokens=max_tokens)
+                          sets=len(specs), neuron_stats=neuron_stats, max_tokens=max_tokens,
+                          merge_stats=merge_stats)
     if sequential is None:  # layer by layer when the whole model does not fit and the checkpoint allows it
         sequential = not needs.fits_whole() and layerwise_possible(source, device)
         if sequential and say is not None:
@@ -293,16 +299,18 @@ def profile_model(source: str | Path, data: Sequence[str | DataSpec], out: str |
                    "sequential": sequential}
         if sequential:
             fingerprint = run_fingerprint(describe_source(source), sets,
-                                          {**options, "batch_size": batch_size, "neuron_stats": neuron_stats})
+                                          {**options, "batch_size": batch_size, "neuron_stats": neuron_stats,
+                                           **({"merge_stats": True} if merge_stats else {})})
             state = LayerwiseState(saved, fingerprint, rank.rank, interval=resume_interval())
             with LayerwiseModel(source, dtype=dtype, device=rank.device) as run:
                 profile = collect_profile_layerwise(run, sets, batch_size, neuron_stats, progress and rank.writes,
                                                     describe_source(source), options, distributed=rank.world > 1,
-                                                    state=state, resume=resume)
+                                                    state=state, resume=resume, merge_stats=merge_stats)
         else:
             model = load_model(source, dtype=dtype, device=rank.device)
             profile = collect_profile(model, sets, batch_size, neuron_stats, progress and rank.writes,
-                                      describe_source(source), options, distributed=rank.world > 1)
+                                      describe_source(source), options, distributed=rank.world > 1,
+                                      merge_stats=merge_stats)
         if rank.writes:
             profile.save(out_path, overwrite=overwrite, sources=sources, inputs=inputs)
         if sequential:

@@ -29,7 +29,16 @@ from moekit.arch.routing import router_scoring
 from moekit.arch.view import MoEModelView
 from moekit.errors import UserError
 from moekit.outputs import check_output, writing_directory
-from moekit.profile.stats import CHUNK_SIZES, COLLECTED_BY, NEURON_STATS, STATS, profile_flag, reduction
+from moekit.profile.stats import (
+    ALL_STATS,
+    CHUNK_SIZES,
+    COLLECTED_BY,
+    OPTIONAL_STATS,
+    SIGNED_STATS,
+    STATS,
+    profile_flag,
+    reduction,
+)
 
 FORMAT = "moekit-profile"
 FORMAT_VERSION = 1
@@ -78,7 +87,16 @@ class Profile:
 
     @property
     def has_neuron_stats(self) -> bool:
-        return bool(self.meta["options"]["neuron_stats"])
+        return self.has_option("neuron_stats")
+
+    def has_option(self, option: str) -> bool:
+        """Whether the profile was collected with the optional statistics of ``option`` (``moekit.profile.stats``:
+        ``neuron_stats``, ``merge_stats``); profiles written before an option existed lack it (False)."""
+        return bool(self.meta["options"].get(option, False))
+
+    @property
+    def optional_statistics(self) -> set[str]:
+        return {name for option, stats in OPTIONAL_STATS.items() if self.has_option(option) for name in stats}
 
     def set_index(self, name: str) -> int:
         if name not in self.set_names:
@@ -155,7 +173,7 @@ class Profile:
         be finite and >= 0; and every real token reaches every MoE layer, so each layer's ``tokens``
         equals the set's token count in the metadata."""
         where = Path(where) / TENSOR_FILE
-        expected = set(STATS) | (set(NEURON_STATS) if self.has_neuron_stats else set())
+        expected = set(STATS) | self.optional_statistics
         fingerprint = self.fingerprint
         if sorted(self.layers) != fingerprint["moe_layers"]:
             raise ProfileError(f"{where}: layers {sorted(self.layers)} do not match the metadata's "
@@ -166,12 +184,12 @@ class Profile:
                 raise ProfileError(f"{where}: layer {index} has statistics {sorted(stats)}, expected "
                                    f"{sorted(expected)} (corrupted profile)")
             for name, tensor in stats.items():
-                dims = {**STATS, **NEURON_STATS}[name][0]
-                sizes = {"E": experts, "C": len(CHUNK_SIZES), "I": tensor.shape[-1]}
+                dims = ALL_STATS[name][0]
+                sizes = {"E": experts, "C": len(CHUNK_SIZES), "I": tensor.shape[-1], "H": tensor.shape[-1]}
                 if tuple(tensor.shape) != (len(self.set_names), *(sizes[d] for d in dims)):
                     raise ProfileError(f"{where}: layers.{index}.{name} has shape {tuple(tensor.shape)} "
                                        "(corrupted profile)")
-                _check_values(f"{where}: layers.{index}.{name}", tensor)
+                _check_values(f"{where}: layers.{index}.{name}", tensor, signed=name in SIGNED_STATS)
             self._check_tokens(where, index)
 
     def _check_tokens(self, where: Path, index: int) -> None:
@@ -182,13 +200,13 @@ class Profile:
                                    "or hand-edited profile; profile again)")
 
 
-def _check_values(what: str, tensor: torch.Tensor) -> None:
+def _check_values(what: str, tensor: torch.Tensor, signed: bool = False) -> None:
     if not tensor.is_floating_point():
         raise ProfileError(f"{what} has dtype {tensor.dtype}, not a floating-point one (corrupted profile; "
                            "profile again)")
     if not bool(torch.isfinite(tensor).all()):
         raise ProfileError(f"{what} holds NaN or infinite values (corrupted profile; profile again)")
-    if bool((tensor < 0).any()):
+    if not signed and bool((tensor < 0).any()):
         raise ProfileError(f"{what} holds negative values, which no count, sum or maximum of it can be "
                            "(corrupted profile; profile again)")
 
@@ -281,8 +299,10 @@ def merge_profiles(first: Profile, second: Profile) -> Profile:
     if first.fingerprint != second.fingerprint:
         raise ProfileError("these profiles were collected on different models; only profiles of the same model "
                            "merge")
-    if first.has_neuron_stats != second.has_neuron_stats:
-        raise ProfileError("one profile has neuron statistics and the other not; profile both the same way")
+    for option in OPTIONAL_STATS:
+        if first.has_option(option) != second.has_option(option):
+            raise ProfileError(f"one profile has the {profile_flag(option)} statistics and the other not; profile "
+                               "both the same way")
     chunks = [p.meta["options"].get("chunk_sizes", list(CHUNK_SIZES)) for p in (first, second)]
     if chunks[0] != chunks[1]:
         raise ProfileError(f"these profiles measured chunk sparsity over other chunk sizes ({chunks[0]} and "

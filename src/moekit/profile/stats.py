@@ -31,7 +31,14 @@ chunk_experts_sum          [S,C]       sum over chunks of length L_c of |union o
 chunk_count                [S,C]       number of chunks of length L_c (all tokens real)
 neuron_energy  (optional)  [S,E,I]     sum_{t in X_j} (g_{t,j} a_{j,t,n})^2
 neuron_max     (optional)  [S,E,I]     max_{t in X_j} |g_{t,j} a_{j,t,n}|
+router_logit_gram (opt.)   [S,E,E]     sum_t z_t z_t^T (M-SMoE's router-logit similarity)
+expert_output_sum (opt.)   [S,E,H]     sum_t f_j(x_t) over every token, every expert run on it (HC-SMoE)
 =========================  ==========  ======================================================
+
+The last two (``merge_stats``, ``moekit profile --merge-stats``) are for merging: the cosine between
+experts' router-logit columns over all tokens is G_ij / sqrt(G_ii G_jj), and HC-SMoE's expert
+representation is the mean output over all tokens, expert_output_sum / tokens. The second runs all E
+experts on every token (E / k times the experts' usual work); both hold signed values.
 
 EASY-EP's h^in is the residual stream entering the MoE sub-layer and h^out = h^in + the routed
 experts' output (shared experts left out), as in its reference code.
@@ -66,9 +73,18 @@ NEURON_STATS: dict[str, tuple[tuple[str, ...], str]] = {
     "neuron_max": (("E", "I"), "max"),
 }
 
-# Statistics a profile holds only when asked: the ``moekit profile`` option (as a keyword of ``profile_model``, and
-# a recipe's profile key) that collects each. Every other statistic is in every profile.
-COLLECTED_BY: dict[str, str] = {name: "neuron_stats" for name in NEURON_STATS}
+MERGE_STATS: dict[str, tuple[tuple[str, ...], str]] = {
+    "router_logit_gram": (("E", "E"), "sum"),
+    "expert_output_sum": (("E", "H"), "sum"),
+}
+SIGNED_STATS = frozenset(MERGE_STATS)  # sums of signed values; every other statistic is >= 0
+
+# Statistics a profile holds only when asked, by the ``moekit profile`` option (as a keyword of ``profile_model``,
+# and a recipe's profile key) that collects them. Every other statistic is in every profile.
+OPTIONAL_STATS: dict[str, dict[str, tuple[tuple[str, ...], str]]] = {"neuron_stats": NEURON_STATS,
+                                                                     "merge_stats": MERGE_STATS}
+COLLECTED_BY: dict[str, str] = {name: option for option, stats in OPTIONAL_STATS.items() for name in stats}
+ALL_STATS: dict[str, tuple[tuple[str, ...], str]] = {**STATS, **NEURON_STATS, **MERGE_STATS}
 
 
 def collected_statistics(**options: bool) -> frozenset[str]:
@@ -82,7 +98,7 @@ def profile_flag(option: str) -> str:
 
 
 def reduction(name: str) -> str:
-    return {**STATS, **NEURON_STATS}[name][1]
+    return ALL_STATS[name][1]
 
 
 @dataclass
@@ -101,14 +117,15 @@ class PairStats:
 class LayerStats:
     """The accumulators of one MoE layer for ``num_sets`` named sets; allocated on first use."""
 
-    def __init__(self, num_sets: int, num_experts: int, intermediate: int, neuron_stats: bool) -> None:
+    def __init__(self, num_sets: int, num_experts: int, intermediate: int, neuron_stats: bool,
+                 merge_stats: bool = False, hidden: int = 0) -> None:
         self.num_sets, self.num_experts, self.intermediate = num_sets, num_experts, intermediate
-        self.neuron_stats = neuron_stats
+        self.neuron_stats, self.merge_stats, self.hidden = neuron_stats, merge_stats, hidden
         self.tensors: dict[str, torch.Tensor] = {}
 
     def _allocate(self, device: torch.device) -> None:
-        sizes = {"E": self.num_experts, "I": self.intermediate, "C": len(CHUNK_SIZES)}
-        specs = {**STATS, **(NEURON_STATS if self.neuron_stats else {})}
+        sizes = {"E": self.num_experts, "I": self.intermediate, "C": len(CHUNK_SIZES), "H": self.hidden}
+        specs = {**STATS, **(NEURON_STATS if self.neuron_stats else {}), **(MERGE_STATS if self.merge_stats else {})}
         for name, (dims, reduce) in specs.items():
             dtype = torch.float64 if reduce == "sum" else torch.float32
             self.tensors[name] = torch.zeros((self.num_sets, *(sizes[d] for d in dims)), dtype=dtype, device=device)
@@ -132,6 +149,9 @@ class LayerStats:
             acc["router_prob_sum"][set_index] += (log_p.exp() * valid[:, None]).sum(0, dtype=torch.float64)
         else:
             raise ValueError(f"unknown router scoring {scoring!r}")
+        if self.merge_stats:
+            real = logits.double() * valid[:, None].double()
+            acc["router_logit_gram"][set_index] += real.T @ real
         p = log_p.exp() * valid[:, None]
         entropy = -(p * log_p.nan_to_num(neginf=0.0)).sum(-1)
         acc["router_entropy_sum"][set_index] += entropy.sum(dtype=torch.float64)
@@ -176,6 +196,11 @@ class LayerStats:
             acc["neuron_energy"][set_index] += energy.index_add_(0, expert, weighted.square()).double()
             rows = expert[:, None].expand_as(weighted)
             acc["neuron_max"][set_index].scatter_reduce_(0, rows, weighted.abs(), reduce="amax")
+
+    def add_all_expert_outputs(self, set_index: int, expert: int, outputs: torch.Tensor, valid: torch.Tensor) -> None:
+        """``outputs [T, H]``: expert ``expert`` run on every token of the batch (merge statistics)."""
+        acc = self._get(outputs.device)
+        acc["expert_output_sum"][set_index, expert] += (outputs.double() * valid[:, None].double()).sum(0)
 
     def all_reduce_(self, device: torch.device, group: object | None = None) -> None:
         """Combine this layer's accumulators across ``torch.distributed`` ranks (data-parallel profiling):
