@@ -420,26 +420,106 @@ def _print_pruned(result: Any) -> None:
 @app.command()
 def apply(
     model: Annotated[str, typer.Argument(help="Model directory or hub id.")],
-    plan: Annotated[Path, typer.Argument(help="A plan written by moekit prune --plan-only (or a moekit_plan.json, "
-                                         "or a keep-json file).")],
-    out_dir: Annotated[Path, typer.Option("--out", help="New directory for the pruned checkpoint.")],
+    plan: Annotated[Path, typer.Argument(help="A plan written by moekit prune --plan-only or moekit merge "
+                                         "--plan-only (or a moekit_plan.json, or a keep-json file).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="New directory for the edited checkpoint.")],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists (never the source).")]
     = False,
     dtype: Annotated[str, typer.Option(
         callback=_dtype_name, help="dtype to load and save in: auto (as stored), float32, ...")] = "auto",
 ) -> None:
-    """Apply a saved pruning plan to a model: the same plan gives the same checkpoint.
+    """Apply a saved pruning or merge plan to a model: the same plan gives the same checkpoint, byte for byte.
 
     Example: moekit apply ./model plan.json --out ./model-pruned
     """
     from moekit.outputs import check_output
-    from moekit.pipeline import prune_with_plan, read_plan
+    from moekit.pipeline import apply_plan, read_plan
 
     _quiet_transformers()
     check_output(out_dir, kind="checkpoint", overwrite=overwrite, sources=[model], inputs=[plan])
-    result = prune_with_plan(model, read_plan(plan), out_dir, overwrite=overwrite, dtype=dtype,
-                             reproduce=" ".join(["moekit", *sys.argv[1:]]))
+    result = apply_plan(model, read_plan(plan), out_dir, overwrite=overwrite, dtype=dtype,
+                        reproduce=" ".join(["moekit", *sys.argv[1:]]))
     _print_pruned(result)
+
+
+@app.command()
+def merge(
+    model: Annotated[str, typer.Argument(help="Model directory or hub id.")],
+    out_dir: Annotated[Path, typer.Option(
+        "--out", help="New directory for the merged checkpoint (with --plan-only: the plan JSON file).")],
+    profile: Annotated[Path | None, typer.Option(
+        "--profile", help="A profile of MODEL (moekit profile; m_smoe, hc_smoe and sub_moe need --merge-stats).")]
+    = None,
+    method: Annotated[str, typer.Option(
+        help="hc_smoe (cluster experts by mean output, average linkage; frequency-weighted average), m_smoe "
+        "(dominant experts by frequency, the others by router-logit similarity, neurons aligned by weight "
+        "matching), sub_moe (k-means on outputs, joint-SVD merge), dern (drop by router importance, move the "
+        "dropped experts' neurons into the most similar neurons of the kept ones).")] = "hc_smoe",
+    ratio: Annotated[float | None, typer.Option(
+        help="Fraction of experts removed from every MoE layer by merging, e.g. 0.5.")] = None,
+    keep: Annotated[int | None, typer.Option("--keep", help="Experts per MoE layer after merging.")] = None,
+    set_weights: Annotated[str | None, typer.Option(
+        "--set-weights", help="Weigh the profile's named sets, e.g. code=2,prose=1 (sets left out get 0).")] = None,
+    protect: Annotated[str | None, typer.Option(
+        help="Experts kept alone (nothing merged into them): LAYER:EXPERT pairs (3:17,5:2) or a file holding them.")]
+    = None,
+    no_protect_super: Annotated[bool, typer.Option(
+        "--no-protect-super", help="Allow merging super experts (kept alone by default).")] = False,
+    top_k: Annotated[int | None, typer.Option(
+        "--top-k", help="Also lower the experts each token is routed to.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of sub_moe's k-means seeding.")] = 0,
+    svd_rank: Annotated[int | None, typer.Option(
+        "--svd-rank", help="sub_moe: rebuild each merged projection at this rank from the cluster's shared singular "
+        "vectors (default: full rank, which equals the frequency-weighted average).")] = None,
+    threshold: Annotated[float, typer.Option(
+        "--threshold", help="dern: a dropped expert's neuron moves only if its cosine to the best-matching kept "
+        "neuron exceeds this, else it is discarded.")] = 0.6,
+    plan_only: Annotated[bool, typer.Option(
+        "--plan-only", help="Write the plan (JSON) to --out and stop; apply it later with moekit apply.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace OUT if it exists (never the source).")] = False,
+    allow_regroup: Annotated[bool, typer.Option(
+        "--allow-regroup", help="Group-limited routers (n_group > 1): allow merging across routing groups and "
+        "unequal counts per group.")] = False,
+    dtype: Annotated[str, typer.Option(
+        callback=_dtype_name, help="dtype to load and save in: auto (as stored), float32, bfloat16, ...")] = "auto",
+) -> None:
+    """Merge experts into fewer and write a standard checkpoint with fewer experts on disk.
+
+    Each MoE layer's experts are grouped by --method; each group becomes one expert (the weighted average of its
+    members, neurons aligned where the method aligns them) that keeps the router row of one member. The output
+    has --ratio fewer experts in config.json and in its tensors, so it is as small as a pruned checkpoint of the
+    same budget. The plan (moekit_plan.json) lists every group, the weights and each expert's reason.
+
+    \b
+    Examples:
+      moekit profile ./model --data code=./src --merge-stats --out prof
+      moekit merge ./model --profile prof --method hc_smoe --ratio 0.5 --out ./model-hc50
+      moekit merge ./model --profile prof --method m_smoe --keep 4 --plan-only --out plan.json
+    """
+    from moekit.outputs import check_output
+    from moekit.pipeline import RunOptions, apply_plan, make_plan, read_inputs, write_plan
+    from moekit.plan import PlanRequest, parse_protect
+
+    _quiet_transformers()
+    protect_file = Path(protect) if protect and Path(protect).is_file() else None
+    paths = [profile, protect_file]
+    check_output(out_dir, kind="file" if plan_only else "checkpoint", overwrite=overwrite, sources=[model],
+                 inputs=paths)
+    protect_text = _read_text_input(protect_file, "--protect file") if protect_file else protect
+    inputs = read_inputs(profile, run=RunOptions(dtype=dtype, say=_note))
+    extra = {"svd_rank": svd_rank} if method == "sub_moe" else {"threshold": threshold} if method == "dern" else {}
+    request = PlanRequest(method=method, ratio=ratio, keep=keep, protect_super=not no_protect_super,
+                          protect=parse_protect(protect_text), set_weights=inputs.set_weights(set_weights),
+                          seed=seed, top_k=top_k, allow_regroup=allow_regroup, extra=extra)
+    plan = make_plan(model, request, inputs, kind="merge")
+    if plan_only:
+        write_plan(plan, out_dir, overwrite=overwrite, sources=[model], inputs=paths)
+        _wrote(f"plan {out_dir}: merge {plan['num_experts']['before']} experts into {plan['num_experts']['after']} "
+               f"per layer ({method}); apply it with moekit apply {model} {out_dir} --out DIR")
+        return
+    _print_pruned(apply_plan(model, plan, out_dir, overwrite=overwrite, dtype=dtype,
+                             reproduce=" ".join(["moekit", *sys.argv[1:]])))
 
 
 class _DefaultCollectGroup(TyperGroup):

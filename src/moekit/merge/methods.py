@@ -296,10 +296,12 @@ def kmeans(points: torch.Tensor, k: int, seed: int, iterations: int = 100) -> li
     for _ in range(iterations):
         distance = torch.cdist(x, centre)
         new = distance.argmin(dim=1)
-        for c in range(k):  # refill an emptied cluster with the point farthest from its own centre
+        own = distance.gather(1, new[:, None]).squeeze(1).clone()
+        for c in range(k):  # refill an emptied cluster with the point farthest from its centre, of a cluster of 2+
             if not bool((new == c).any()):
-                far = int(distance.gather(1, new[:, None]).squeeze(1).argmax())
-                new[far] = c
+                movable = torch.bincount(new, minlength=k)[new] > 1
+                far = int(own.masked_fill(~movable, -torch.inf).argmax())
+                new[far], own[far] = c, -torch.inf
         if torch.equal(new, labels):
             break
         labels = new
