@@ -75,8 +75,14 @@ def neuron_method(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return calls
 
 
-def test_the_registry_holds_every_criterion_and_naee() -> None:
-    assert METHODS.names() == sorted([*CRITERIA.names(), "naee"])
+def test_the_registry_holds_every_criterion_naee_and_the_merging_methods() -> None:
+    merging = ["dern", "hc_smoe", "m_smoe", "sub_moe"]
+    assert METHODS.names() == sorted([*CRITERIA.names(), "naee", *merging])
+    for name in merging:
+        method = METHODS.get(name)
+        assert method.kind == "merge" and method.needs.profile and not method.needs.data
+    assert METHODS.get("m_smoe").needs.statistics == ("count", "router_logit_gram")
+    assert METHODS.get("hc_smoe").needs.statistics == ("count", "expert_output_sum")
     for name in CRITERIA:
         method = METHODS.get(name)
         assert method.kind == "prune" and method.needs.profile and not method.needs.data
