@@ -370,6 +370,10 @@ def test_bad_merge_requests_are_refused_before_anything_is_written(merge_profile
         make_plan(source, PlanRequest("m_smoe", ratio=0.5), read_inputs(merge_profile / "plain"), kind="merge")
     with pytest.raises(PlanError, match="pruning method"):
         make_plan(source, PlanRequest("reap", ratio=0.5), inputs, kind="merge")
+    with pytest.raises(PlanError, match="is a cosine"):
+        make_plan(source, PlanRequest("dern", ratio=0.5, extra={"threshold": 2.0}), inputs, kind="merge")
+    with pytest.raises(PlanError, match="positive integer"):
+        make_plan(source, PlanRequest("sub_moe", ratio=0.5, extra={"svd_rank": 0}), inputs, kind="merge")
     with pytest.raises(PlanError, match="merging method"):
         make_plan(source, PlanRequest("hc_smoe", ratio=0.5), inputs)  # moekit prune's kind
     plan = make_plan(source, PlanRequest("hc_smoe", ratio=0.5), inputs, kind="merge")

@@ -497,6 +497,7 @@ def merge(
       moekit merge ./model --profile prof --method hc_smoe --ratio 0.5 --out ./model-hc50
       moekit merge ./model --profile prof --method m_smoe --keep 4 --plan-only --out plan.json
     """
+    from moekit.edit import PlanError
     from moekit.outputs import check_output
     from moekit.pipeline import RunOptions, apply_plan, make_plan, read_inputs, write_plan
     from moekit.plan import PlanRequest, parse_protect
@@ -506,6 +507,9 @@ def merge(
     paths = [profile, protect_file]
     check_output(out_dir, kind="file" if plan_only else "checkpoint", overwrite=overwrite, sources=[model],
                  inputs=paths)
+    if profile is None:
+        raise PlanError("moekit merge groups experts by a profile of the model: give --profile PROFILE (moekit "
+                        "profile MODEL --data NAME=PATH --merge-stats --out PROFILE)")
     protect_text = _read_text_input(protect_file, "--protect file") if protect_file else protect
     inputs = read_inputs(profile, run=RunOptions(dtype=dtype, say=_note))
     extra = {"svd_rank": svd_rank} if method == "sub_moe" else {"threshold": threshold} if method == "dern" else {}

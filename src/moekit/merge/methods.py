@@ -407,7 +407,12 @@ def make_merge_plan(source: str | Path, view: MoEModelView, profile: Profile, re
     supers, protected = protections(view, profile, request)
     blocks = routing_groups(view, kept, request.allow_regroup)
     threshold = float(request.extra.get("threshold", DERN_THRESHOLD))
+    if not -1.0 <= threshold < 1.0:
+        raise PlanError(f"--threshold {threshold:g} is a cosine: give a value from -1 up to (not including) 1")
     svd_rank = request.extra.get("svd_rank")
+    if svd_rank is not None and (not isinstance(svd_rank, int) or svd_rank < 1):
+        raise PlanError(f"--svd-rank {svd_rank!r} must be a positive integer (the rank each merged projection is "
+                        "rebuilt at)")
     reconstruct = {"method": "joint_svd", "rank": int(svd_rank)} if svd_rank is not None else None
     groups: dict[int, list[Group]] = {}
     details: dict[int, list[dict[str, Any]]] = {}
