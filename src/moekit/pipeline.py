@@ -69,6 +69,9 @@ def make_plan(source: str | Path, request: PlanRequest, inputs: PlanInputs,
     method asked for (``prune``: moekit prune's, ``merge``: moekit merge's; None: any)."""
     if inputs.plan_file is not None:
         return given_plan(source, inputs.plan_file, request)
+    if kind is not None and request.method not in METHODS.names():  # list the methods of the kind asked for
+        valid = ", ".join(m for m in METHODS.names() if METHODS.get(m).kind == kind)
+        raise PlanError(f"unknown method {request.method!r}; valid: {valid}")
     method = METHODS.get(request.method)
     if kind is not None:
         check_kind(method, kind, f"moekit {kind}")
