@@ -23,7 +23,8 @@ from moekit.summary import ModelSummary, summarize
 
 __all__ = [
     "OutputDirError", "PlanError", "PruneResult", "parse_keep", "prune_experts", "prune_layer",
-    "prune_to_checkpoint", "read_keep_file", "set_top_k", "validate_keep", "validate_top_k",
+    "prune_to_checkpoint", "read_keep_file", "read_source_structure", "set_top_k", "validate_keep", "validate_top_k",
+    "write_streamed",
 ]
 
 
@@ -71,12 +72,7 @@ def prune_to_checkpoint(
     """
     check_dtype(dtype)
     out_path = check_output_dir(out, source, overwrite)
-    structure = MoEModelView.from_model(load_structure(source))
-    files = stream.safetensors_files(source)
-    tensors = stream.read_source(files, source) if files is not None else []
-    if files is not None and not structure.family_known:  # probe the routing on the stored routers
-        stream.load_router_tensors(structure, tensors)
-        structure = MoEModelView.from_model(structure.model)
+    structure, files, tensors = read_source_structure(source)
     kept = validate_keep(structure, keep, allow_regroup=allow_regroup)
     if not allow_no_removal:
         check_removes_experts(structure, kept)
@@ -92,18 +88,39 @@ def prune_to_checkpoint(
     _prune_view(structure, keep, allow_regroup, top_k)  # on the meta model: the edited config, the summary after
     after = summarize(structure)
     plan, card = _records(source, out_path, before, after, keep, method, details, reproduce, top_k, plan)
+    with writing_directory(out_path, "checkpoint") as tmp:
+        write_streamed(tmp, source, structure, files, tensors, outputs, dtype, plan, card)
+    return PruneResult(out_path, before, after, plan)
+
+
+def read_source_structure(source: str | Path) -> tuple[MoEModelView, list[Path] | None, list[stream.TensorInfo]]:
+    """The model's structure (the view over the meta model), its safetensors files (None for a hub id) and their
+    tensors, checked; for a family not in moekit's table, the routing is probed on the stored routers."""
+    structure = MoEModelView.from_model(load_structure(source))
+    files = stream.safetensors_files(source)
+    tensors = stream.read_source(files, source) if files is not None else []
+    if files is not None and not structure.family_known:  # probe the routing on the stored routers
+        stream.load_router_tensors(structure, tensors)
+        structure = MoEModelView.from_model(structure.model)
+    return structure, files, tensors
+
+
+def write_streamed(tmp: Path, source: str | Path, structure: MoEModelView, files: list[Path],
+                   tensors: list[stream.TensorInfo], outputs: list[Any], dtype: str, plan: dict[str, Any],
+                   card: str) -> None:
+    """The streaming editor's checkpoint in ``tmp``: the output tensors in shards sized like the source's, the
+    edited config (``structure``'s, already edited; the stored dtype unless ``dtype`` says otherwise), the
+    source's generation config and side files, the plan and the card. Pruning and merging both end here."""
     config = structure.model.config
     config.architectures = [type(structure.model).__name__]
     if dtype != "auto":
         config.dtype = dtype
     elif getattr(config, "dtype", None) is None:
         config.dtype = stream.stored_dtype(tensors)
-    with writing_directory(out_path, "checkpoint") as tmp:
-        write_sharded(tmp, outputs, stream.default_shard_size(files))
-        config.save_pretrained(tmp)
-        _save_generation_config(structure.model, Path(source), tmp)
-        finish_checkpoint(tmp, source, plan, card, config_aliases(structure))
-    return PruneResult(out_path, before, after, plan)
+    write_sharded(tmp, outputs, stream.default_shard_size(files))
+    config.save_pretrained(tmp)
+    _save_generation_config(structure.model, Path(source), tmp)
+    finish_checkpoint(tmp, source, plan, card, config_aliases(structure))
 
 
 def _prune_view(view: MoEModelView, keep: KeepMap, allow_regroup: bool, top_k: int | None) -> None:

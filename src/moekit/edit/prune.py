@@ -51,10 +51,15 @@ def prune_experts(view: MoEModelView, keep: KeepMap, allow_regroup: bool = False
     with torch.no_grad():
         for layer in view.layers:
             prune_layer(layer, keep[layer.index])
-    model = view.model
-    view.config_fields.set_expert_count(model.config, kept)
-    set_count_attributes(model, kept)  # e.g. MixtralForCausalLM.num_experts feeds the aux loss
+    set_expert_count(view, kept)
     return kept
+
+
+def set_expert_count(view: MoEModelView, count: int) -> None:
+    """The model-level expert count after its layers were edited: every alias in the config and every count
+    attribute of the model (e.g. MixtralForCausalLM.num_experts feeds the aux loss)."""
+    view.config_fields.set_expert_count(view.model.config, count)
+    set_count_attributes(view.model, count)
 
 
 def validate_top_k(view: MoEModelView, top_k: int, kept: int) -> None:

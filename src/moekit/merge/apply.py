@@ -28,20 +28,15 @@ import torch
 
 from moekit.arch.experts import write_expert_weights
 from moekit.arch.view import MoELayer, MoEModelView
-from moekit.edit import (
-    _prune_view,
-    _save_generation_config,
-    config_aliases,
-    stream,
-)
-from moekit.edit.checkpoint import check_output_dir, finish_checkpoint, write_checkpoint
+from moekit.edit import _prune_view, config_aliases, read_source_structure, stream, write_streamed
+from moekit.edit.checkpoint import check_output_dir, write_checkpoint
 from moekit.edit.keep import PlanError, check_removes_experts, validate_keep
-from moekit.edit.prune import prune_layer, validate_top_k
-from moekit.edit.safetensors_io import Piece, read_header, write_sharded
+from moekit.edit.prune import prune_layer, set_expert_count, validate_top_k
+from moekit.edit.safetensors_io import Piece, read_header
 from moekit.merge.card import render_merge_card
 from moekit.merge.combine import merge_group
 from moekit.merge.groups import GroupMap, check_groups, check_neuron_maps, keep_of
-from moekit.model_io import check_dtype, describe_source, load_model, load_structure
+from moekit.model_io import check_dtype, describe_source, load_model
 from moekit.needs import check_disk_room
 from moekit.outputs import writing_directory
 from moekit.summary import ModelSummary, summarize
@@ -93,10 +88,7 @@ def merge_model(view: MoEModelView, groups: GroupMap, allow_regroup: bool = Fals
         for layer in view.layers:
             merge_layer(layer, groups[layer.index])
     kept = len(groups[view.layers[0].index])
-    view.config_fields.set_expert_count(view.model.config, kept)
-    from moekit.arch.experts import set_count_attributes
-
-    set_count_attributes(view.model, kept)
+    set_expert_count(view, kept)
     return kept
 
 
@@ -109,12 +101,7 @@ def merge_to_checkpoint(source: str | Path, groups: GroupMap, plan: dict[str, An
     routing groups, neuron maps), the stored weights. Written atomically; nothing is left on failure."""
     check_dtype(dtype)
     out_path = check_output_dir(out, source, overwrite)
-    structure = MoEModelView.from_model(load_structure(source))
-    files = stream.safetensors_files(source)
-    tensors = stream.read_source(files, source) if files is not None else []
-    if files is not None and not structure.family_known:
-        stream.load_router_tensors(structure, tensors)
-        structure = MoEModelView.from_model(structure.model)
+    structure, files, tensors = read_source_structure(source)
     check_mergeable(structure, groups, allow_regroup)
     keep = keep_of(groups)
     kept = len(keep[structure.layers[0].index])
@@ -127,34 +114,29 @@ def merge_to_checkpoint(source: str | Path, groups: GroupMap, plan: dict[str, An
 
     outputs = stream.plan_tensors(structure, keep, tensors, source)
     merging = [layer.index for layer in structure.layers if not all(g.is_copy for g in groups[layer.index])]
-    scratch_bytes = sum(t.nbytes for t in outputs if _in_experts(t.name, structure, merging))
-    check_disk_room(out_path, sum(t.nbytes for t in outputs) + scratch_bytes)
+    check_disk_room(out_path, sum(t.nbytes for t in outputs) + _expert_bytes(structure, outputs, merging))
     before = summarize(structure)
     _prune_view(structure, keep, allow_regroup, top_k)
     after = summarize(structure)
     card = render_merge_card(out_path.name, describe_source(source), before, after, plan, reproduce, base=out_path)
-    config = structure.model.config
-    config.architectures = [type(structure.model).__name__]
-    if dtype != "auto":
-        config.dtype = dtype
-    elif getattr(config, "dtype", None) is None:
-        config.dtype = stream.stored_dtype(tensors)
     with writing_directory(out_path, "checkpoint") as tmp:
         scratch = tmp / SCRATCH
         scratch.mkdir()
         _stream_merged_experts(source, groups, merging, outputs, scratch)
-        write_sharded(tmp, outputs, stream.default_shard_size(files))
+        write_streamed(tmp, source, structure, files, tensors, outputs, dtype, plan, card)
         for file in scratch.iterdir():
             file.unlink()
         scratch.rmdir()
-        config.save_pretrained(tmp)
-        _save_generation_config(structure.model, Path(source), tmp)
-        finish_checkpoint(tmp, source, plan, card, config_aliases(structure))
     return MergeResult(out_path, before, after, plan)
 
 
-def _in_experts(name: str, view: MoEModelView, layers: list[int]) -> bool:
-    return any(f".{layer}." in name and ".experts" in name for layer in layers)
+def _expert_bytes(view: MoEModelView, outputs: list[Any], layers: list[int]) -> int:
+    """Bytes of the output expert tensors of ``layers`` (the scratch file holds them once more while it exists),
+    told by the streaming editor's own roles of the stored names."""
+    names = stream.NameMap(view)
+    roles = (names.role(t.name) for t in outputs)
+    return sum(t.nbytes for t, role in zip(outputs, roles, strict=True)
+               if role.kind in ("expert", "stacked") and role.layer is not None and role.layer.index in layers)
 
 
 def _stream_merged_experts(source: str | Path, groups: GroupMap, merging: list[int], outputs: list[Any],
