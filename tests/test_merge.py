@@ -416,3 +416,15 @@ def test_group_limited_routing_merges_only_within_a_routing_group(tiny_checkpoin
     with pytest.raises(PlanError, match="routing group"):
         merge_to_checkpoint(source, groups, plan, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_expert_never_routed_to_is_left_out_of_its_cluster_and_says_why(merge_profile) -> None:
+    profile = Profile.load(merge_profile / "profile")
+    for stats in profile.layers.values():
+        stats["count"][0, 7] = 0.0
+    plan = make_plan(merge_profile / "model", PlanRequest("hc_smoe", keep=2, protect_super=False),
+                     PlanInputs(profile=profile), kind="merge")
+    for entry in plan["layers"].values():
+        assert all(m["expert"] != 7 for g in entry["groups"] for m in g["members"])
+        record = entry["experts"][7]
+        assert record["decision"] == "drop" and "never routed to" in record["reason"], record

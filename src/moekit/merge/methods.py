@@ -123,20 +123,15 @@ def layer_budget(view: MoEModelView, kept: int, groups: int, protected: dict[int
     return Budget(blocks, quotas, protected)
 
 
-def _frequency_groups(clusters: list[list[int]], frequency: torch.Tensor) -> list[tuple[int, list[int], list[float]]]:
-    """(router expert, members, weights) per cluster: the most frequent member routes; weights by frequency, members
-    of frequency 0 left out (uniform weights if no member was routed to)."""
-    out = []
-    for members in clusters:
-        freq = [float(frequency[e]) for e in members]
-        router = max(members, key=lambda e: (float(frequency[e]), -e))
-        total = sum(freq)
-        if total <= 0:
-            out.append((router, sorted(members), [1.0 / len(members)] * len(members)))
-            continue
-        used = [(e, f) for e, f in zip(members, freq, strict=True) if f > 0]
-        out.append((router, [e for e, _ in used], [f / total for _, f in used]))
-    return out
+def _frequency_group(members: list[int], frequency: torch.Tensor) -> tuple[int, list[int], list[float]]:
+    """(router expert, members kept in the average, their weights) of one cluster: the most frequent member routes;
+    weights by frequency, members of frequency 0 left out (all of them, uniformly weighted, if none was routed to)."""
+    router = max(members, key=lambda e: (float(frequency[e]), -e))
+    total = sum(float(frequency[e]) for e in members)
+    if total <= 0:
+        return router, sorted(members), [1.0 / len(members)] * len(members)
+    used = [e for e in members if float(frequency[e]) > 0]
+    return router, used, [float(frequency[e]) / total for e in used]
 
 
 def _normalised(weights: list[float]) -> list[float]:
@@ -236,19 +231,17 @@ def _clustered(layer: MoELayer, frequency: torch.Tensor, budget: Budget, cluster
     for candidates, quota in zip(budget.blocks, budget.quotas, strict=True):
         if quota == 0:
             continue
-        for router, members, shares in _frequency_groups(cluster(candidates, quota), frequency):
-            everyone = sorted(set(members) | {router})
-            for expert in everyone:
+        for cluster_members in cluster(candidates, quota):
+            router, members, shares = _frequency_group(cluster_members, frequency)
+            for expert in cluster_members:
                 if expert not in members:
                     plan.reasons[expert] = "dropped: never routed to on the calibration data (frequency weight 0)"
-            if router not in members:  # the whole cluster unrouted: uniform weights (router among them)
-                members, shares = everyone, [1.0 / len(everyone)] * len(everyone)
             group_members = [Member(e, w) for e, w in zip(members, shares, strict=True)]
             plan.add(router, group_members,
-                     f"output expert {{self}}: the most frequent of its cluster of {len(members)}, keeps its router "
-                     f"row; {describe(router, members)}",
-                     lambda m, r=router, ms=members: f"merged into output expert {{into}} (router expert {r}) with "
-                                                     f"weight {m.weight:.2f}: {describe(m.expert, ms)}")
+                     f"output expert {{self}}: the most frequent of its cluster of {len(cluster_members)}, keeps its "
+                     f"router row; {describe(router, cluster_members)}",
+                     lambda m, r=router, ms=cluster_members: f"merged into output expert {{into}} (router expert {r}) "
+                                                             f"with weight {m.weight:.2f}: {describe(m.expert, ms)}")
         if reconstruct is not None:
             plan.groups = [Group(g.router, g.members, reconstruct if len(g.members) > 1 else None)
                            for g in plan.groups]
@@ -348,15 +341,14 @@ def _dern(layer: MoELayer, stats: dict[str, torch.Tensor], budget: Budget, weigh
             if float(value[n]) > threshold:
                 k, m = targets[int(where[n]) // size], int(where[n]) % size
                 sent[k].setdefault(d, [-1] * size)[n] = m
+    rank = {e: r + 1 for r, e in enumerate(sorted(range(layer.num_experts), key=lambda j: (-float(importance[j]), j)))}
     for k in chosen:
         members = [Member(k, float(importance[k]) or 1e-12)]
         for d, neurons in sorted(sent[k].items()):
             members.append(Member(d, float(importance[d]) or 1e-12, tuple(neurons)))
-        moved = {d: sum(1 for n in neurons if n >= 0) for d, neurons in sent[k].items()}
-        plan.add(k, members, f"kept (importance rank {{self_rank}}): output expert {{self}}; receives "
-                 f"{sum(moved.values())} neurons of {len(moved)} dropped experts".replace("{self_rank}", str(
-                     sorted(range(layer.num_experts), key=lambda j: (-float(importance[j]), j)).index(k) + 1)),
-                 lambda m: "")
+        moved = sum(1 for neurons in sent[k].values() for n in neurons if n >= 0)
+        plan.add(k, members, f"kept (importance rank {rank[k]}): output expert {{self}}; receives {moved} neurons "
+                 f"of {len(sent[k])} dropped experts", lambda m: "")
     for d in dropped:
         homes = {k: sum(1 for n in sent[k][d] if n >= 0) for k in chosen if d in sent[k]}
         total = sum(homes.values())
