@@ -42,13 +42,19 @@ def prune_plan_record(source: str, before: ModelSummary, keep: dict[int, list[in
                                     "removed": [e for e in range(layer.num_experts) if e not in set(kept)]}
         if layer_details and layer.layer in layer_details:
             layers[str(layer.layer)]["experts"] = layer_details[layer.layer]
+    return plan_envelope(PLAN_FORMAT, source, before, len(next(iter(keep.values()))), method, details, top_k, layers)
+
+
+def plan_envelope(fmt: str, source: str, before: ModelSummary, kept: int, method: str,
+                  details: dict[str, Any] | None, top_k: int | None, layers: dict[str, Any]) -> dict[str, Any]:
+    """Everything of a plan record but its layers, the same for pruning and merge plans (no timestamps)."""
     return {
-        "format": PLAN_FORMAT,
+        "format": fmt,
         "method": method,
         "details": details or {},
         "source": {"model": source, "model_type": before.model_type, "architecture": before.architecture,
                    "total_parameters": before.total_parameters},
-        "num_experts": {"before": before.num_experts, "after": len(next(iter(keep.values())))},
+        "num_experts": {"before": before.num_experts, "after": kept},
         "top_k": {"before": before.top_k, "after": top_k if top_k is not None else before.top_k},
         "layers": layers,
         "moekit_version": moekit.__version__,

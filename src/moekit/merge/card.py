@@ -6,8 +6,7 @@ import datetime as _dt
 from pathlib import Path
 from typing import Any
 
-import moekit
-from moekit.edit.card import NOT_MEASURED, QUALITY_HEADING, _details_text, _param_rows, _top_k_text
+from moekit.edit.card import NOT_MEASURED, QUALITY_HEADING, _details_text, _param_rows, _top_k_text, plan_envelope
 from moekit.environment import versions
 from moekit.merge.groups import MERGE_PLAN_FORMAT, GroupMap
 from moekit.outputs import shown_path
@@ -29,17 +28,8 @@ def merge_plan_record(source: str, before: ModelSummary, groups: GroupMap, metho
         if layer_details and layer.layer in layer_details:
             entry["experts"] = layer_details[layer.layer]
         layers[str(layer.layer)] = entry
-    return {
-        "format": MERGE_PLAN_FORMAT,
-        "method": method,
-        "details": details or {},
-        "source": {"model": source, "model_type": before.model_type, "architecture": before.architecture,
-                   "total_parameters": before.total_parameters},
-        "num_experts": {"before": before.num_experts, "after": len(next(iter(groups.values())))},
-        "top_k": {"before": before.top_k, "after": top_k if top_k is not None else before.top_k},
-        "layers": layers,
-        "moekit_version": moekit.__version__,
-    }
+    kept = len(next(iter(groups.values())))
+    return plan_envelope(MERGE_PLAN_FORMAT, source, before, kept, method, details, top_k, layers)
 
 
 def _group_text(entry: dict[str, Any]) -> str:
