@@ -17,7 +17,7 @@
 # compare: three calibration seeds, 25/50/75%, every criterion (one process per testbed) and NAEE (one process per
 # testbed and seed; with cached expert outputs also on qwen3-128x8, where block forwards were ~50k per layer).
 set -euo pipefail
-stage=${1:?usage: balanced_testbeds.sh train|compare|solo NAME COEFS}
+stage=${1:?usage: balanced_testbeds.sh train|compare|solo NAME COEFS|merge NAME:COEF ...}
 corpus=${CORPUS:-benchmarks/corpus/out}  # CORPUS: a subset (benchmarks/corpus/subset.py) to fit the 64 MiB transfer
 minutes=${MINUTES:-6.5}
 out=${OUT:?set OUT (the device tool does)}
@@ -81,6 +81,45 @@ if [ "$stage" = solo ]; then
   python benchmarks/compare_methods.py --combine $parts --out "$out" > /dev/null || true
   tar czf "$out/$name-logs.tar.gz" testbeds/chosen-"$name".txt testbeds/train-"$name"-*.log \
     testbeds/compare-"$name"-solo-*.log
+  exit 0
+fi
+
+if [ "$stage" = merge ]; then
+  # bash benchmarks/balanced_testbeds.sh merge NAME:COEF [NAME:COEF ...]: merging against pruning at the same size.
+  # Each testbed is trained alone (MINUTES per run, default 2, as the records in results/testbeds) at its recorded
+  # balancing coefficient, one after the other; then, side by side, compare_methods on each: one process for the
+  # pruning criteria (PRUNE_METHODS, default: easy_ep reap frequency random) and one per merging method, at
+  # RATIOS (default 0.25 0.5), seeds 0 1 2, no domain-targeted rows, each at most COMPARE_SECONDS (default 300;
+  # a stopped run keeps what it measured); the runs combined per testbed into $OUT/compare_methods-NAME-merging.*
+  shift
+  [ $# -gt 0 ] || { echo "usage: balanced_testbeds.sh merge NAME:COEF [NAME:COEF ...]" >&2; exit 2; }
+  for spec in "$@"; do
+    name=${spec%%:*}; coef=${spec#*:}
+    # shellcheck disable=SC2086
+    python benchmarks/train_moe.py --corpus $corpus --testbed "$name" --minutes "${MINUTES:-2}" --aux-coef "$coef" \
+      --out testbeds/merge ${TRAIN_ARGS:-} > "testbeds/train-$name-merge.log" 2>&1
+    cp "testbeds/merge/$name/training.json" "$out/$name-merging-training.json"
+  done
+  mkdir -p testbeds/results-merge
+  pids=()
+  for spec in "$@"; do
+    name=${spec%%:*}
+    for methods in "${PRUNE_METHODS:-easy_ep reap frequency random}" m_smoe hc_smoe sub_moe dern; do
+      tag=$(echo "$methods" | cut -d' ' -f1)
+      # shellcheck disable=SC2086
+      timeout "${COMPARE_SECONDS:-300}" python benchmarks/compare_methods.py --testbed "testbeds/merge/$name" \
+        --corpus $corpus --methods $methods --ratios ${RATIOS:-0.25 0.5} --no-targeted ${COMPARE_ARGS:-} \
+        --out testbeds/results-merge --tag "$tag" > "testbeds/compare-$name-merge-$tag.log" 2>&1 & pids+=($!)
+    done
+  done
+  for p in "${pids[@]}"; do wait "$p" || true; done
+  for spec in "$@"; do
+    name=${spec%%:*}
+    parts=$(ls testbeds/results-merge/compare_methods-"$name"-*.json)
+    # shellcheck disable=SC2086
+    python benchmarks/compare_methods.py --combine $parts --tag merging --out "$out" > /dev/null || true
+  done
+  tar czf "$out/merging-logs.tar.gz" testbeds/train-*-merge.log testbeds/compare-*-merge-*.log
   exit 0
 fi
 

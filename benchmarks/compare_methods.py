@@ -12,7 +12,12 @@ For each testbed (a checkpoint written by ``benchmarks/train_moe.py``):
    (``--set-weights DOMAIN=1``), measured on that domain;
 4. per-domain held-out perplexity of every pruned model (the same tokens for all), reported as the
    retention original_ppl / pruned_ppl (1 = no loss), plus the time to plan and prune;
-5. with ``--tasks`` (e.g. ``arc_easy arc_challenge piqa hellaswag winogrande lambada_openai``), task
+5. with merging methods among ``--methods`` (``m_smoe``, ``hc_smoe``, ``sub_moe``, ``dern``; or ``--methods all-merge``
+   for the four), the profile also records the merge statistics (``--merge-stats``) and each merging method's plan is
+   made (``moekit.merge.make_merge_plan``, reading the testbed's weights layer by layer) and applied to a copy of the
+   model (``moekit.merge.merge_model``): the same number of experts per layer as the pruned rows of that ratio, so
+   the same bytes; general rows only (no domain-targeted rows for merging);
+6. with ``--tasks`` (e.g. ``arc_easy arc_challenge piqa hellaswag winogrande lambada_openai``), task
    accuracy (``moekit.eval.evaluate``, first ``--task-limit`` items per task, default 500) of the original
    model and of every general row's pruned model (not the domain-targeted rows: too many); the tokenizer
    is loaded from ``--tokenizer`` (default: the testbed directory). Without ``--tasks`` nothing is evaluated.
@@ -53,8 +58,11 @@ from moekit.arch import MoEModelView  # noqa: E402
 from moekit.data import CalibrationSet  # noqa: E402
 from moekit.edit.prune import prune_experts  # noqa: E402
 from moekit.eval import evaluate  # noqa: E402
+from moekit.merge import merge_model  # noqa: E402
+from moekit.merge.methods import MERGE_METHODS, make_merge_plan  # noqa: E402
 from moekit.model_io import load_model  # noqa: E402
 from moekit.plan import PlanRequest, make_prune_plan, plan_keep_map  # noqa: E402
+from moekit.plan.check import plan_groups  # noqa: E402
 from moekit.plan.naee import make_naee_plan  # noqa: E402
 from moekit.profile import collect_profile  # noqa: E402
 from moekit.score import CRITERIA  # noqa: E402
@@ -89,8 +97,13 @@ def main_metric(scores: dict[str, Any], task: str) -> float | None:
 
 
 def pruned_copy(model: Any, plan: dict[str, Any]) -> Any:
+    """A copy of ``model`` with ``plan`` applied: merged by its groups (a merge plan) or pruned to its kept lists."""
     clone = copy.deepcopy(model)
-    prune_experts(MoEModelView.from_model(clone), plan_keep_map(plan))
+    groups = plan_groups(plan)
+    if groups is not None:
+        merge_model(MoEModelView.from_model(clone), groups)
+    else:
+        prune_experts(MoEModelView.from_model(clone), plan_keep_map(plan))
     return clone
 
 
@@ -133,8 +146,16 @@ def compare(testbed: Path, corpus: Path, seq_len: int, calibration_tokens: int, 
     original = perplexities(model, heldout, seq_len)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_path or testbed)) if tasks else None
     original_tasks = task_scores(model, tokenizer, tasks, task_limit) if tasks else None
-    methods = [m for m in [*CRITERIA.names()] + (["naee"] if naee else []) if only is None or m in only]
-    criteria = [m for m in methods if m != "naee"]
+    if only is not None and "all-merge" in only:
+        only = [m for m in only if m != "all-merge"] + list(MERGE_METHODS)
+    known = [*CRITERIA.names(), "naee", *MERGE_METHODS]
+    unknown = [m for m in only or () if m not in known]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; valid: {', '.join(known)} (or all-merge)")
+    default = [*CRITERIA.names()] + (["naee"] if naee else [])
+    methods = [m for m in known if m in only] if only is not None else default
+    criteria = [m for m in methods if m in CRITERIA.names()]
+    merge_stats = any(m in MERGE_METHODS for m in methods)
     rows: list[dict[str, Any]] = []
     profile_seconds: list[float] = []
 
@@ -150,7 +171,8 @@ def compare(testbed: Path, corpus: Path, seq_len: int, calibration_tokens: int, 
         return {
             "testbed": testbed.name, "num_experts": view.num_experts, "top_k": view.top_k,
             "model_type": view.model_type, "domains": domains, "original_perplexity": original,
-            "profile_seconds": profile_seconds, "calibration_tokens_per_domain": calibration_tokens,
+            "profile_seconds": profile_seconds, "profile_merge_stats": merge_stats,
+            "calibration_tokens_per_domain": calibration_tokens,
             # what was measured (all of it once complete; a stopped run lists the seeds and ratios it reached)
             "calibration_seeds": list(seeds) if complete else sorted({r["seed"] for r in general_rows}),
             "ratios": list(ratios) if complete else sorted({r["ratio"] for r in general_rows}),
@@ -167,7 +189,7 @@ def compare(testbed: Path, corpus: Path, seq_len: int, calibration_tokens: int, 
     for seed in seeds:
         sets = calibration_sets(corpus, domains, seq_len, calibration_tokens, seed)
         start = time.perf_counter()
-        profile = collect_profile(model, sets, batch_size=16, progress=False)
+        profile = collect_profile(model, sets, batch_size=16, progress=False, merge_stats=merge_stats)
         profile_seconds.append(time.perf_counter() - start)
         for ratio in ratios:
             for method in methods:
@@ -175,10 +197,13 @@ def compare(testbed: Path, corpus: Path, seq_len: int, calibration_tokens: int, 
                 request = PlanRequest(method, ratio=ratio, seed=seed)
                 if method == "naee":
                     plan = make_naee_plan(model, sets, request, search="beam", max_tokens=naee_tokens, progress=False)
+                elif method in MERGE_METHODS:
+                    plan = make_merge_plan(testbed, view, profile, request)
                 else:
                     plan = make_prune_plan(view, profile, request)
                 seconds = time.perf_counter() - start
                 rows.append({"kind": "general", "method": method, "ratio": ratio, "seed": seed, "plan_seconds": seconds,
+                             "edit": "merge" if method in MERGE_METHODS else "prune",
                              **evaluate_plan(model, plan, heldout, seq_len, original, tokenizer, tasks, task_limit)})
                 print(f"{testbed.name} seed {seed} general {method} {ratio}: "
                       f"mean retention {rows[-1]['mean_retention']:.3f}", flush=True)
@@ -215,6 +240,7 @@ def combine(parts: list[dict[str, Any]]) -> dict[str, Any]:
     combined["ratios"] = sorted({r for part in parts for r in part["ratios"]})
     combined["naee"] = next((part["naee"] for part in parts if part.get("naee")), None)
     combined["profile_seconds"] = [x for part in parts for x in part["profile_seconds"]]
+    combined["profile_merge_stats"] = any(part.get("profile_merge_stats", False) for part in parts)
     combined["targeted"] = any(part.get("targeted", True) for part in parts)
     combined["complete"] = all(part.get("complete", True) for part in parts)
     return combined
@@ -251,7 +277,9 @@ def markdown(result: dict[str, Any]) -> str:
     seeds = result.get("calibration_seeds", [0])
     record = result.get("testbed_record") or {}
     balancing = (record.get("recipe") or {}).get("balancing", "not recorded")
-    lines = [f"# Pruning methods on `{result['testbed']}` ({result['model_type']}, {result['num_experts']} experts, "
+    merged = sorted({r["method"] for r in result["rows"] if r.get("edit") == "merge"})
+    what = "Pruning and merging methods" if merged else "Pruning methods"
+    lines = [f"# {what} on `{result['testbed']}` ({result['model_type']}, {result['num_experts']} experts, "
              f"top-{result['top_k']})", "",
              f"Testbed balancing: {balancing}; balance bar (per layer MaxVio <= 0.5, no expert below a quarter of "
              f"the mean load) met: {record.get('balance_bar_met', 'not recorded')}.", "",
@@ -259,6 +287,11 @@ def markdown(result: dict[str, Any]) -> str:
              f"tokens per domain (1.000 = no loss). Calibration: {result['calibration_tokens_per_domain']:,} tokens "
              f"per domain (windows drawn by the calibration seed), all domains weighted equally, seeds "
              f"{', '.join(map(str, seeds))}. Super experts protected (moekit's default). Device {result['device']}."]
+    if merged:
+        lines += ["", f"Merging methods ({', '.join(merged)}): each layer merged into as many experts as the pruned "
+                      "rows of the same ratio keep (the same bytes on disk); their profiles also collected the "
+                      "merge statistics (`--merge-stats`, in their profile seconds); what the pruning criteria read is "
+                      "the same with or without them."]
     if not result.get("complete", True):
         lines += ["", "**Incomplete**: the run was stopped (a time limit) before it measured every method, seed and "
                       "ratio it was asked for; the tables hold what it reached."]
@@ -266,7 +299,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", f"NAEE: beam search (width {result['naee']['beam_width']}) on the block reconstruction loss, "
                       f"{result['naee']['max_tokens']:,} calibration tokens split equally over the domains."]
     lines += ["", "Original perplexity: " + ", ".join(f"{d} {p:.2f}" for d, p in result["original_perplexity"].items()),
-              "", "## General pruning", "",
+              "", "## General pruning" + (" and merging" if merged else ""), "",
               f"mean = mean retention over domains, averaged over the {len(seeds)} calibration seeds; min-max = its "
               "range over the seeds; the domain columns are seed means.", "",
               "| ratio | method | mean | min-max | " + " | ".join(domains) + " | plan s |",
@@ -359,7 +392,8 @@ def main() -> None:
     parser.add_argument("--naee-tokens", type=int, default=8192, help="NAEE calibration tokens, split over domains")
     parser.add_argument("--methods", nargs="+", default=None,
                         help="only these methods (criteria names and/or naee); default: all")
-    parser.add_argument("--tag", default="", help="output files compare_methods-TESTBED-TAG.* (runs to combine later)")
+    parser.add_argument("--tag", default="", help="output files compare_methods-TESTBED-TAG.* (runs to combine later; "
+                        "with --combine: the combined result's)")
     parser.add_argument("--combine", type=Path, nargs="+", default=None,
                         help="combine result JSONs of one testbed (other methods or seeds) into one result and exit")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
@@ -367,8 +401,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.combine:
         result = combine([json.loads(path.read_text()) for path in args.combine])
-        (args.out / f"compare_methods-{result['testbed']}.json").write_text(json.dumps(result, indent=1) + "\n")
-        (args.out / f"compare_methods-{result['testbed']}.md").write_text(markdown(result))
+        name = f"compare_methods-{result['testbed']}" + (f"-{args.tag}" if args.tag else "")
+        (args.out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+        (args.out / f"{name}.md").write_text(markdown(result))
         print(markdown(result))
         return
     for testbed in args.testbed or ():

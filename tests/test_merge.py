@@ -218,6 +218,17 @@ def merge_profile(tmp_path_factory):
     return root
 
 
+def test_merge_statistics_leave_every_other_statistic_unchanged(merge_profile) -> None:
+    """Pruning criteria read the same statistics from a profile with --merge-stats as from one without."""
+    with_merge, plain = Profile.load(merge_profile / "profile"), Profile.load(merge_profile / "plain")
+    extra = {"router_logit_gram", "expert_output_sum"}
+    assert with_merge.layers.keys() == plain.layers.keys()
+    for layer, stats in plain.layers.items():
+        assert set(with_merge.layers[layer]) == set(stats) | extra
+        for name, tensor in stats.items():
+            assert torch.equal(with_merge.layers[layer][name], tensor), (layer, name)
+
+
 def test_merge_statistics_equal_a_direct_computation(merge_profile) -> None:
     model = AutoModelForCausalLM.from_pretrained(merge_profile / "model").eval()
     view = MoEModelView.from_model(model)

@@ -474,6 +474,9 @@ def merge(
     threshold: Annotated[float, typer.Option(
         "--threshold", help="dern: a dropped expert's neuron moves only if its cosine to the best-matching kept "
         "neuron exceeds this, else it is discarded.")] = 0.6,
+    device: Annotated[str, typer.Option(
+        help="dern: where its neuron cosines are computed (every dropped neuron against every kept one; ~20 TFLOP "
+        "per Qwen3-30B-A3B layer at 50%): cpu, cuda, cuda:N or auto (the first GPU).")] = "cpu",
     plan_only: Annotated[bool, typer.Option(
         "--plan-only", help="Write the plan (JSON) to --out and stop; apply it later with moekit apply.")] = False,
     overwrite: Annotated[bool, typer.Option(
@@ -511,7 +514,10 @@ def merge(
         raise PlanError("moekit merge groups experts by a profile of the model: give --profile PROFILE (moekit "
                         "profile MODEL --data NAME=PATH --merge-stats --out PROFILE)")
     protect_text = _read_text_input(protect_file, "--protect file") if protect_file else protect
-    inputs = read_inputs(profile, run=RunOptions(dtype=dtype, say=_note))
+    from moekit.model_io import check_device
+
+    check_device(device)
+    inputs = read_inputs(profile, run=RunOptions(device=device, dtype=dtype, say=_note))
     extra = {"svd_rank": svd_rank} if method == "sub_moe" else {"threshold": threshold} if method == "dern" else {}
     request = PlanRequest(method=method, ratio=ratio, keep=keep, protect_super=not no_protect_super,
                           protect=parse_protect(protect_text), set_weights=inputs.set_weights(set_weights),

@@ -57,19 +57,20 @@ def merge_group(weights: Sequence[ExpertWeights], group: Group) -> ExpertWeights
     """The one expert ``group`` makes of its members' weights (``weights[i]`` is member i's), in the members' dtype."""
     first = weights[0]
     size = first.up.shape[0]
-    dtype = first.up.dtype
+    dtype, device = first.up.dtype, first.up.device
     gate = torch.zeros_like(first.gate, dtype=torch.float64) if first.gate is not None else None
     up = torch.zeros_like(first.up, dtype=torch.float64)
     down = torch.zeros_like(first.down, dtype=torch.float64)
-    gate_bias = torch.zeros(size, dtype=torch.float64) if first.gate_bias is not None else None
-    up_bias = torch.zeros(size, dtype=torch.float64) if first.up_bias is not None else None
+    gate_bias = torch.zeros(size, dtype=torch.float64, device=device) if first.gate_bias is not None else None
+    up_bias = torch.zeros(size, dtype=torch.float64, device=device) if first.up_bias is not None else None
     down_bias = torch.zeros_like(first.down_bias, dtype=torch.float64) if first.down_bias is not None else None
-    total = torch.zeros(size, dtype=torch.float64)
+    total = torch.zeros(size, dtype=torch.float64, device=device)
     for member, w in zip(group.members, weights, strict=True):
-        neurons = torch.tensor(member.neurons if member.neurons is not None else range(size), dtype=torch.long)
+        neurons = torch.tensor(member.neurons if member.neurons is not None else range(size), dtype=torch.long,
+                               device=device)
         used = neurons >= 0
-        source, target = torch.arange(size)[used], neurons[used]
-        share = torch.full((len(target),), member.weight, dtype=torch.float64)
+        source, target = torch.arange(size, device=device)[used], neurons[used]
+        share = torch.full((len(target),), member.weight, dtype=torch.float64, device=device)
         total.index_add_(0, target, share)
         up.index_add_(0, target, member.weight * _f64(w.up)[source])
         down.index_add_(1, target, member.weight * _f64(w.down)[:, source])
@@ -104,11 +105,12 @@ def _aligned(w: ExpertWeights, member, size: int) -> ExpertWeights:
     """A member's weights with its neurons moved to their output positions (a permutation map; identity without)."""
     if member.neurons is None:
         return ExpertWeights(_f64(w.gate), _f64(w.up), _f64(w.down))
-    order = torch.empty(size, dtype=torch.long)
-    neurons = torch.tensor(member.neurons, dtype=torch.long)
+    device = w.up.device
+    order = torch.empty(size, dtype=torch.long, device=device)
+    neurons = torch.tensor(member.neurons, dtype=torch.long, device=device)
     if sorted(member.neurons) != list(range(size)):
         raise ValueError("joint_svd reconstruction needs permutation neuron maps (or none)")
-    order[neurons] = torch.arange(size)
+    order[neurons] = torch.arange(size, device=device)
     gate = _f64(w.gate)[order] if w.gate is not None else None
     return ExpertWeights(gate, _f64(w.up)[order], _f64(w.down)[:, order])
 

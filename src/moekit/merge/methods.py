@@ -41,7 +41,7 @@ Methods (formulas and sources: ``shared/design/METHODS.md``):
 - ``dern`` (Zhou et al. 2025): experts dropped by router statistics (importance = mean over tokens of
   1[j in top-k] g_{t,j}, the profile's ``gate_sum``; the most important kept); each dropped expert is split
   into neuron segments (gate row, up row, down column); a segment goes to the kept expert holding the neuron
-  most similar to it (cosine of the [up row; down column] features) if that cosine exceeds ``threshold``
+  most similar to it (cosine of the [up row; down column] features, in float32) if that cosine exceeds ``threshold``
   (default 0.6), else it is discarded; there it is averaged into that neuron, weighted by its source expert's
   importance, so the kept expert keeps the stock width. DERN's method section could not be read here (only
   its abstract and secondary summaries): its width restoration is an iterated weighted spherical k-means over
@@ -311,7 +311,7 @@ def _kmeans(points: torch.Tensor, seed: int) -> Callable[[list[int], int], list[
 
 
 def _dern(layer: MoELayer, stats: dict[str, torch.Tensor], budget: Budget, weights: WeightsOf,
-          threshold: float) -> LayerPlan:
+          threshold: float, device: str = "cpu") -> LayerPlan:
     importance = stats["gate_sum"]
     plan = LayerPlan(layer.num_experts, [float(s) for s in importance])
     _protect(plan, budget.protected)
@@ -328,14 +328,17 @@ def _dern(layer: MoELayer, stats: dict[str, torch.Tensor], budget: Budget, weigh
     block = layer.num_experts // spec.n_group if spec.group_limited else layer.num_experts
     sent: dict[int, dict[int, list[int]]] = {k: {} for k in chosen}  # kept -> dropped -> neuron map
     best_cos: dict[int, list[float]] = {}
+    pools: dict[tuple[int, ...], torch.Tensor] = {}
     for d in dropped:
         targets = [k for k in chosen if k // block == d // block] or chosen
         if not targets:
             plan.reasons[d] = "dropped: no unprotected kept expert to receive its neurons"
             continue
-        pool = torch.cat([features[k] for k in targets])  # [len(targets)*I, F]
-        cos = features[d] @ pool.T  # [I, len*I]
-        value, where = cos.max(dim=1)
+        key = tuple(targets)
+        if key not in pools:  # every kept neuron's features, [len(targets)*I, F], on the similarity device
+            pools = {key: torch.cat([features[k] for k in targets]).to(device, torch.float32)}
+        cos = features[d].to(device, torch.float32) @ pools[key].T  # [I, len*I]
+        value, where = (t.cpu() for t in cos.max(dim=1))
         best_cos[d] = [float(v) for v in value]
         for n in range(size):
             if float(value[n]) > threshold:
@@ -387,8 +390,12 @@ def _layers_with_weights(source: str | Path, view: MoEModelView, needed: bool) -
 
 def make_merge_plan(source: str | Path, view: MoEModelView, profile: Profile, request: PlanRequest,
                     profile_path: str | None = None, source_name: str | None = None,
-                    progress: bool = False) -> dict[str, Any]:
-    """The merge plan record of ``request.method`` (a key of ``MERGE_METHODS``) for the model at ``source``."""
+                    progress: bool = False, device: str = "cpu") -> dict[str, Any]:
+    """The merge plan record of ``request.method`` (a key of ``MERGE_METHODS``) for the model at ``source``.
+
+    ``device``: where dern computes its neuron cosines (every dropped neuron against every kept neuron of the
+    layer: (E-K)·I x K·I dot products of length 2H, ~20 TFLOP per Qwen3-30B-A3B layer at 50%; float32); "auto"
+    means the first GPU. The weights are read on the CPU, one decoder layer at a time."""
     from tqdm.auto import tqdm
 
     if request.method not in MERGE_METHODS:
@@ -417,7 +424,7 @@ def make_merge_plan(source: str | Path, view: MoEModelView, profile: Profile, re
         if request.method == "m_smoe":
             plan = _m_smoe(layer, stats, budget, weights)
         elif request.method == "dern":
-            plan = _dern(layer, stats, budget, weights, threshold)
+            plan = _dern(layer, stats, budget, weights, threshold, "cuda" if device == "auto" else device)
         else:
             outputs = stats["expert_output_sum"]
             if request.method == "hc_smoe":

@@ -204,7 +204,8 @@ def _merge_plan(source: str | Path, request: PlanRequest, inputs: PlanInputs) ->
     view = MoEModelView.from_model(load_structure(source))
     path = str(Path(inputs.profile_path).resolve()) if inputs.profile_path is not None else None
     return make_merge_plan(source, view, inputs.profile, request, profile_path=path,
-                           source_name=describe_source(source), progress=inputs.run.progress)
+                           source_name=describe_source(source), progress=inputs.run.progress,
+                           device=inputs.run.device)
 
 
 def _register_merge_methods() -> None:
