@@ -300,13 +300,15 @@ def markdown(result: dict[str, Any]) -> str:
                       f"{result['naee']['max_tokens']:,} calibration tokens split equally over the domains."]
     lines += ["", "Original perplexity: " + ", ".join(f"{d} {p:.2f}" for d, p in result["original_perplexity"].items()),
               "", "## General pruning" + (" and merging" if merged else ""), "",
-              f"mean = mean retention over domains, averaged over the {len(seeds)} calibration seeds; min-max = its "
-              "range over the seeds; the domain columns are seed means.", "",
-              "| ratio | method | mean | min-max | " + " | ".join(domains) + " | plan s |",
-              "|---|---|---:|---|" + "---:|" * len(domains) + "---:|"]
+              "mean = mean retention over domains, averaged over the calibration seeds the row has (seeds; fewer "
+              "than asked when a time limit stopped it); min-max = its range over those seeds; the domain columns are "
+              "seed means.", "",
+              "| ratio | method | seeds | mean | min-max | " + " | ".join(domains) + " | plan s |",
+              "|---|---|---:|---:|---|" + "---:|" * len(domains) + "---:|"]
     summary = general_summary(result)
     for row in summary:
-        lines.append(f"| {row['ratio']} | {row['method']} | {row['mean']:.3f} | {row['min']:.3f}-{row['max']:.3f} | "
+        lines.append(f"| {row['ratio']} | {row['method']} | {row['seeds']} | {row['mean']:.3f} | "
+                     f"{row['min']:.3f}-{row['max']:.3f} | "
                      + " | ".join(f"{row['domains'][d]:.3f}" for d in domains) + f" | {row['plan_seconds']:.2f} |")
     lines += separation_markdown(summary)
     if result.get("task_names"):

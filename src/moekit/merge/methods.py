@@ -286,19 +286,21 @@ def kmeans(points: torch.Tensor, k: int, seed: int, iterations: int = 100) -> li
         centres.append(int(torch.multinomial(d2 / d2.sum(), 1, generator=generator)))
     centre = x[centres].clone()
     labels = torch.full((n,), -1, dtype=torch.long)
-    for _ in range(iterations):
+    for _ in range(iterations):  # a few whole-tensor operations per step (no loop over clusters)
         distance = torch.cdist(x, centre)
         new = distance.argmin(dim=1)
         own = distance.gather(1, new[:, None]).squeeze(1).clone()
-        for c in range(k):  # refill an emptied cluster with the point farthest from its centre, of a cluster of 2+
-            if not bool((new == c).any()):
-                movable = torch.bincount(new, minlength=k)[new] > 1
-                far = int(own.masked_fill(~movable, -torch.inf).argmax())
-                new[far], own[far] = c, -torch.inf
+        sizes = torch.bincount(new, minlength=k)
+        for c in (sizes == 0).nonzero().flatten().tolist():  # refill an emptied cluster with the point farthest
+            movable = sizes[new] > 1                          # from its centre, of a cluster of 2+
+            far = int(own.masked_fill(~movable, -torch.inf).argmax())
+            sizes[new[far]] -= 1
+            sizes[c] += 1
+            new[far], own[far] = c, -torch.inf
         if torch.equal(new, labels):
             break
         labels = new
-        centre = torch.stack([x[labels == c].mean(0) for c in range(k)])
+        centre = torch.zeros_like(centre).index_add_(0, labels, x) / sizes[:, None].to(x.dtype)
     return [int(v) for v in labels]
 
 
