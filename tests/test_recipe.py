@@ -130,3 +130,55 @@ def test_rerun_reuses_the_steps_whose_inputs_are_unchanged(tiny_checkpoint, tmp_
     assert third.exit_code == 0, third.output
     assert inode("profile/profile.json") != profile_again
     assert not any(p.name.startswith(".run.moekit") for p in tmp_path.iterdir())  # nothing left beside it
+
+
+def test_recipe_merge_step_writes_the_merged_model_and_evaluates_it(tiny_checkpoint, tmp_path) -> None:
+    """A merge: step profiles with the merge statistics, writes the same checkpoint moekit merge writes from that
+    profile, and evaluates it as "merged"."""
+    from moekit.pipeline import apply_plan, make_plan, read_inputs
+    from moekit.plan import PlanRequest
+
+    model = tiny_checkpoint("qwen3_moe")
+    (tmp_path / "prose.txt").write_text("The sun rose over the quiet hills and the rivers ran. " * 40)
+    recipe = {"model": str(model), "out": "run",
+              "profile": {"data": {"prose": "prose.txt"}, "seq_len": 64, "max_tokens": 1024, "merge_stats": True},
+              "merge": {"method": "hc_smoe", "keep": 4},
+              "eval": {"text": {"prose": "prose.txt"}, "max_length": 64}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = runner.invoke(app, ["run", str(tmp_path / "recipe.yaml")])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "run"
+    plan = json.loads((out / "model" / "moekit_plan.json").read_text())
+    assert plan["format"] == "moekit.expert_merge_plan/1" and plan["method"] == "hc_smoe"
+    assert json.loads((out / "model" / "config.json").read_text())["num_experts"] == 4
+    merged = json.loads((out / "eval" / "merged.json").read_text())["perplexity"]["prose"]["ppl"]
+    original = json.loads((out / "eval" / "original.json").read_text())["perplexity"]["prose"]["ppl"]
+    assert merged > 1 and original > 1 and merged != original
+    assert not (out / "eval" / "pruned.json").exists()
+    html = (out / "report" / "report.html").read_text()
+    assert "merged into an output expert" in html and ">merged<" in html  # the plan's table, the quality rows
+    # the same merge by hand from the run's profile: the same tensors
+    by_hand = make_plan(str(model), PlanRequest("hc_smoe", keep=4), read_inputs(out / "profile"), kind="merge")
+    apply_plan(str(model), by_hand, tmp_path / "by-hand")
+    for name in ("model.safetensors",):
+        assert (tmp_path / "by-hand" / name).read_bytes() == (out / "model" / name).read_bytes()
+
+
+def test_recipe_merge_step_refusals_write_nothing(tiny_checkpoint, tmp_path) -> None:
+    (tmp_path / "prose.txt").write_text("The sun rose over the quiet hills. " * 30)
+    base = {"model": str(tiny_checkpoint("qwen3_moe")), "out": "run",
+            "profile": {"data": {"prose": "prose.txt"}, "seq_len": 64, "max_tokens": 512}}
+    broken = {
+        "a merging method in a prune step": ({"prune": {"method": "hc_smoe", "keep": 4}}, "use a merge: step"),
+        "a pruning method in a merge step": ({"merge": {"method": "reap", "keep": 4}}, "use a prune: step"),
+        "both steps": ({"prune": {"method": "reap", "keep": 4}, "merge": {"method": "hc_smoe", "keep": 4}},
+                       "not both"),
+        "no merge statistics collected": ({"merge": {"method": "hc_smoe", "keep": 4}}, "profile.merge_stats: true"),
+        "a merge budget of two": ({"merge": {"method": "dern", "ratio": 0.5, "keep": 4}}, "exactly one of merge.ratio"),
+    }
+    for label, (change, expected) in broken.items():
+        (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({**base, **change}))
+        result = runner.invoke(app, ["run", str(tmp_path / "recipe.yaml")])
+        assert result.exit_code == 2, (label, result.output)
+        assert expected in " ".join(result.stderr.split()), (label, result.stderr)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["prose.txt", "recipe.yaml"], label

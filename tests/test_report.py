@@ -184,9 +184,9 @@ def test_bad_inputs_raise_report_error(tmp_path: Path, pipeline: dict[str, Any])
         compare_results([tmp_path / "other.json"])
     with pytest.raises(ReportError, match="no results files"):
         compare_results([])
-    with pytest.raises(ReportError, match="not a moekit pruning plan"):
+    with pytest.raises(ReportError, match="not a moekit plan"):
         build_report(tmp_path / "r", plans=[tmp_path / "other.json"])
-    with pytest.raises(ReportError, match="not a moekit pruning plan"):
+    with pytest.raises(ReportError, match="not a moekit plan"):
         build_report(tmp_path / "r", plans=[{"layers": {"0": {"kept": [0]}}}])
     with pytest.raises(ReportError, match="does not exist"):
         build_report(tmp_path / "r", plans=[tmp_path / "nowhere" / "moekit_plan.json"])

@@ -735,11 +735,12 @@ def run_recipe_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the recipe's out directory.")] = False,
     check: Annotated[bool, typer.Option("--check", help="Only validate the recipe and print it resolved.")] = False,
 ) -> None:
-    """Run the pipeline (profile, prune, evaluate, report) from one YAML file; unknown keys are errors.
+    """Run the pipeline (profile, prune or merge, evaluate, report) from one YAML file; unknown keys are errors.
 
     The resolved recipe (every default filled in) is saved in the output directory beside the profile
-    (profile/), the pruned model (model/), the evaluations (eval/) and the report (report/), so the run
-    can be repeated exactly.
+    (profile/), the pruned or merged model (model/), the evaluations (eval/) and the report (report/), so the
+    run can be repeated exactly. A merge: step instead of prune: takes moekit merge's methods and options
+    (merge: {method: hc_smoe, ratio: 0.5}; hc_smoe, m_smoe and sub_moe need profile: {merge_stats: true}).
 
     Example recipe:
 

@@ -1,4 +1,4 @@
-"""Recipes: the whole pipeline (profile -> prune -> eval -> report) from one validated YAML file.
+"""Recipes: the whole pipeline (profile -> prune or merge -> eval -> report) from one validated YAML file.
 
     model: ./tiny-qwen3-moe
     out: runs/reap50                # profile/, model/ and recipe.resolved.yaml go here
@@ -13,6 +13,13 @@
       tasks: [arc_easy]
       text: {code: ./held_out_code}
       limit: 200
+
+Instead of ``prune:``, a ``merge:`` step merges experts (``moekit merge``'s methods and options; the profile
+step then needs ``merge_stats: true`` for hc_smoe, m_smoe and sub_moe):
+
+    merge:
+      method: hc_smoe
+      ratio: 0.5
 
 Every key is checked before anything runs: unknown keys are errors (with their path), values have
 types and ranges. The resolved recipe (every default filled in, plus moekit's version) is saved in
@@ -35,7 +42,7 @@ import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -80,31 +87,61 @@ class NaeeOptions(_Strict):
     progressive: bool = False
 
 
-class PruneStep(_Strict):
-    method: str = "easy_ep"  # moekit prune's default (its --help says why)
+class _EditStep(_Strict):
+    """What a prune: and a merge: step share: the method, the budget, the protections, the output dtype."""
+
+    KIND: ClassVar[str] = ""  # the kind of method (``moekit.plan.methods``) and the step's key in the recipe
+    method: str
     ratio: float | None = Field(None, gt=0, lt=1)
     keep: int | None = Field(None, ge=1)
     set_weights: dict[str, float] | None = None
-    protect: list[str] = Field(default_factory=list, description="LAYER:EXPERT pairs never removed")
+    protect: list[str] = Field(default_factory=list, description="LAYER:EXPERT pairs never removed or merged")
     protect_super: bool = True
     top_k: int | None = Field(None, ge=1)
     allow_regroup: bool = False
     dtype: str = "auto"
-    naee: NaeeOptions = Field(default_factory=NaeeOptions)
 
     @field_validator("method")
     @classmethod
     def _known_method(cls, method: str) -> str:
         from moekit.plan.methods import METHODS
 
-        METHODS.get(method)  # an unknown name lists the valid ones
+        found = METHODS.get(method)  # an unknown name lists the valid ones
+        if found.kind != cls.KIND:
+            valid = ", ".join(m for m in METHODS.names() if METHODS.get(m).kind == cls.KIND)
+            other = "merge" if found.kind == "merge" else "prune"
+            raise ValueError(f"{method} is a {'merging' if found.kind == 'merge' else 'pruning'} method: use a "
+                             f"{other}: step instead of {cls.KIND}:, or one of {valid}")
         return method
 
     @model_validator(mode="after")
-    def _one_budget(self) -> PruneStep:
+    def _one_budget(self) -> _EditStep:
         if (self.ratio is None) == (self.keep is None):
-            raise ValueError("give exactly one of prune.ratio (fraction of experts removed) and prune.keep")
+            raise ValueError(f"give exactly one of {self.KIND}.ratio (fraction of experts removed) and "
+                             f"{self.KIND}.keep")
         return self
+
+    def extra(self) -> dict[str, Any]:
+        """The method's own options (``PlanRequest.extra``)."""
+        return {}
+
+
+class PruneStep(_EditStep):
+    KIND: ClassVar[str] = "prune"
+    method: str = "easy_ep"  # moekit prune's default (its --help says why)
+    naee: NaeeOptions = Field(default_factory=NaeeOptions)
+
+
+class MergeStep(_EditStep):
+    KIND: ClassVar[str] = "merge"
+    method: str = "hc_smoe"  # moekit merge's default
+    svd_rank: int | None = Field(None, ge=1, description="sub_moe: rebuild each merged projection at this rank")
+    threshold: float = Field(0.6, ge=-1, lt=1, description="dern: the neuron cosine a moved neuron must exceed")
+    device: str = Field("cpu", description="dern: where its neuron cosines are computed")
+
+    def extra(self) -> dict[str, Any]:
+        return ({"svd_rank": self.svd_rank} if self.method == "sub_moe" else
+                {"threshold": self.threshold} if self.method == "dern" else {})
 
 
 class EvalStep(_Strict):
@@ -132,8 +169,20 @@ class Recipe(_Strict):
     seed: int = 0
     profile: ProfileStep
     prune: PruneStep | None = None
+    merge: MergeStep | None = None
     eval: EvalStep | None = None
     report: bool = True
+
+    @model_validator(mode="after")
+    def _one_edit(self) -> Recipe:
+        if self.prune is not None and self.merge is not None:
+            raise ValueError("give a prune: or a merge: step, not both (one run edits the model once)")
+        return self
+
+    @property
+    def edit(self) -> PruneStep | MergeStep | None:
+        """The step that edits the model: prune: or merge: (or None: profile and evaluate only)."""
+        return self.prune if self.prune is not None else self.merge
 
 
 def _where(error: dict[str, Any]) -> str:
@@ -212,9 +261,11 @@ def check_recipe_inputs(recipe: Recipe) -> None:
     for dtype, device in runs:
         check_dtype(dtype)
         check_device(device)
-    prune = recipe.prune
+    prune = recipe.edit
     if prune is not None:
         check_dtype(prune.dtype)
+        if isinstance(prune, MergeStep):
+            check_device(prune.device)
         request = _plan_request(recipe)
         kept = kept_count(view.num_experts, request)
         if prune.top_k is not None:
@@ -230,7 +281,7 @@ def check_recipe_inputs(recipe: Recipe) -> None:
             profile = existing if existing is not None else collected_statistics(neuron_stats=step.neuron_stats,
                                                                                   merge_stats=step.merge_stats)
         check_needs(method, _plan_request(recipe), profile, _data_args(recipe) if method.needs.data else [],
-                    _spelling(), where="profile.path" if existing is not None else "the recipe's profile")
+                    _spelling(prune.KIND), where="profile.path" if existing is not None else "the recipe's profile")
         if prune.set_weights:  # the sets the method weighs: the profile's, else the data's
             names = existing.set_names if existing is not None and method.needs.profile else list(step.data)
             parse_set_weights(",".join(f"{k}={v}" for k, v in prune.set_weights.items()), names)
@@ -247,11 +298,11 @@ def check_recipe_inputs(recipe: Recipe) -> None:
                 resolve_task(task, num_fewshot=recipe.eval.num_fewshot, limit=1)
 
 
-def _spelling() -> Any:
-    """How ``moekit.plan.methods.check_needs`` names a recipe's keys in its errors."""
+def _spelling(kind: str = "prune") -> Any:
+    """How ``moekit.plan.methods.check_needs`` names a recipe's keys in its errors (``kind``: the editing step)."""
     from moekit.plan.methods import Spelling
 
-    return Spelling(method="prune.method", profile="profile.path", data="profile.data", data_example="profile.data",
+    return Spelling(method=f"{kind}.method", profile="profile.path", data="profile.data", data_example="profile.data",
                     nothing="give profile.data (NAME: PATH sets) or profile.path (an existing profile)",
                     profile_option=lambda option: f"profile.{option}: true",
                     collect="set {options} (with profile.data: an existing profile.path lacks them)")
@@ -260,11 +311,11 @@ def _spelling() -> Any:
 def _plan_request(recipe: Recipe) -> Any:
     from moekit.plan import PlanRequest, parse_protect
 
-    prune = recipe.prune
+    prune = recipe.edit
     assert prune is not None
     return PlanRequest(method=prune.method, ratio=prune.ratio, keep=prune.keep,
                        protect_super=prune.protect_super, protect=parse_protect(",".join(prune.protect)),
-                       seed=recipe.seed, top_k=prune.top_k, allow_regroup=prune.allow_regroup)
+                       seed=recipe.seed, top_k=prune.top_k, allow_regroup=prune.allow_regroup, extra=prune.extra())
 
 
 def recipe_paths(recipe: Recipe) -> tuple[list[str | None], list[str | None]]:
@@ -303,14 +354,16 @@ def step_keys(recipe: Recipe) -> dict[str, str]:
     data = {name: input_fingerprint(path) for name, path in step.data.items()}
     keys = {"profile": _key("profile", version, model, step.model_dump(), data, input_fingerprint(step.path),
                             input_fingerprint(step.tokenizer), recipe.seed)}
-    if recipe.prune is not None:
-        keys["model"] = _key("model", version, keys["profile"], recipe.prune.model_dump(), recipe.seed)
-    if recipe.eval is not None and recipe.prune is not None:
+    edit = recipe.edit
+    if edit is not None:  # a merge: step's key differs from a prune: step's of the same settings (its kind)
+        dumped = edit.model_dump() if isinstance(edit, PruneStep) else {"kind": edit.KIND, **edit.model_dump()}
+        keys["model"] = _key("model", version, keys["profile"], dumped, recipe.seed)
+    if recipe.eval is not None and edit is not None:
         settings = recipe.eval.model_dump()
         inputs = {name: input_fingerprint(path) for name, path in recipe.eval.text.items()}
         tasks = [input_fingerprint(t) for t in recipe.eval.tasks if t.endswith((".yaml", ".yml"))]
         keys["eval/original.json"] = _key("eval", version, model, settings, inputs, tasks)
-        keys["eval/pruned.json"] = _key("eval", version, keys["model"], settings, inputs, tasks)
+        keys[f"eval/{_edited(recipe)}.json"] = _key("eval", version, keys["model"], settings, inputs, tasks)
     return keys
 
 
@@ -381,7 +434,7 @@ def _run_steps(recipe: Recipe, out: Path, final: Path, progress: bool, reuse: _R
     (out / "recipe.resolved.yaml").write_text(resolved_yaml(recipe))
     written: dict[str, Any] = {"out": str(out), "recipe": str(out / "recipe.resolved.yaml")}
     step = recipe.profile
-    prune = recipe.prune
+    prune = recipe.edit
     profile_path = Path(step.path) if step.path else out / "profile"
     if not step.path and (prune is None or _method(prune).needs.profile):
         if not reuse.take("profile", out):
@@ -407,7 +460,12 @@ def _data_args(recipe: Recipe) -> list[str]:
     return [f"{name}={path}" for name, path in recipe.profile.data.items()]
 
 
-def _method(prune: PruneStep) -> Any:
+def _edited(recipe: Recipe) -> str:
+    """The edited model's name in the run's evaluation: pruned or merged."""
+    return "merged" if recipe.merge is not None else "pruned"
+
+
+def _method(prune: PruneStep | MergeStep) -> Any:
     from moekit.plan.methods import METHODS
 
     return METHODS.get(prune.method)
@@ -415,31 +473,32 @@ def _method(prune: PruneStep) -> Any:
 
 def _prune_step(recipe: Recipe, out: Path, final: Path, profile_path: Path, progress: bool) -> dict[str, Any]:
     """Plan (``moekit.pipeline.make_plan``: the method's needs from the profile step or its data) and write the
-    pruned model into ``out/model``; the plan."""
-    from moekit.pipeline import PlanInputs, RunOptions, make_plan, prune_with_plan
+    pruned or merged model into ``out/model``; the plan."""
+    from moekit.pipeline import PlanInputs, RunOptions, apply_plan, make_plan
     from moekit.profile import Profile
 
-    step, prune = recipe.profile, recipe.prune
+    step, prune = recipe.profile, recipe.edit
     assert prune is not None
     needs = _method(prune).needs
-    run = RunOptions(device=step.device, dtype=step.dtype, seq_len=step.seq_len, max_tokens=step.max_tokens,
+    device = prune.device if isinstance(prune, MergeStep) else step.device
+    run = RunOptions(device=device, dtype=step.dtype, seq_len=step.seq_len, max_tokens=step.max_tokens,
                      batch_size=step.batch_size, tokenizer=step.tokenizer, progress=progress)
     inputs = PlanInputs(profile=Profile.load(profile_path) if needs.profile else None,
                         profile_path=(Path(step.path) if step.path else final / "profile") if needs.profile else None,
                         data=tuple(_data_args(recipe)) if needs.data else (), run=run,
                         options={"search": prune.naee.search, "tokens": prune.naee.tokens,
-                                 "progressive": prune.naee.progressive})
+                                 "progressive": prune.naee.progressive} if isinstance(prune, PruneStep) else {})
     text = ",".join(f"{k}={v}" for k, v in prune.set_weights.items()) if prune.set_weights else None
     request = replace(_plan_request(recipe), set_weights=inputs.set_weights(text))
-    plan = make_plan(recipe.model, request, inputs, _spelling())
-    prune_with_plan(recipe.model, plan, out / "model", dtype=prune.dtype,
+    plan = make_plan(recipe.model, request, inputs, _spelling(prune.KIND), kind=prune.KIND)
+    apply_plan(recipe.model, plan, out / "model", dtype=prune.dtype,
                     reproduce=f"moekit run {final / 'recipe.resolved.yaml'}")
     return plan
 
 
 def _evaluate_and_report(recipe: Recipe, out: Path, plan: dict[str, Any], profile: Path | None,
                          progress: bool, reuse: _Reuse) -> dict[str, Any]:
-    """Evaluate the original and the pruned model the same way; report both."""
+    """Evaluate the original and the pruned (or merged) model the same way; report both."""
     from moekit.eval import EvalError
     from moekit.pipeline import evaluate_model
     from moekit.report import build_report, result_point
@@ -452,7 +511,7 @@ def _evaluate_and_report(recipe: Recipe, out: Path, plan: dict[str, Any], profil
     samples: list[dict[str, Any]] = []
     ratio = 1 - plan["num_experts"]["after"] / plan["num_experts"]["before"]
     for name, source, method, removed in (("original", recipe.model, "original", 0.0),
-                                          ("pruned", str(out / "model"), str(plan.get("method")), ratio)):
+                                          (_edited(recipe), str(out / "model"), str(plan.get("method")), ratio)):
         path = out / "eval" / f"{name}.json"
         if reuse.take(f"eval/{name}.json", out):
             results = json.loads(path.read_text())

@@ -24,7 +24,7 @@ from moekit.outputs import check_output, shown_path, writing_directory
 from moekit.report import figures
 from moekit.report.compare import format_value
 from moekit.report.errors import ReportError
-from moekit.report.inputs import ResultPoint, coerce_result, load_plan, plan_title
+from moekit.report.inputs import MERGE_PLAN_FORMAT_PREFIX, ResultPoint, coerce_result, load_plan, plan_title
 
 SECTION_TITLES = {"expert-load": "Expert load", "scores": "Expert scores and the pruning cut",
                   "quality": "Quality vs compression", "speed": "Memory and speed", "samples": "Generation samples"}
@@ -92,7 +92,9 @@ def load_section(profile: Any, base: Path | None = None) -> Section:
 
 def scores_section(plans: Sequence[dict[str, Any]], base: Path | None = None) -> Section:
     blocks: list[Block] = [Text("Per layer, experts sorted by score (highest left). Experts left of the dashed "
-                                "line are kept; protected experts are kept whatever their score.")]
+                                "line are kept; protected experts are kept whatever their score. In a merge plan "
+                                "the kept experts are the output experts' router experts; the others are merged "
+                                "into one of them or dropped, as the table says.")]
     for number, plan in enumerate(plans, 1):
         title = plan_title(plan)
         details = plan.get("details") or {}
@@ -102,6 +104,14 @@ def scores_section(plans: Sequence[dict[str, Any]], base: Path | None = None) ->
                            f"experts per layer {plan['num_experts']['before']} to {plan['num_experts']['after']}"
                            + (f"; protected super experts {protections}" if protections else "") + "."))
         blocks.append(Image(f"scores_{number}.png", figures.score_figure(plan, title), f"scores of plan {number}"))
+        if str(plan.get("format", "")).startswith(MERGE_PLAN_FORMAT_PREFIX):  # keep = an output expert's router
+            rows = [[str(index), str(len(plan["layers"][str(index)]["kept"])),
+                     ", ".join(str(e["expert"]) for e in entries if e["decision"] == "merge"),
+                     ", ".join(str(e["expert"]) for e in entries if e["decision"] == "drop")]
+                    for index, entries in figures.plan_layers(plan)]
+            blocks.append(Table(["layer", "output experts", "merged into an output expert", "dropped"], rows,
+                                [True, True, False, False]))
+            continue
         rows = [[str(index), str(len(plan["layers"][str(index)]["kept"])),
                  ", ".join(str(e["expert"]) for e in entries if e["decision"] != "keep")]
                 for index, entries in figures.plan_layers(plan)]

@@ -22,6 +22,8 @@ from typing import Any
 from moekit.report.errors import ReportError
 
 PLAN_FORMAT_PREFIX = "moekit.expert_prune_plan/"
+MERGE_PLAN_FORMAT_PREFIX = "moekit.expert_merge_plan/"
+PLAN_FORMAT_PREFIXES = (PLAN_FORMAT_PREFIX, MERGE_PLAN_FORMAT_PREFIX)
 ORIGINAL_METHOD = "original"
 
 
@@ -48,10 +50,10 @@ def read_json(path: str | Path, what: str) -> Any:
 
 
 def check_plan(plan: Any, where: str = "plan") -> dict[str, Any]:
-    """``plan`` if it is a moekit pruning plan (``moekit_plan.json``), else a ReportError."""
-    if not isinstance(plan, Mapping) or not str(plan.get("format", "")).startswith(PLAN_FORMAT_PREFIX):
-        raise ReportError(f"{where} is not a moekit pruning plan (moekit prune writes moekit_plan.json, "
-                          f"with format {PLAN_FORMAT_PREFIX}N)")
+    """``plan`` if it is a moekit pruning or merge plan (``moekit_plan.json``), else a ReportError."""
+    if not isinstance(plan, Mapping) or not str(plan.get("format", "")).startswith(PLAN_FORMAT_PREFIXES):
+        raise ReportError(f"{where} is not a moekit plan (moekit prune and moekit merge write moekit_plan.json, "
+                          f"with format {PLAN_FORMAT_PREFIX}N or {MERGE_PLAN_FORMAT_PREFIX}N)")
     layers = plan.get("layers")
     if not isinstance(layers, Mapping) or not layers:
         raise ReportError(f"{where} has no layers: it is not a complete moekit pruning plan")
