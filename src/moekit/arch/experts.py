@@ -54,6 +54,12 @@ class ExpertLayout:
         """Keep only the experts listed in ``keep`` (long ``[E']``), in that order, in place."""
         raise NotImplementedError
 
+    def keep_neurons(self, experts: nn.Module, keep: torch.Tensor) -> None:
+        """Keep only neurons ``keep[e]`` (long ``[E, I']``, the same count I' for every expert) of each expert e, in
+        that order, in place: gate and up rows and down columns (and their biases) together, so expert e then
+        computes exactly what it computed with the other neurons' activations set to 0."""
+        raise NotImplementedError
+
     def expert_rows(self, experts: nn.Module, name: str) -> int | None:
         """How many leading rows of the experts module's tensor ``name`` (a parameter or buffer path relative
         to the module) each expert owns, expert ``e`` owning rows ``[e*r, (e+1)*r)``; None if the tensor is not
@@ -81,6 +87,26 @@ def replace_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 COUNT_ATTRIBUTES = ("num_experts", "num_local_experts", "moe_num_experts", "n_routed_experts")
+
+
+INTERMEDIATE_ATTRIBUTES = ("intermediate_dim", "intermediate_size", "expert_dim", "ffn_hidden_size")
+
+
+def set_intermediate_attributes(module: nn.Module, old: int, new: int) -> None:
+    """Set every integer expert-width attribute of an experts module that held the old width."""
+    for attr in INTERMEDIATE_ATTRIBUTES:
+        value = getattr(module, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value == old:
+            setattr(module, attr, new)
+
+
+def take_along(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """``tensor [E, ...]`` with, for every expert e, only the positions ``index[e]`` (``[E, n]``) of dim ``dim``."""
+    shape = [1] * tensor.dim()
+    shape[0], shape[dim] = index.shape
+    expanded = list(tensor.shape)
+    expanded[dim] = index.shape[1]
+    return tensor.gather(dim, index.to(tensor.device).view(shape).expand(expanded))
 
 
 def set_count_attributes(module: nn.Module, num_experts: int) -> None:
@@ -157,6 +183,32 @@ class StackedLayout(ExpertLayout):
             replace_tensor(experts, name, tensor.detach().index_select(0, keep.to(tensor.device)))
         set_count_attributes(experts, int(keep.numel()))
 
+    NEURON_TENSORS = ("gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "up_proj_bias", "down_proj_bias")
+
+    def _fused_positions(self, keep: torch.Tensor, width: int) -> torch.Tensor:
+        """Positions of the kept neurons' gate and up entries along a fused gate/up dim of size 2·width."""
+        if self.is_concatenated:
+            return torch.cat([keep, keep + width], dim=1)
+        return torch.stack([2 * keep, 2 * keep + 1], dim=-1).flatten(1)
+
+    def keep_neurons(self, experts: nn.Module, keep: torch.Tensor) -> None:
+        tensors = dict(experts.named_parameters(recurse=False)) | dict(experts.named_buffers(recurse=False))
+        others = [n for n in tensors if n not in self.NEURON_TENSORS and self.expert_rows(experts, n) == 1]
+        if others:
+            raise ValueError(f"the experts also store {others} per expert (FP8 block scales?): their blocks span "
+                             "neurons, so neurons cannot be removed from quantized experts; dequantize first")
+        width = self.intermediate_size(experts)
+        keep = keep.long()
+        fused = self._fused_positions(keep, width) if self.has_gate else keep
+        first = "gate_up_proj" if self.has_gate else "up_proj"
+        new = {first: take_along(tensors[first].detach(), 2 if self.is_transposed else 1, fused),
+               "down_proj": take_along(tensors["down_proj"].detach(), 1 if self.is_transposed else 2, keep)}
+        if self.has_bias:
+            new[f"{first}_bias"] = take_along(tensors[f"{first}_bias"].detach(), 1, fused)
+        for name, value in new.items():
+            replace_tensor(experts, name, value)
+        set_intermediate_attributes(experts, width, int(keep.shape[1]))
+
     def describe(self, experts: nn.Module) -> str:
         flags = ["gate+up" if self.has_gate else "up only",
                  "concatenated" if self.is_concatenated else "interleaved"]
@@ -191,6 +243,15 @@ class DbrxLayout(ExpertLayout):
         up = self._view(experts.mlp.v1, ffn)[expert]
         down = self._view(experts.mlp.w2, ffn)[expert].T
         return ExpertWeights(gate, up, down)
+
+    def keep_neurons(self, experts: nn.Module, keep: torch.Tensor) -> None:
+        ffn = experts.mlp.ffn_hidden_size
+        for name in self.TENSORS:  # w1 (gate), v1 (up) rows and w2 (down, stored transposed) rows: neuron n of e
+            tensor = getattr(experts.mlp, name).detach()
+            kept = take_along(self._view(tensor, ffn), 1, keep.long())
+            replace_tensor(experts.mlp, name, kept.reshape(-1, tensor.shape[-1]))
+        set_intermediate_attributes(experts.mlp, ffn, int(keep.shape[1]))
+        set_intermediate_attributes(experts, ffn, int(keep.shape[1]))
 
     def expert_rows(self, experts: nn.Module, name: str) -> int | None:
         return int(experts.mlp.ffn_hidden_size) if name in {f"mlp.{t}" for t in self.TENSORS} else None
