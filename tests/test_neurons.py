@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -137,3 +138,125 @@ def test_bad_neuron_selections_are_refused_before_anything_changes() -> None:
         with pytest.raises(PlanError, match=message):
             prune_neurons(view, keep)
         assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True)), label
+
+
+def test_camera_p_is_its_formula_by_hand() -> None:
+    from moekit.arch.experts import ExpertWeights
+    from moekit.score.neurons import camera_p
+
+    down = torch.tensor([[1.0, 0.0, 2.0], [0.0, 3.0, 0.0]])  # [H=2, I=3]: column energies 1, 9, 4
+    expert = ExpertWeights(None, torch.zeros(3, 2), down)
+    energy = torch.tensor([[2.0, 1.0, 0.5]], dtype=torch.float64)  # sum_t (g a)^2
+    peak = torch.tensor([[1.0, 0.5, 2.0]], dtype=torch.float64)  # max_t |g a|
+    got = camera_p({"neuron_energy": energy, "neuron_max": peak}, [expert])
+    by_hand = [1 * (0.1 * 2.0 + 0.9 * 1.0), 9 * (0.1 * 1.0 + 0.9 * 0.25), 4 * (0.1 * 0.5 + 0.9 * 4.0)]
+    assert torch.allclose(got, torch.tensor([by_hand], dtype=torch.float64))
+
+
+def test_each_expert_keeps_its_own_highest_scoring_neurons_ties_to_the_lower_index() -> None:
+    from moekit.edit.neurons import keep_top_neurons
+
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.9], [3.0, 2.0, 1.0, 0.0]])
+    assert keep_top_neurons(scores, 2).tolist() == [[1, 3], [0, 1]]
+    assert keep_top_neurons(torch.tensor([[1.0, 1.0, 1.0]]), 2).tolist() == [[0, 1]]
+
+
+@pytest.fixture(scope="module")
+def neuron_profile(tmp_path_factory):
+    """A tiny Qwen3-MoE checkpoint and its profile with per-neuron statistics (and one without)."""
+    from moekit.profile import profile_model
+    from moekit.tiny import save_tiny_model
+
+    root = tmp_path_factory.mktemp("neuron-profile")
+    save_tiny_model("qwen3_moe", root / "model")
+    text = root / "text.txt"
+    text.write_text(" ".join(f"word{i % 97} and the {i % 13} line {i}" for i in range(3000)))
+    for name, neuron_stats in (("profile", True), ("plain", False)):
+        profile_model(root / "model", [f"prose={text}"], root / name, seq_len=64, max_tokens=2048,
+                      neuron_stats=neuron_stats, progress=False)
+    return root
+
+
+def test_neuron_plan_writes_a_smaller_stock_checkpoint_streamed_as_in_memory(neuron_profile, tmp_path) -> None:
+    from safetensors import safe_open
+
+    from moekit.edit.neurons import make_neuron_plan
+    from moekit.model_io import load_structure
+    from moekit.pipeline import apply_plan
+    from moekit.profile import Profile
+    from moekit.score.neurons import NEURON_CRITERIA, neuron_layer_stats
+
+    source = neuron_profile / "model"
+    view = MoEModelView.from_model(load_structure(source))
+    profile = Profile.load(neuron_profile / "profile")
+    plan = make_neuron_plan(source, view, profile, "camera_p", 0.25)
+    width = view.layers[0].intermediate_size
+    assert plan["width"] == {"before": width, "after": width - round(width * 0.25)}
+    original = AutoModelForCausalLM.from_pretrained(source).eval()
+    live = MoEModelView.from_model(original)
+    layer = live.layers[0]  # the plan keeps, per expert, the top camera_p scores computed here independently
+    stats = neuron_layer_stats(profile, layer.index, None, NEURON_CRITERIA.get("camera_p").reads)
+    for expert in range(layer.num_experts):
+        w = layer.layout.expert_weights(layer.experts, expert)
+        score = w.down.double().square().sum(0) * (0.1 * stats["neuron_energy"][expert]
+                                                   + 0.9 * stats["neuron_max"][expert].square())
+        kept = plan["layers"][str(layer.index)]["neurons"][expert]
+        dropped = sorted(set(range(width)) - set(kept))
+        assert min(score[kept]) >= max(score[dropped])
+    streamed = apply_plan(source, plan, tmp_path / "streamed").out
+    in_memory = apply_plan(source, plan, tmp_path / "in-memory", dtype="float32").out  # a cast: the in-memory path
+
+    def tensors(path):
+        out = {}
+        for file in sorted(path.glob("*.safetensors")):
+            with safe_open(str(file), "pt") as f:
+                out.update({k: f.get_tensor(k) for k in f.keys()})
+        return out
+
+    a, b = tensors(streamed), tensors(in_memory)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k].to(a[k].dtype)) for k in a)
+    source_tensors = tensors(source)
+
+    def expert_bytes(ts):
+        return sum(t.numel() * t.element_size() for name, t in ts.items() if ".experts." in name)
+
+    assert expert_bytes(a) * width == expert_bytes(source_tensors) * plan["width"]["after"]
+    assert all(torch.equal(a[k], source_tensors[k]) for k in a if ".experts." not in k)
+    with capture_transformers_log() as log:
+        model, info = AutoModelForCausalLM.from_pretrained(streamed, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert log.getvalue() == ""
+    prune_neurons(live, {int(k): torch.tensor(v["neurons"]) for k, v in plan["layers"].items()})
+    ids = random_ids()
+    with torch.no_grad():
+        assert torch.equal(model.eval()(input_ids=ids).logits, original(input_ids=ids).logits)
+    saved = json.loads((streamed / "moekit_plan.json").read_text())  # local paths saved relative to the output
+    assert {k: saved[k] for k in ("format", "layers", "width", "method")} == \
+        {k: plan[k] for k in ("format", "layers", "width", "method")}
+    assert "keeps 24 of its 32" in (streamed / "README.md").read_text().replace("\n", " ")
+
+
+def test_neuron_plan_refusals_name_the_fix_and_write_nothing(neuron_profile, tmp_path) -> None:
+    from moekit.edit.neurons import make_neuron_plan
+    from moekit.model_io import load_structure
+    from moekit.pipeline import apply_plan
+    from moekit.profile import Profile
+
+    source = neuron_profile / "model"
+    view = MoEModelView.from_model(load_structure(source))
+    with pytest.raises(Exception, match="--neuron-stats"):
+        make_neuron_plan(source, view, Profile.load(neuron_profile / "plain"), "camera_p", 0.25)
+    for ratio in (0.0, 1.0, 0.99):
+        with pytest.raises(PlanError, match="--neuron-ratio"):
+            make_neuron_plan(source, view, Profile.load(neuron_profile / "profile"), "camera_p", ratio)
+    with pytest.raises(Exception, match="unknown neuron criterion"):
+        make_neuron_plan(source, view, Profile.load(neuron_profile / "profile"), "magic", 0.25)
+    plan = make_neuron_plan(source, view, Profile.load(neuron_profile / "profile"), "camera_p", 0.25)
+    broken = json.loads(json.dumps(plan))
+    broken["layers"]["0"]["neurons"][1] = broken["layers"]["0"]["neurons"][1][:-1]
+    wrong_width = json.loads(json.dumps(plan))
+    wrong_width["width"]["after"] = 7
+    for bad, message in ((broken, "different numbers of neurons"), (wrong_width, "'width' must be")):
+        with pytest.raises(PlanError, match=message):
+            apply_plan(source, bad, tmp_path / "out")
+        assert not (tmp_path / "out").exists()

@@ -21,7 +21,7 @@ from typing import Any
 
 from moekit.arch.view import MoEModelView
 from moekit.edit import PruneResult, prune_to_checkpoint
-from moekit.edit.card import prune_plan_record
+from moekit.edit.card import NEURON_PLAN_FORMAT, prune_plan_record
 from moekit.edit.checkpoint import check_output_dir
 from moekit.edit.keep import PlanError, check_plan_format, parse_keep, read_json_plan, validate_keep
 from moekit.edit.prune import validate_top_k
@@ -147,7 +147,8 @@ def apply_plan(source: str | Path, plan: dict[str, Any], out: str | Path, *, ove
     before any weight loads (``moekit.plan.check``); the checked record is what the checkpoint's
     ``moekit_plan.json`` holds. A plain keep map gets a keep-list record. A merge plan is merged
     (``moekit.merge.merge_to_checkpoint``); a pruning plan is the merge plan of singleton groups, and is
-    pruned (the same bytes)."""
+    pruned (the same bytes); a neuron plan removes neurons inside the experts
+    (``moekit.edit.neurons.neurons_to_checkpoint``)."""
     check_output_dir(out, source, overwrite)
     if not isinstance(plan, dict):
         raise PlanError(f"a plan must be a JSON object, got {type(plan).__name__}")
@@ -157,6 +158,10 @@ def apply_plan(source: str | Path, plan: dict[str, Any], out: str | Path, *, ove
                                    method="keep-list", reproduce=reproduce)
     check_plan_format(plan)
     check_plan_source(plan, source)
+    if plan.get("format") == NEURON_PLAN_FORMAT:  # neurons inside the experts (moekit.edit.neurons)
+        from moekit.edit.neurons import neurons_to_checkpoint
+
+        return neurons_to_checkpoint(source, plan, out, overwrite=overwrite, dtype=dtype, reproduce=reproduce)
     checked = checked_plan(plan, MoEModelView.from_model(load_structure(source)))
     groups = plan_groups(checked)
     if groups is not None:

@@ -21,11 +21,16 @@ tensor's shape.
 from __future__ import annotations
 
 import copy
+import datetime as _dt
+import shlex
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from moekit.arch.view import MoEModelView, _set, config_value
-from moekit.edit.keep import PlanError
+from moekit.edit.card import NEURON_PLAN_FORMAT, _param_rows, plan_envelope, shown_path, versions
+from moekit.edit.keep import PlanError, plan_record_keep
 
 NeuronKeep = dict[int, torch.Tensor]  # MoE layer -> long [E, I'] kept neurons of each expert, ascending
 
@@ -115,5 +120,184 @@ def prune_neurons(view: MoEModelView, keep: NeuronKeep) -> int:
     return width
 
 
-__all__ = ["NeuronKeep", "check_neuron_keep", "check_neuron_removal", "prune_neurons", "tensors_following_width",
-           "width_key"]
+def keep_top_neurons(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """[E, count]: each expert's ``count`` highest-scoring neurons (ties: the lower index), ascending."""
+    order = torch.sort(-scores, dim=1, stable=True).indices[:, :count]
+    return order.sort(dim=1).values
+
+
+def kept_width(width: int, ratio: float) -> int:
+    """Neurons every expert keeps when ``ratio`` of ``width`` are removed (checked: at least one removed and kept)."""
+    if not 0 < ratio < 1:
+        raise PlanError(f"--neuron-ratio {ratio:g} is the fraction of each expert's neurons removed: give a value "
+                        "between 0 and 1 (e.g. 0.25)")
+    count = width - round(width * ratio)
+    if not 1 <= count < width:
+        raise PlanError(f"--neuron-ratio {ratio:g} of {width} neurons keeps {count}: choose a ratio that removes at "
+                        "least one neuron and keeps at least one")
+    return count
+
+
+def make_neuron_plan(source: str | Path, view: MoEModelView, profile: Any, criterion: str, ratio: float,
+                     set_weights: dict[str, float] | None = None, profile_path: str | None = None,
+                     source_name: str | None = None, progress: bool = False) -> dict[str, Any]:
+    """The neuron plan record (``moekit_plan.json``, format ``NEURON_PLAN_FORMAT``) of ``criterion`` (a key of
+    ``moekit.score.neurons.NEURON_CRITERIA``): every expert keeps the same number of neurons, its highest-scoring
+    ones; every expert is kept. The experts' weights are read one decoder layer at a time from ``source``."""
+    from tqdm.auto import tqdm
+
+    from moekit.merge.methods import _layers_with_weights
+    from moekit.score.neurons import NEURON_CRITERIA, neuron_layer_stats
+    from moekit.summary import summarize
+
+    method = NEURON_CRITERIA.get(criterion)  # an unknown name lists the valid ones
+    profile.check_model(view)
+    width = view.layers[0].intermediate_size
+    count = kept_width(width, ratio)
+    for stat in method.reads:  # names --neuron-stats when the profile lacks it, before a weight is read
+        profile.stat(view.layers[0].index, stat)
+    check_neuron_removal(view, {layer.index: torch.arange(count).repeat(layer.num_experts, 1)
+                                for layer in view.layers})
+    layers: dict[str, Any] = {}
+    for layer, weights in tqdm(_layers_with_weights(source, view, True), total=len(view.layers),
+                               desc=f"{criterion} plan", unit="layer", disable=not progress):
+        stats = neuron_layer_stats(profile, layer.index, set_weights, method.reads)
+        experts = [weights(e) for e in range(layer.num_experts)]
+        keep = keep_top_neurons(method.score(stats, experts), count)
+        layers[str(layer.index)] = {"kept": list(range(layer.num_experts)), "removed": [],
+                                    "neurons": [[int(n) for n in row] for row in keep]}
+    sets = [{"name": x["name"], "tokens": x["tokens"], "data": x["data"]} for x in profile.meta["sets"]]
+    details = {"neuron_criterion": criterion, "neuron_ratio": ratio, "set_weights": set_weights,
+               "profile": {"path": profile_path, "sets": sets, "fingerprint": profile.fingerprint},
+               "selection": "the same number of neurons in every expert (stock configs hold one width), each "
+                            "expert's own highest-scoring ones", "criterion_doc": method.doc}
+    record = plan_envelope(NEURON_PLAN_FORMAT, source_name or profile.meta["model"].get("source", ""),
+                           summarize(view), view.num_experts, criterion, details, None, layers)
+    record["width"] = {"before": width, "after": count}
+    return record
+
+
+def plan_neuron_keep(plan: dict[str, Any], view: MoEModelView, origin: str = "plan") -> NeuronKeep:
+    """A neuron plan's kept neurons, checked against ``view`` (and that it keeps every expert)."""
+    keep = plan_record_keep(plan, origin)
+    if plan.get("format") != NEURON_PLAN_FORMAT:
+        raise PlanError(f"{origin} is not a neuron plan (format {NEURON_PLAN_FORMAT!r})")
+    if any(len(kept) != view.num_experts for kept in keep.values()):
+        raise PlanError(f"{origin}: a neuron plan that also removes experts is not supported yet; keep every "
+                        "expert (prune experts first with moekit prune --method, then neurons of the result)")
+    layers = {int(k): v for k, v in plan["layers"].items()}
+    neurons: NeuronKeep = {}
+    for index, entry in layers.items():
+        rows = entry.get("neurons")
+        if not isinstance(rows, list) or not all(isinstance(r, list) and all(isinstance(n, int) and not
+                                                                            isinstance(n, bool) for n in r)
+                                                 for r in rows):
+            raise PlanError(f"{origin}: layer {index} 'neurons' must be a list (one per expert) of lists of "
+                            "neuron indices")
+        if len({len(r) for r in rows}) > 1:
+            raise PlanError(f"{origin}: layer {index} keeps different numbers of neurons in different experts; stock "
+                            "configs hold one width")
+        neurons[index] = torch.tensor(rows, dtype=torch.long)
+    width = check_neuron_removal(view, neurons)
+    stated = plan.get("width")
+    if not isinstance(stated, dict) or stated.get("before") != view.layers[0].intermediate_size or \
+            stated.get("after") != width:
+        raise PlanError(f"{origin}: 'width' must be {{'before': {view.layers[0].intermediate_size}, 'after': "
+                        f"{width}}} for the neurons it keeps, got {stated!r}")
+    return neurons
+
+
+def render_neuron_card(name: str, source: str, before: Any, after: Any, plan: dict[str, Any], reproduce: str,
+                       base: Path | None = None) -> str:
+    """The checkpoint's README.md after neuron removal."""
+    reproduce = reproduce.replace(source, shown_path(source, base))
+    source = shown_path(source, base)
+    v = versions()
+    today = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    width = plan["width"]
+    return f"""---
+library_name: transformers
+tags:
+- moekit
+- mixture-of-experts
+- neuron-pruning
+---
+
+# {name}
+
+Neuron-pruned from `{source}` ({before.model_type}, {before.architecture}) with moekit {v['moekit']}:
+**every routed expert of the {len(before.moe_layers)} MoE layers keeps {width['after']} of its {width['before']}
+neurons** (criterion `{plan['method']}`, each expert its own highest-scoring ones; the same count everywhere
+because the config holds one expert width). Every expert, router and other weight is the source's; the kept
+neurons' rows and columns are unchanged. Shared experts keep their width. No weights were retrained.
+
+It loads with plain `AutoModelForCausalLM.from_pretrained`.
+
+| | before | after | after / before |
+|---|---:|---:|---:|
+{_param_rows(before, after)}
+
+Made {today} with torch {v['torch']}, transformers {v['transformers']}. Reproduce:
+
+```
+{reproduce}
+```
+
+The plan (`moekit_plan.json`) lists every expert's kept neurons.
+"""
+
+
+def neurons_to_checkpoint(source: str | Path, plan: dict[str, Any], out: str | Path, overwrite: bool = False,
+                          dtype: str = "auto", reproduce: str | None = None) -> Any:
+    """Write ``source`` with the neurons of ``plan`` (a neuron plan record) removed to ``out``, with the plan and a
+    card. A local safetensors checkpoint is streamed: every MoE layer is read one decoder layer at a time, its
+    experts cut to the kept neurons and written back in the stored layout; every other tensor's bytes are copied.
+    Checked before a weight is read; written atomically."""
+    from moekit.edit import PruneResult, read_source_structure, stream, write_streamed
+    from moekit.edit.checkpoint import check_output_dir, write_checkpoint
+    from moekit.edit.rewrite import rewrite_expert_layers
+    from moekit.model_io import check_dtype, describe_source, load_model
+    from moekit.needs import check_disk_room
+    from moekit.outputs import writing_directory
+    from moekit.summary import summarize
+
+    check_dtype(dtype)
+    out_path = check_output_dir(out, source, overwrite)
+    structure, files, tensors = read_source_structure(source)
+    keep = plan_neuron_keep(plan, structure)
+    if reproduce is None:
+        reproduce = f"moekit apply {shlex.quote(describe_source(source))} moekit_plan.json --out OUT"
+    before = summarize(structure)
+    if files is None or stream.needs_cast(tensors, dtype):
+        from moekit.edit import config_aliases
+
+        model = load_model(source, dtype=dtype)
+        view = MoEModelView.from_model(model)
+        prune_neurons(view, keep)
+        after = summarize(view)
+        card = render_neuron_card(out_path.name, describe_source(source), before, after, plan, reproduce, out_path)
+        path = write_checkpoint(model, out_path, source, plan, card, overwrite=overwrite,
+                                config_aliases=config_aliases(view))
+        return PruneResult(path, before, after, plan)
+    every = {layer.index: list(range(layer.num_experts)) for layer in structure.layers}
+    outputs = stream.plan_tensors(structure, every, tensors, source)
+    check_disk_room(out_path, 2 * sum(t.nbytes for t in outputs))  # the shards, plus the scratch expert copies
+    prune_neurons(structure, keep)
+    after = summarize(structure)
+    card = render_neuron_card(out_path.name, describe_source(source), before, after, plan, reproduce, out_path)
+    with writing_directory(out_path, "checkpoint") as tmp:
+        scratch = tmp / ".moekit-pruned-neurons"
+        scratch.mkdir()
+        rewrite_expert_layers(source, [layer.index for layer in structure.layers],
+                              lambda layer: layer.layout.keep_neurons(layer.experts, keep[layer.index]), outputs,
+                              scratch, "neuron-pruned", reshape=True)
+        write_streamed(tmp, source, structure, files, tensors, outputs, dtype, plan, card)
+        for file in scratch.iterdir():
+            file.unlink()
+        scratch.rmdir()
+    return PruneResult(out_path, before, after, plan)
+
+
+__all__ = ["NeuronKeep", "check_neuron_keep", "check_neuron_removal", "keep_top_neurons", "kept_width",
+           "make_neuron_plan", "neurons_to_checkpoint", "plan_neuron_keep", "prune_neurons", "render_neuron_card",
+           "tensors_following_width", "width_key"]

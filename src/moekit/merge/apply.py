@@ -32,7 +32,7 @@ from moekit.edit import _prune_view, config_aliases, read_source_structure, stre
 from moekit.edit.checkpoint import check_output_dir, write_checkpoint
 from moekit.edit.keep import PlanError, check_removes_experts, validate_keep
 from moekit.edit.prune import prune_layer, set_expert_count, validate_top_k
-from moekit.edit.safetensors_io import Piece, read_header
+from moekit.edit.rewrite import rewrite_expert_layers
 from moekit.merge.card import render_merge_card
 from moekit.merge.combine import merge_group
 from moekit.merge.groups import GroupMap, check_groups, check_neuron_maps, keep_of
@@ -122,7 +122,8 @@ def merge_to_checkpoint(source: str | Path, groups: GroupMap, plan: dict[str, An
     with writing_directory(out_path, "checkpoint") as tmp:
         scratch = tmp / SCRATCH
         scratch.mkdir()
-        _stream_merged_experts(source, groups, merging, outputs, scratch)
+        rewrite_expert_layers(source, merging, lambda layer: merge_layer(layer, groups[layer.index]), outputs,
+                              scratch, "merged")
         write_streamed(tmp, source, structure, files, tensors, outputs, dtype, plan, card)
         for file in scratch.iterdir():
             file.unlink()
@@ -137,50 +138,6 @@ def _expert_bytes(view: MoEModelView, outputs: list[Any], layers: list[int]) -> 
     roles = (names.role(t.name) for t in outputs)
     return sum(t.nbytes for t, role in zip(outputs, roles, strict=True)
                if role.kind in ("expert", "stacked") and role.layer is not None and role.layer.index in layers)
-
-
-def _stream_merged_experts(source: str | Path, groups: GroupMap, merging: list[int], outputs: list[Any],
-                           scratch: Path) -> None:
-    """For each layer in ``merging``: read it, merge it, write its experts' tensors (stored names and layout) to a
-    scratch file, and point the matching output tensors at their bytes there."""
-    from safetensors.torch import save_file
-
-    from moekit.layerwise import LayerwiseModel
-
-    by_name = {t.name: t for t in outputs}
-    if not merging:
-        return
-    with LayerwiseModel(source, device="cpu", read_ahead=False) as run:
-        layers = {layer.index: layer for layer in run.view.layers}
-        for index in merging:
-            with run.loaded(index):
-                layer = layers[index]
-                merge_layer(layer, groups[index])
-                prefix = f"{layer.path}.{layer.experts_name}."
-                state = {prefix + k: v.detach().contiguous() for k, v in layer.experts.state_dict().items()}
-                stored = _stored_form(run.model, state, by_name, index)
-                path = scratch / f"layer-{index}.safetensors"
-                save_file(stored, str(path))
-                del state, stored
-            for info in read_header(path):
-                target = by_name[info.name]
-                if (target.dtype, tuple(target.shape)) != (info.dtype, tuple(info.shape)):
-                    raise PlanError(f"merged tensor {info.name} is {info.dtype} {list(info.shape)} but the pruned "
-                                    f"checkpoint's is {target.dtype} {list(target.shape)}")
-                target.pieces = [Piece(info.path, info.begin, info.nbytes)]
-
-
-def _stored_form(model: Any, state: dict[str, torch.Tensor], by_name: dict[str, Any],
-                 index: int) -> dict[str, torch.Tensor]:
-    """``state`` (in-memory names) as the checkpoint stores it: transformers' reverse conversion when the
-    checkpoint uses the original layout (per-expert tensors, old module names), else as it is."""
-    from transformers.core_model_loading import revert_weight_conversion
-
-    for candidate in (revert_weight_conversion(model, dict(state)), state):
-        if candidate and all(name in by_name for name in candidate):
-            return {k: v.contiguous() for k, v in candidate.items()}
-    raise PlanError(f"MoE layer {index}: moekit cannot tell how the checkpoint stores the merged experts' tensors "
-                    f"(e.g. {next(iter(state))}); merge it through the in-memory path (--dtype)")
 
 
 def _merge_in_memory(source: str | Path, groups: GroupMap, plan: dict[str, Any], out: Path, overwrite: bool,
