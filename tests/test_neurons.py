@@ -260,3 +260,32 @@ def test_neuron_plan_refusals_name_the_fix_and_write_nothing(neuron_profile, tmp
         with pytest.raises(PlanError, match=message):
             apply_plan(source, bad, tmp_path / "out")
         assert not (tmp_path / "out").exists()
+
+
+def test_moekit_prune_neurons_from_the_command_line(neuron_profile, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from moekit.cli import app
+
+    runner = CliRunner()
+    source, profile = str(neuron_profile / "model"), str(neuron_profile / "profile")
+    result = runner.invoke(app, ["prune", source, "--profile", profile, "--neurons", "camera_p", "--neuron-ratio",
+                                 "0.5", "--out", str(tmp_path / "half")])
+    assert result.exit_code == 0, result.output
+    assert "32 -> 16 neurons in every routed expert" in " ".join(result.stdout.split())
+    assert json.loads((tmp_path / "half" / "config.json").read_text())["moe_intermediate_size"] == 16
+    plan = runner.invoke(app, ["prune", source, "--profile", profile, "--neurons", "camera_p", "--neuron-ratio",
+                               "0.5", "--plan-only", "--out", str(tmp_path / "plan.json")])
+    assert plan.exit_code == 0, plan.output
+    applied = runner.invoke(app, ["apply", source, str(tmp_path / "plan.json"), "--out", str(tmp_path / "applied")])
+    assert applied.exit_code == 0, applied.output
+    weights = "model.safetensors"
+    assert (tmp_path / "applied" / weights).read_bytes() == (tmp_path / "half" / weights).read_bytes()
+    for extra, message in ((["--ratio", "0.5"], "takes no --ratio"), (["--keep", "4"], "takes no --keep")):
+        bad = runner.invoke(app, ["prune", source, "--profile", profile, "--neurons", "camera_p", "--neuron-ratio",
+                                  "0.5", *extra, "--out", str(tmp_path / "bad")])
+        assert bad.exit_code == 2 and message in " ".join(bad.stderr.split()), bad.output
+    plain = runner.invoke(app, ["prune", source, "--profile", str(neuron_profile / "plain"), "--neurons", "camera_p",
+                                "--neuron-ratio", "0.5", "--out", str(tmp_path / "bad")])
+    assert plain.exit_code == 2 and "--neuron-stats" in plain.stderr
+    assert not (tmp_path / "bad").exists()

@@ -350,6 +350,13 @@ def prune(
         "blocks: allow keeping unequal numbers per group, which re-forms the groups.")] = False,
     dtype: Annotated[str, typer.Option(
         callback=_dtype_name, help="dtype to load and save in: auto (as stored), float32, bfloat16, ...")] = "auto",
+    neurons: Annotated[str | None, typer.Option(
+        "--neurons", help="Remove neurons inside every routed expert instead of whole experts, scored by this "
+        "criterion: camera_p (CAMERA-P; needs a profile with --neuron-stats). Every expert keeps the same number "
+        "of its own highest-scoring neurons (stock configs hold one expert width), so the checkpoint's expert "
+        "tensors really shrink. Give --neuron-ratio, not --ratio/--keep.")] = None,
+    neuron_ratio: Annotated[float | None, typer.Option(
+        "--neuron-ratio", help="With --neurons: fraction of each expert's neurons removed, e.g. 0.25.")] = None,
 ) -> None:
     """Remove the least important experts and write a standard checkpoint that from_pretrained (and vLLM) loads.
 
@@ -358,10 +365,13 @@ def prune(
     (moekit_plan.json) records every expert's score and why it was kept or removed; the model card records
     method, ratio, data and protections. Or give the experts to keep yourself with --keep-json.
 
+    With --neurons, neurons inside the experts are removed instead (every expert kept, each narrower).
+
     \b
     Examples:
       moekit prune ./model --profile prof --method reap --ratio 0.5 --out ./model-reap50
       moekit prune ./model --profile prof --method frequency --keep 6 --plan-only --out plan.json
+      moekit prune ./model --profile prof --neurons camera_p --neuron-ratio 0.25 --out ./model-camera25
     """
     from moekit.data import DataSpec
     from moekit.edit import PlanError
@@ -376,6 +386,11 @@ def prune(
                  inputs=paths)
     if plan_only and keep_json is not None:
         raise PlanError("--plan-only needs --profile; a --keep-json file already is a plan")
+    if neurons is not None or neuron_ratio is not None:
+        return _prune_neurons_command(model, out_dir, profile, neurons, neuron_ratio, set_weights, plan_only,
+                                      dry_run, overwrite, dtype, paths,
+                                      others={"--ratio": ratio, "--keep": keep, "--keep-json": keep_json,
+                                              "--data": data or None, "--top-k": top_k, "--protect": protect})
     protect_text = _read_text_input(protect_file, "--protect file") if protect_file else protect
     inputs = read_inputs(profile, data or [], keep_json, run=RunOptions(device=device, dtype=dtype,
                                                                        sequential=sequential, say=_note),
@@ -395,6 +410,45 @@ def prune(
                                   reproduce=" ".join(["moekit", *sys.argv[1:]])))
 
 
+def _prune_neurons_command(model: str, out_dir: Path, profile: Path | None, criterion: str | None,
+                           ratio: float | None, set_weights: str | None, plan_only: bool, dry_run: bool,
+                           overwrite: bool, dtype: str, paths: list[Any], others: dict[str, Any]) -> None:
+    """``moekit prune --neurons``: a neuron plan from the profile, written or applied."""
+    from moekit.arch import MoEModelView
+    from moekit.edit import PlanError
+    from moekit.edit.neurons import make_neuron_plan
+    from moekit.model_io import describe_source, load_structure
+    from moekit.pipeline import apply_plan, read_inputs, write_plan
+
+    given = [name for name, value in others.items() if value is not None]
+    if given:
+        raise PlanError(f"--neurons removes neurons inside every expert and keeps every expert, so it takes no "
+                        f"{', '.join(given)}. Prune experts first (moekit prune --method ... --out A), then neurons "
+                        "of A (profile A with --neuron-stats); one plan doing both is not supported yet")
+    if criterion is None or ratio is None:
+        raise PlanError("give both --neurons CRITERION (camera_p) and --neuron-ratio R (fraction of each expert's "
+                        "neurons removed, e.g. 0.25)")
+    if profile is None:
+        raise PlanError("--neurons scores neurons from a profile: give --profile PROFILE (moekit profile MODEL "
+                        "--data NAME=PATH --neuron-stats --out PROFILE)")
+    inputs = read_inputs(profile)
+    view = MoEModelView.from_model(load_structure(model))
+    plan = make_neuron_plan(model, view, inputs.profile, criterion, ratio, inputs.set_weights(set_weights),
+                            str(Path(profile).resolve()), describe_source(model), progress=True)
+    width = plan["width"]
+    if dry_run:
+        _note(f"keep {width['after']} of {width['before']} neurons in every routed expert ({criterion})")
+        out.print("dry run: nothing was written", highlight=False)
+        return
+    if plan_only:
+        write_plan(plan, out_dir, overwrite=overwrite, sources=[model], inputs=paths)
+        _wrote(f"plan {out_dir}: keep {width['after']} of {width['before']} neurons in every routed expert "
+               f"({criterion}); apply it with moekit apply {model} {out_dir} --out DIR")
+        return
+    _print_pruned(apply_plan(model, plan, out_dir, overwrite=overwrite, dtype=dtype,
+                             reproduce=" ".join(["moekit", *sys.argv[1:]])))
+
+
 def _print_prune_needs(model: str, out_dir: Path, kept: int, dtype: str) -> None:
     """What ``moekit prune --dry-run`` says: the plan's size against the output disk (refused if it cannot fit)."""
     from moekit.needs import format_bytes, prune_needs
@@ -410,6 +464,13 @@ def _print_pruned(result: Any) -> None:
     from moekit.summary import format_count
 
     b, a = result.before, result.after
+    width = result.plan.get("width") if isinstance(result.plan, dict) else None
+    if width:  # a neuron plan
+        _wrote(f"{result.out}: {width['before']} -> {width['after']} neurons in every routed expert of "
+               f"{len(a.moe_layers)} MoE layers; routed-expert parameters {format_count(b.routed_expert_parameters)} "
+               f"-> {format_count(a.routed_expert_parameters)}, parameters {format_count(b.total_parameters)} -> "
+               f"{format_count(a.total_parameters)}")
+        return
     top_k = f", top-{b.top_k} -> top-{a.top_k}" if a.top_k != b.top_k else ""
     _wrote(f"{result.out}: {b.num_experts} -> {a.num_experts} experts in each of "
               f"{len(a.moe_layers)} MoE layers{top_k}; parameters {format_count(b.total_parameters)} -> "
