@@ -12,12 +12,15 @@ For each testbed (a checkpoint written by ``benchmarks/train_moe.py``):
    (``--set-weights DOMAIN=1``), measured on that domain;
 4. per-domain held-out perplexity of every pruned model (the same tokens for all), reported as the
    retention original_ppl / pruned_ppl (1 = no loss), plus the time to plan and prune;
-5. with merging methods among ``--methods`` (``m_smoe``, ``hc_smoe``, ``sub_moe``, ``dern``; or ``--methods all-merge``
+5. with neuron criteria among ``--methods`` (``camera_p``), the profile also records ``--neuron-stats`` and each
+   row removes the ratio's fraction of every expert's neurons instead of experts (``moekit.edit.neurons``): the
+   same fraction of routed-expert parameters;
+6. with merging methods among ``--methods`` (``m_smoe``, ``hc_smoe``, ``sub_moe``, ``dern``; or ``--methods all-merge``
    for the four), the profile also records the merge statistics (``--merge-stats``) and each merging method's plan is
    made (``moekit.merge.make_merge_plan``, reading the testbed's weights layer by layer) and applied to a copy of the
    model (``moekit.merge.merge_model``): the same number of experts per layer as the pruned rows of that ratio, so
    the same bytes; general rows only (no domain-targeted rows for merging);
-6. with ``--tasks`` (e.g. ``arc_easy arc_challenge piqa hellaswag winogrande lambada_openai``), task
+7. with ``--tasks`` (e.g. ``arc_easy arc_challenge piqa hellaswag winogrande lambada_openai``), task
    accuracy (``moekit.eval.evaluate``, first ``--task-limit`` items per task, default 500) of the original
    model and of every general row's pruned model (not the domain-targeted rows: too many); the tokenizer
    is loaded from ``--tokenizer`` (default: the testbed directory). Without ``--tasks`` nothing is evaluated.
@@ -56,6 +59,7 @@ from train_moe import stream_perplexity, stream_tokens  # noqa: E402
 
 from moekit.arch import MoEModelView  # noqa: E402
 from moekit.data import CalibrationSet  # noqa: E402
+from moekit.edit.neurons import make_neuron_plan, prune_neurons  # noqa: E402
 from moekit.edit.prune import prune_experts  # noqa: E402
 from moekit.eval import evaluate  # noqa: E402
 from moekit.merge import merge_model  # noqa: E402
@@ -66,6 +70,7 @@ from moekit.plan.check import plan_groups  # noqa: E402
 from moekit.plan.naee import make_naee_plan  # noqa: E402
 from moekit.profile import collect_profile  # noqa: E402
 from moekit.score import CRITERIA  # noqa: E402
+from moekit.score.neurons import NEURON_CRITERIA  # noqa: E402
 
 RATIOS = (0.25, 0.5, 0.75)
 # the metric reported per task in the markdown table (the first one present)
@@ -100,7 +105,10 @@ def pruned_copy(model: Any, plan: dict[str, Any]) -> Any:
     """A copy of ``model`` with ``plan`` applied: merged by its groups (a merge plan) or pruned to its kept lists."""
     clone = copy.deepcopy(model)
     groups = plan_groups(plan)
-    if groups is not None:
+    if "width" in plan:  # a neuron plan
+        prune_neurons(MoEModelView.from_model(clone), {int(k): torch.tensor(v["neurons"])
+                                                       for k, v in plan["layers"].items()})
+    elif groups is not None:
         merge_model(MoEModelView.from_model(clone), groups)
     else:
         prune_experts(MoEModelView.from_model(clone), plan_keep_map(plan))
@@ -148,7 +156,7 @@ def compare(testbed: Path, corpus: Path, seq_len: int, calibration_tokens: int, 
     original_tasks = task_scores(model, tokenizer, tasks, task_limit) if tasks else None
     if only is not None and "all-merge" in only:
         only = [m for m in only if m != "all-merge"] + list(MERGE_METHODS)
-    known = [*CRITERIA.names(), "naee", *MERGE_METHODS]
+    known = [*CRITERIA.names(), "naee", *MERGE_METHODS, *NEURON_CRITERIA.names()]
     unknown = [m for m in only or () if m not in known]
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; valid: {', '.join(known)} (or all-merge)")
@@ -156,6 +164,7 @@ def compare(testbed: Path, corpus: Path, seq_len: int, calibration_tokens: int, 
     methods = [m for m in known if m in only] if only is not None else default
     criteria = [m for m in methods if m in CRITERIA.names()]
     merge_stats = any(m in MERGE_METHODS for m in methods)
+    neuron_stats = any(m in NEURON_CRITERIA for m in methods)
     rows: list[dict[str, Any]] = []
     profile_seconds: list[float] = []
 
@@ -172,6 +181,7 @@ def compare(testbed: Path, corpus: Path, seq_len: int, calibration_tokens: int, 
             "testbed": testbed.name, "num_experts": view.num_experts, "top_k": view.top_k,
             "model_type": view.model_type, "domains": domains, "original_perplexity": original,
             "profile_seconds": profile_seconds, "profile_merge_stats": merge_stats,
+            "profile_neuron_stats": neuron_stats,
             "calibration_tokens_per_domain": calibration_tokens,
             # what was measured (all of it once complete; a stopped run lists the seeds and ratios it reached)
             "calibration_seeds": list(seeds) if complete else sorted({r["seed"] for r in general_rows}),
@@ -189,7 +199,8 @@ def compare(testbed: Path, corpus: Path, seq_len: int, calibration_tokens: int, 
     for seed in seeds:
         sets = calibration_sets(corpus, domains, seq_len, calibration_tokens, seed)
         start = time.perf_counter()
-        profile = collect_profile(model, sets, batch_size=16, progress=False, merge_stats=merge_stats)
+        profile = collect_profile(model, sets, batch_size=16, progress=False, merge_stats=merge_stats,
+                                  neuron_stats=neuron_stats)
         profile_seconds.append(time.perf_counter() - start)
         for ratio in ratios:
             for method in methods:
@@ -199,11 +210,14 @@ def compare(testbed: Path, corpus: Path, seq_len: int, calibration_tokens: int, 
                     plan = make_naee_plan(model, sets, request, search="beam", max_tokens=naee_tokens, progress=False)
                 elif method in MERGE_METHODS:
                     plan = make_merge_plan(testbed, view, profile, request)
+                elif method in NEURON_CRITERIA:  # the same fraction of routed parameters, removed inside experts
+                    plan = make_neuron_plan(testbed, view, profile, method, ratio)
                 else:
                     plan = make_prune_plan(view, profile, request)
                 seconds = time.perf_counter() - start
                 rows.append({"kind": "general", "method": method, "ratio": ratio, "seed": seed, "plan_seconds": seconds,
-                             "edit": "merge" if method in MERGE_METHODS else "prune",
+                             "edit": "merge" if method in MERGE_METHODS else "neurons" if method in NEURON_CRITERIA
+                             else "prune",
                              **evaluate_plan(model, plan, heldout, seq_len, original, tokenizer, tasks, task_limit)})
                 print(f"{testbed.name} seed {seed} general {method} {ratio}: "
                       f"mean retention {rows[-1]['mean_retention']:.3f}", flush=True)
@@ -278,6 +292,7 @@ def markdown(result: dict[str, Any]) -> str:
     record = result.get("testbed_record") or {}
     balancing = (record.get("recipe") or {}).get("balancing", "not recorded")
     merged = sorted({r["method"] for r in result["rows"] if r.get("edit") == "merge"})
+    neuron_rows = sorted({r["method"] for r in result["rows"] if r.get("edit") == "neurons"})
     what = "Pruning and merging methods" if merged else "Pruning methods"
     lines = [f"# {what} on `{result['testbed']}` ({result['model_type']}, {result['num_experts']} experts, "
              f"top-{result['top_k']})", "",
@@ -292,6 +307,11 @@ def markdown(result: dict[str, Any]) -> str:
                       "rows of the same ratio keep (the same bytes on disk); their profiles also collected the "
                       "merge statistics (`--merge-stats`, in their profile seconds); what the pruning criteria read is "
                       "the same with or without them."]
+    if neuron_rows:
+        lines += ["", f"Neuron-level rows ({', '.join(neuron_rows)}): every expert kept, each keeping the same number "
+                      "of its own highest-scoring neurons; `ratio` is then the fraction of each expert's neurons "
+                      "removed, which is the same fraction of routed-expert parameters as the expert rows remove "
+                      "(their profiles also collected `--neuron-stats`)."]
     if not result.get("complete", True):
         lines += ["", "**Incomplete**: the run was stopped (a time limit) before it measured every method, seed and "
                       "ratio it was asked for; the tables hold what it reached."]

@@ -54,3 +54,16 @@ def capture_transformers_log() -> Iterator[io.StringIO]:
 
 def random_ids(seed: int = 0, batch: int = 2, length: int = 16) -> torch.Tensor:
     return torch.randint(3, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def profiled_tiny_model(root: Path, family: str, option: str, text: str, max_tokens: int) -> Path:
+    """``root/model`` (a tiny ``family`` checkpoint), ``root/text.txt`` and two of its profiles: ``root/profile`` with
+    the optional statistics ``option`` (``neuron_stats`` or ``merge_stats``) and ``root/plain`` without."""
+    from moekit.profile import profile_model
+
+    save_tiny_model(family, root / "model")
+    (root / "text.txt").write_text(text)
+    for name, on in (("profile", True), ("plain", False)):
+        profile_model(root / "model", [f"prose={root / 'text.txt'}"], root / name, seq_len=64, max_tokens=max_tokens,
+                      progress=False, **{option: on})
+    return root

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import ALL_FAMILIES, capture_transformers_log, random_ids
+from conftest import ALL_FAMILIES, capture_transformers_log, profiled_tiny_model, random_ids
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -206,16 +206,8 @@ def test_streamed_merge_equals_the_in_memory_merge(family, tiny_checkpoint, tmp_
 @pytest.fixture(scope="module")
 def merge_profile(tmp_path_factory):
     """A tiny Mixtral, its profile with merge statistics, and one without."""
-    from moekit.tiny import save_tiny_model
-
-    root = tmp_path_factory.mktemp("merge-profile")
-    save_tiny_model("mixtral", root / "model")
-    text = root / "text.txt"
-    text.write_text(" ".join(f"token{i % 89} said the {i % 7} line {i}" for i in range(4000)))
-    for name, merge_stats in (("profile", True), ("plain", False)):
-        profile_model(root / "model", [f"prose={text}"], root / name, seq_len=64, max_tokens=4096,
-                      merge_stats=merge_stats, progress=False)
-    return root
+    return profiled_tiny_model(tmp_path_factory.mktemp("merge-profile"), "mixtral", "merge_stats",
+                               " ".join(f"token{i % 89} said the {i % 7} line {i}" for i in range(4000)), 4096)
 
 
 def test_merge_statistics_leave_every_other_statistic_unchanged(merge_profile) -> None:

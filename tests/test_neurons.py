@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import ALL_FAMILIES, capture_transformers_log, random_ids
+from conftest import ALL_FAMILIES, capture_transformers_log, profiled_tiny_model, random_ids
 from transformers import AutoModelForCausalLM
 
 from moekit.arch import MoEModelView
@@ -164,17 +164,8 @@ def test_each_expert_keeps_its_own_highest_scoring_neurons_ties_to_the_lower_ind
 @pytest.fixture(scope="module")
 def neuron_profile(tmp_path_factory):
     """A tiny Qwen3-MoE checkpoint and its profile with per-neuron statistics (and one without)."""
-    from moekit.profile import profile_model
-    from moekit.tiny import save_tiny_model
-
-    root = tmp_path_factory.mktemp("neuron-profile")
-    save_tiny_model("qwen3_moe", root / "model")
-    text = root / "text.txt"
-    text.write_text(" ".join(f"word{i % 97} and the {i % 13} line {i}" for i in range(3000)))
-    for name, neuron_stats in (("profile", True), ("plain", False)):
-        profile_model(root / "model", [f"prose={text}"], root / name, seq_len=64, max_tokens=2048,
-                      neuron_stats=neuron_stats, progress=False)
-    return root
+    return profiled_tiny_model(tmp_path_factory.mktemp("neuron-profile"), "qwen3_moe", "neuron_stats",
+                               " ".join(f"word{i % 97} and the {i % 13} line {i}" for i in range(3000)), 2048)
 
 
 def test_neuron_plan_writes_a_smaller_stock_checkpoint_streamed_as_in_memory(neuron_profile, tmp_path) -> None:

@@ -376,7 +376,7 @@ def prune(
     from moekit.data import DataSpec
     from moekit.edit import PlanError
     from moekit.outputs import check_output
-    from moekit.pipeline import RunOptions, kept_per_layer, make_plan, prune_with_plan, read_inputs, write_plan
+    from moekit.pipeline import RunOptions, kept_per_layer, make_plan, read_inputs
     from moekit.plan import PlanRequest, parse_protect
 
     _quiet_transformers()
@@ -401,13 +401,22 @@ def prune(
     plan = make_plan(model, request, inputs)
     if dry_run:
         return _print_prune_needs(model, out_dir, kept_per_layer(plan), dtype)
+    _write_or_apply(model, plan, out_dir, plan_only, overwrite, dtype, paths,
+                    f"keep {plan['num_experts']['after']} of {plan['num_experts']['before']} experts per layer "
+                    f"({method})")
+
+
+def _write_or_apply(model: str, plan: dict[str, Any], out_dir: Path, plan_only: bool, overwrite: bool, dtype: str,
+                    paths: list[Any], what: str) -> None:
+    """The end of moekit prune and moekit merge: write the plan (--plan-only), or apply it and say what changed."""
+    from moekit.pipeline import apply_plan, write_plan
+
     if plan_only:
         write_plan(plan, out_dir, overwrite=overwrite, sources=[model], inputs=paths)
-        _wrote(f"plan {out_dir}: keep {plan['num_experts']['after']} of {plan['num_experts']['before']} experts "
-               f"per layer ({method}); apply it with moekit apply {model} {out_dir} --out DIR")
+        _wrote(f"plan {out_dir}: {what}; apply it with moekit apply {model} {out_dir} --out DIR")
         return
-    _print_pruned(prune_with_plan(model, plan, out_dir, overwrite=overwrite, dtype=dtype,
-                                  reproduce=" ".join(["moekit", *sys.argv[1:]])))
+    _print_pruned(apply_plan(model, plan, out_dir, overwrite=overwrite, dtype=dtype,
+                             reproduce=" ".join(["moekit", *sys.argv[1:]])))
 
 
 def _prune_neurons_command(model: str, out_dir: Path, profile: Path | None, criterion: str | None,
@@ -418,7 +427,7 @@ def _prune_neurons_command(model: str, out_dir: Path, profile: Path | None, crit
     from moekit.edit import PlanError
     from moekit.edit.neurons import make_neuron_plan
     from moekit.model_io import describe_source, load_structure
-    from moekit.pipeline import apply_plan, read_inputs, write_plan
+    from moekit.pipeline import read_inputs
 
     given = [name for name, value in others.items() if value is not None]
     if given:
@@ -440,13 +449,8 @@ def _prune_neurons_command(model: str, out_dir: Path, profile: Path | None, crit
         _note(f"keep {width['after']} of {width['before']} neurons in every routed expert ({criterion})")
         out.print("dry run: nothing was written", highlight=False)
         return
-    if plan_only:
-        write_plan(plan, out_dir, overwrite=overwrite, sources=[model], inputs=paths)
-        _wrote(f"plan {out_dir}: keep {width['after']} of {width['before']} neurons in every routed expert "
-               f"({criterion}); apply it with moekit apply {model} {out_dir} --out DIR")
-        return
-    _print_pruned(apply_plan(model, plan, out_dir, overwrite=overwrite, dtype=dtype,
-                             reproduce=" ".join(["moekit", *sys.argv[1:]])))
+    _write_or_apply(model, plan, out_dir, plan_only, overwrite, dtype, paths,
+                    f"keep {width['after']} of {width['before']} neurons in every routed expert ({criterion})")
 
 
 def _print_prune_needs(model: str, out_dir: Path, kept: int, dtype: str) -> None:
@@ -563,7 +567,7 @@ def merge(
     """
     from moekit.edit import PlanError
     from moekit.outputs import check_output
-    from moekit.pipeline import RunOptions, apply_plan, make_plan, read_inputs, write_plan
+    from moekit.pipeline import RunOptions, make_plan, read_inputs
     from moekit.plan import PlanRequest, parse_protect
 
     _quiet_transformers()
@@ -584,13 +588,9 @@ def merge(
                           protect=parse_protect(protect_text), set_weights=inputs.set_weights(set_weights),
                           seed=seed, top_k=top_k, allow_regroup=allow_regroup, extra=extra)
     plan = make_plan(model, request, inputs, kind="merge")
-    if plan_only:
-        write_plan(plan, out_dir, overwrite=overwrite, sources=[model], inputs=paths)
-        _wrote(f"plan {out_dir}: merge {plan['num_experts']['before']} experts into {plan['num_experts']['after']} "
-               f"per layer ({method}); apply it with moekit apply {model} {out_dir} --out DIR")
-        return
-    _print_pruned(apply_plan(model, plan, out_dir, overwrite=overwrite, dtype=dtype,
-                             reproduce=" ".join(["moekit", *sys.argv[1:]])))
+    _write_or_apply(model, plan, out_dir, plan_only, overwrite, dtype, paths,
+                    f"merge {plan['num_experts']['before']} experts into {plan['num_experts']['after']} per layer "
+                    f"({method})")
 
 
 class _DefaultCollectGroup(TyperGroup):
