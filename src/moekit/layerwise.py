@@ -561,3 +561,15 @@ def _quant_method(config: Any) -> str:
     quant = config.quantization_config
     method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
     return str(method or "quantization_config")
+
+
+def layers_with_expert_weights(source: str | Path, view: Any) -> Iterator[tuple[Any, Any]]:
+    """Each MoE layer of ``view`` (a ``MoEModelView`` of ``source``) loaded from ``source``'s shards on the CPU, one
+    decoder layer held at a time, with a function from an expert index to its weights (``ExpertWeights``, views
+    into the loaded layer: valid while the layer is the one yielded)."""
+    with LayerwiseModel(source, device="cpu", read_ahead=False) as run:
+        loaded = {layer.index: layer for layer in run.view.layers}
+        for layer in view.layers:
+            with run.loaded(layer.index):
+                live = loaded[layer.index]
+                yield live, (lambda e, lv=live: lv.layout.expert_weights(lv.experts, e))

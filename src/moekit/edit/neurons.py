@@ -146,7 +146,7 @@ def make_neuron_plan(source: str | Path, view: MoEModelView, profile: Any, crite
     ones; every expert is kept. The experts' weights are read one decoder layer at a time from ``source``."""
     from tqdm.auto import tqdm
 
-    from moekit.merge.methods import _layers_with_weights
+    from moekit.layerwise import layers_with_expert_weights
     from moekit.score.neurons import NEURON_CRITERIA, neuron_layer_stats
     from moekit.summary import summarize
 
@@ -159,7 +159,7 @@ def make_neuron_plan(source: str | Path, view: MoEModelView, profile: Any, crite
     check_neuron_removal(view, {layer.index: torch.arange(count).repeat(layer.num_experts, 1)
                                 for layer in view.layers})
     layers: dict[str, Any] = {}
-    for layer, weights in tqdm(_layers_with_weights(source, view, True), total=len(view.layers),
+    for layer, weights in tqdm(layers_with_expert_weights(source, view), total=len(view.layers),
                                desc=f"{criterion} plan", unit="layer", disable=not progress):
         stats = neuron_layer_stats(profile, layer.index, set_weights, method.reads)
         experts = [weights(e) for e in range(layer.num_experts)]

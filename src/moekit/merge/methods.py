@@ -375,19 +375,14 @@ WeightsOf = Callable[[int], ExpertWeights]
 
 
 def _layers_with_weights(source: str | Path, view: MoEModelView, needed: bool) -> Iterator[tuple[MoELayer, Any]]:
-    """Each MoE layer of ``view`` with a reader of its experts' weights (one decoder layer held at a time)."""
+    """Each MoE layer of ``view`` with a reader of its experts' weights (None when not ``needed``)."""
     if not needed:
         for layer in view.layers:
             yield layer, None
         return
-    from moekit.layerwise import LayerwiseModel
+    from moekit.layerwise import layers_with_expert_weights
 
-    with LayerwiseModel(source, device="cpu", read_ahead=False) as run:
-        loaded = {layer.index: layer for layer in run.view.layers}
-        for layer in view.layers:
-            with run.loaded(layer.index):
-                live = loaded[layer.index]
-                yield live, (lambda e, lv=live: lv.layout.expert_weights(lv.experts, e))
+    yield from layers_with_expert_weights(source, view)
 
 
 def make_merge_plan(source: str | Path, view: MoEModelView, profile: Profile, request: PlanRequest,
