@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -280,3 +281,16 @@ def test_moekit_prune_neurons_from_the_command_line(neuron_profile, tmp_path) ->
                                 "--neuron-ratio", "0.5", "--out", str(tmp_path / "bad")])
     assert plain.exit_code == 2 and "--neuron-stats" in plain.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_report_reads_a_neuron_plan(neuron_profile, tmp_path) -> None:
+    from moekit.edit.neurons import make_neuron_plan
+    from moekit.model_io import load_structure
+    from moekit.profile import Profile
+    from moekit.report import build_report
+
+    source = neuron_profile / "model"
+    plan = make_neuron_plan(source, MoEModelView.from_model(load_structure(source)),
+                            Profile.load(neuron_profile / "profile"), "camera_p", 0.25)
+    md, _ = build_report(tmp_path / "report", plans=[plan])
+    assert "keeps 24 of its 32 neurons" in " ".join(Path(md).read_text().split())

@@ -24,7 +24,14 @@ from moekit.outputs import check_output, shown_path, writing_directory
 from moekit.report import figures
 from moekit.report.compare import format_value
 from moekit.report.errors import ReportError
-from moekit.report.inputs import MERGE_PLAN_FORMAT_PREFIX, ResultPoint, coerce_result, load_plan, plan_title
+from moekit.report.inputs import (
+    MERGE_PLAN_FORMAT_PREFIX,
+    NEURON_PLAN_FORMAT_PREFIX,
+    ResultPoint,
+    coerce_result,
+    load_plan,
+    plan_title,
+)
 
 SECTION_TITLES = {"expert-load": "Expert load", "scores": "Expert scores and the pruning cut",
                   "quality": "Quality vs compression", "speed": "Memory and speed", "samples": "Generation samples"}
@@ -96,6 +103,13 @@ def scores_section(plans: Sequence[dict[str, Any]], base: Path | None = None) ->
                                 "the kept experts are the output experts' router experts; the others are merged "
                                 "into one of them or dropped, as the table says.")]
     for number, plan in enumerate(plans, 1):
+        if str(plan.get("format", "")).startswith(NEURON_PLAN_FORMAT_PREFIX):  # no expert is removed
+            width = plan.get("width") or {}
+            source = shown_path((plan.get("source") or {}).get("model", "?"), base)
+            blocks.append(Text(f"Plan {number}: {plan.get('method')} neuron pruning. Source model: {source}; every "
+                               f"routed expert keeps {width.get('after')} of its {width.get('before')} neurons, "
+                               "each its own highest-scoring ones; every expert is kept."))
+            continue
         title = plan_title(plan)
         details = plan.get("details") or {}
         protections = (details.get("protections") or {}).get("super_experts") or []
