@@ -294,3 +294,47 @@ def test_a_report_reads_a_neuron_plan(neuron_profile, tmp_path) -> None:
                             Profile.load(neuron_profile / "profile"), "camera_p", 0.25)
     md, _ = build_report(tmp_path / "report", plans=[plan])
     assert "keeps 24 of its 32 neurons" in " ".join(Path(md).read_text().split())
+
+
+def test_layer_selection_removes_the_lowest_scores_of_the_whole_layer() -> None:
+    from moekit.edit.neurons import keep_layer_top_neurons
+
+    scores = torch.tensor([[0.5, 0.1, 0.9], [0.2, 0.8, 0.1]])
+    assert keep_layer_top_neurons(scores, 3) == [[0, 2], [1]]  # 0.1 (0,1), 0.1 (1,2), 0.2 (1,0) go
+    assert keep_layer_top_neurons(torch.ones(2, 2), 1) == [[1], [0, 1]]  # ties: the lower expert, neuron first
+
+
+def test_masked_neuron_plan_zeroes_exactly_the_layer_selection_and_says_it_saves_nothing(neuron_profile,
+                                                                                          tmp_path) -> None:
+    from moekit.edit.neurons import make_neuron_plan
+    from moekit.model_io import load_structure
+    from moekit.pipeline import apply_plan
+    from moekit.profile import Profile
+
+    source = neuron_profile / "model"
+    view = MoEModelView.from_model(load_structure(source))
+    plan = make_neuron_plan(source, view, Profile.load(neuron_profile / "profile"), "camera_p", 0.25, mode="masked")
+    width, experts = view.layers[0].intermediate_size, view.num_experts
+    rows = plan["layers"][str(view.layers[0].index)]["neurons"]
+    assert sum(len(r) for r in rows) == experts * width - experts * width // 4
+    assert len({len(r) for r in rows}) > 1  # experts keep different numbers: why it cannot shrink a stock config
+    streamed = apply_plan(source, plan, tmp_path / "streamed").out
+    in_memory = apply_plan(source, plan, tmp_path / "in-memory", dtype="float32").out
+    original = AutoModelForCausalLM.from_pretrained(source).eval()
+    masked_by_hand = _masked(original, {int(k): [torch.tensor(r, dtype=torch.long) for r in v["neurons"]]
+                                        for k, v in plan["layers"].items()})
+    ids = random_ids()
+    with torch.no_grad():
+        expected = masked_by_hand(input_ids=ids).logits
+        for path in (streamed, in_memory):
+            model = AutoModelForCausalLM.from_pretrained(path).eval()
+            assert torch.allclose(model(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
+            for layer in MoEModelView.from_model(model).layers:  # every unkept neuron is zero in every projection
+                for expert, kept in enumerate(plan["layers"][str(layer.index)]["neurons"]):
+                    w = layer.layout.expert_weights(layer.experts, expert)
+                    drop = sorted(set(range(width)) - set(kept))
+                    assert not w.down[:, drop].any() and not w.up[drop].any() and not w.gate[drop].any()
+                    assert w.down[:, kept].any()
+    assert (streamed / "model.safetensors").stat().st_size == (source / "model.safetensors").stat().st_size
+    card = " ".join((streamed / "README.md").read_text().split())
+    assert "saves no memory" in card and "zeroed, not removed" in card

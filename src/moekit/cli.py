@@ -357,6 +357,11 @@ def prune(
         "tensors really shrink. Give --neuron-ratio, not --ratio/--keep.")] = None,
     neuron_ratio: Annotated[float | None, typer.Option(
         "--neuron-ratio", help="With --neurons: fraction of each expert's neurons removed, e.g. 0.25.")] = None,
+    mode: Annotated[str, typer.Option(
+        "--mode", help="With --neurons: uniform (every expert keeps the same number of neurons; they are removed "
+        "and the checkpoint shrinks) or masked (the lowest-scoring fraction of each layer's neurons, from any "
+        "expert, as CAMERA and HEAPr select them; zeroed, not removed: it saves nothing on disk, the card says what "
+        "a format storing only the kept neurons would save).")] = "uniform",
 ) -> None:
     """Remove the least important experts and write a standard checkpoint that from_pretrained (and vLLM) loads.
 
@@ -387,7 +392,7 @@ def prune(
     if plan_only and keep_json is not None:
         raise PlanError("--plan-only needs --profile; a --keep-json file already is a plan")
     if neurons is not None or neuron_ratio is not None:
-        return _prune_neurons_command(model, out_dir, profile, neurons, neuron_ratio, set_weights, plan_only,
+        return _prune_neurons_command(model, out_dir, profile, neurons, neuron_ratio, mode, set_weights, plan_only,
                                       dry_run, overwrite, dtype, paths,
                                       others={"--ratio": ratio, "--keep": keep, "--keep-json": keep_json,
                                               "--data": data or None, "--top-k": top_k, "--protect": protect})
@@ -420,7 +425,7 @@ def _write_or_apply(model: str, plan: dict[str, Any], out_dir: Path, plan_only: 
 
 
 def _prune_neurons_command(model: str, out_dir: Path, profile: Path | None, criterion: str | None,
-                           ratio: float | None, set_weights: str | None, plan_only: bool, dry_run: bool,
+                           ratio: float | None, mode: str, set_weights: str | None, plan_only: bool, dry_run: bool,
                            overwrite: bool, dtype: str, paths: list[Any], others: dict[str, Any]) -> None:
     """``moekit prune --neurons``: a neuron plan from the profile, written or applied."""
     from moekit.arch import MoEModelView
@@ -443,14 +448,17 @@ def _prune_neurons_command(model: str, out_dir: Path, profile: Path | None, crit
     inputs = read_inputs(profile)
     view = MoEModelView.from_model(load_structure(model))
     plan = make_neuron_plan(model, view, inputs.profile, criterion, ratio, inputs.set_weights(set_weights),
-                            str(Path(profile).resolve()), describe_source(model), progress=True)
+                            str(Path(profile).resolve()), describe_source(model), progress=True, mode=mode)
     width = plan["width"]
+    what = (f"keep {width['after']} of {width['before']} neurons in every routed expert ({criterion})"
+            if mode == "uniform" else f"zero {plan['masked_neurons']['per_layer']} of the "
+            f"{plan['masked_neurons']['of']} routed-expert neurons of every MoE layer ({criterion}; saves nothing on "
+            "disk)")
     if dry_run:
-        _note(f"keep {width['after']} of {width['before']} neurons in every routed expert ({criterion})")
+        _note(what)
         out.print("dry run: nothing was written", highlight=False)
         return
-    _write_or_apply(model, plan, out_dir, plan_only, overwrite, dtype, paths,
-                    f"keep {width['after']} of {width['before']} neurons in every routed expert ({criterion})")
+    _write_or_apply(model, plan, out_dir, plan_only, overwrite, dtype, paths, what)
 
 
 def _print_prune_needs(model: str, out_dir: Path, kept: int, dtype: str) -> None:
@@ -469,6 +477,11 @@ def _print_pruned(result: Any) -> None:
 
     b, a = result.before, result.after
     width = result.plan.get("width") if isinstance(result.plan, dict) else None
+    masked = result.plan.get("masked_neurons") if isinstance(result.plan, dict) else None
+    if masked:
+        _wrote(f"{result.out}: {masked['per_layer']} of the {masked['of']} routed-expert neurons of each of "
+               f"{len(a.moe_layers)} MoE layers zeroed (masked: the checkpoint is as large as the source)")
+        return
     if width:  # a neuron plan
         _wrote(f"{result.out}: {width['before']} -> {width['after']} neurons in every routed expert of "
                f"{len(a.moe_layers)} MoE layers; routed-expert parameters {format_count(b.routed_expert_parameters)} "

@@ -138,43 +138,117 @@ def kept_width(width: int, ratio: float) -> int:
     return count
 
 
+MODES = ("uniform", "masked")
+
+
+def keep_layer_top_neurons(scores: torch.Tensor, removed: int) -> list[list[int]]:
+    """Each expert's kept neurons when the ``removed`` lowest-scoring neurons of the whole layer (``scores``
+    [E, I]) go, whichever experts they are in (CAMERA's and HEAPr's per-layer selection; ties: the lower
+    expert, then the lower neuron, goes first)."""
+    experts, width = scores.shape
+    order = torch.sort(scores.flatten(), stable=True).indices[:removed]  # lowest first, ties to the lower index
+    kept = torch.ones(experts * width, dtype=torch.bool)
+    kept[order] = False
+    kept = kept.view(experts, width)
+    return [[int(n) for n in kept[e].nonzero().flatten()] for e in range(experts)]
+
+
 def make_neuron_plan(source: str | Path, view: MoEModelView, profile: Any, criterion: str, ratio: float,
                      set_weights: dict[str, float] | None = None, profile_path: str | None = None,
-                     source_name: str | None = None, progress: bool = False) -> dict[str, Any]:
+                     source_name: str | None = None, progress: bool = False, mode: str = "uniform") -> dict[str, Any]:
     """The neuron plan record (``moekit_plan.json``, format ``NEURON_PLAN_FORMAT``) of ``criterion`` (a key of
-    ``moekit.score.neurons.NEURON_CRITERIA``): every expert keeps the same number of neurons, its highest-scoring
-    ones; every expert is kept. The experts' weights are read one decoder layer at a time from ``source``."""
+    ``moekit.score.neurons.NEURON_CRITERIA``); every expert is kept. ``mode`` "uniform": every expert keeps the same
+    number of neurons, its highest-scoring ones, and the checkpoint shrinks. "masked": the lowest-scoring
+    ``ratio`` of each layer's neurons go, from whichever experts (different counts per expert); they are zeroed,
+    not removed, since a stock config holds one width: the checkpoint is as large as the source (its card says
+    what a format holding only the kept neurons would save). The experts' weights are read one decoder layer at a
+    time from ``source``."""
     from tqdm.auto import tqdm
 
     from moekit.layerwise import layers_with_expert_weights
     from moekit.score.neurons import NEURON_CRITERIA, neuron_layer_stats
     from moekit.summary import summarize
 
+    if mode not in MODES:
+        raise PlanError(f"--mode {mode!r}: choose uniform (neurons removed, the checkpoint shrinks) or masked "
+                        "(per-layer selection, neurons zeroed, nothing saved on disk)")
     method = NEURON_CRITERIA.get(criterion)  # an unknown name lists the valid ones
     profile.check_model(view)
     width = view.layers[0].intermediate_size
     count = kept_width(width, ratio)
     for stat in method.reads:  # names --neuron-stats when the profile lacks it, before a weight is read
         profile.stat(view.layers[0].index, stat)
-    check_neuron_removal(view, {layer.index: torch.arange(count).repeat(layer.num_experts, 1)
-                                for layer in view.layers})
+    if mode == "uniform":
+        check_neuron_removal(view, {layer.index: torch.arange(count).repeat(layer.num_experts, 1)
+                                    for layer in view.layers})
     layers: dict[str, Any] = {}
     for layer, weights in tqdm(layers_with_expert_weights(source, view), total=len(view.layers),
                                desc=f"{criterion} plan", unit="layer", disable=not progress):
         stats = neuron_layer_stats(profile, layer.index, set_weights, method.reads)
         experts = [weights(e) for e in range(layer.num_experts)]
-        keep = keep_top_neurons(method.score(stats, experts), count)
-        layers[str(layer.index)] = {"kept": list(range(layer.num_experts)), "removed": [],
-                                    "neurons": [[int(n) for n in row] for row in keep]}
+        scores = method.score(stats, experts)
+        if mode == "uniform":
+            rows = [[int(n) for n in row] for row in keep_top_neurons(scores, count)]
+        else:
+            rows = keep_layer_top_neurons(scores, layer.num_experts * (width - count))
+        layers[str(layer.index)] = {"kept": list(range(layer.num_experts)), "removed": [], "neurons": rows}
     sets = [{"name": x["name"], "tokens": x["tokens"], "data": x["data"]} for x in profile.meta["sets"]]
     details = {"neuron_criterion": criterion, "neuron_ratio": ratio, "set_weights": set_weights,
                "profile": {"path": profile_path, "sets": sets, "fingerprint": profile.fingerprint},
-               "selection": "the same number of neurons in every expert (stock configs hold one width), each "
-                            "expert's own highest-scoring ones", "criterion_doc": method.doc}
+               "mode": mode, "selection": "the same number of neurons in every expert (stock configs hold one "
+               "width), each expert's own highest-scoring ones" if mode == "uniform" else "the layer's "
+               "lowest-scoring neurons, from any expert; zeroed, not removed", "criterion_doc": method.doc}
     record = plan_envelope(NEURON_PLAN_FORMAT, source_name or profile.meta["model"].get("source", ""),
                            summarize(view), view.num_experts, criterion, details, None, layers)
-    record["width"] = {"before": width, "after": count}
+    record["width"] = {"before": width, "after": count if mode == "uniform" else width}
+    if mode == "masked":
+        record["masked_neurons"] = {"per_layer": view.layers[0].num_experts * (width - count),
+                                    "of": view.layers[0].num_experts * width}
     return record
+
+
+def plan_neuron_masks(plan: dict[str, Any], view: MoEModelView, origin: str = "plan") -> dict[int, list[list[int]]]:
+    """A masked neuron plan's kept neurons per layer and expert (any count per expert), checked against ``view``."""
+    keep = plan_record_keep(plan, origin)
+    if any(len(kept) != view.num_experts for kept in keep.values()):
+        raise PlanError(f"{origin}: a neuron plan that also removes experts is not supported yet")
+    layers = {int(k): v for k, v in plan["layers"].items()}
+    width = view.layers[0].intermediate_size
+    out = {}
+    for layer in view.layers:
+        rows = layers[layer.index].get("neurons")
+        if not isinstance(rows, list) or len(rows) != layer.num_experts or not all(
+                isinstance(r, list) and all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < width
+                                            for n in r) and r == sorted(set(r)) for r in rows):
+            raise PlanError(f"{origin}: layer {layer.index} 'neurons' must hold, for each of its {layer.num_experts} "
+                            f"experts, its kept neuron indices (distinct, ascending, 0..{width - 1})")
+        out[layer.index] = rows
+    return out
+
+
+def mask_layer_neurons(layer: Any, kept: list[list[int]]) -> None:
+    """Zero every neuron of ``layer``'s experts not in ``kept[e]``: its gate and up rows (and biases) and its down
+    column, so its activation is 0 and nothing reaches the output, in place."""
+    from dataclasses import replace
+
+    from moekit.arch.experts import write_expert_weights
+
+    for expert, rows in enumerate(kept):
+        w = layer.layout.expert_weights(layer.experts, expert)
+        drop = torch.ones(w.up.shape[0], dtype=torch.bool)
+        drop[rows] = False
+        if not bool(drop.any()):
+            continue
+        new = {}
+        for name in ("gate", "up", "gate_bias", "up_bias"):
+            value = getattr(w, name)
+            if value is not None:
+                value = value.detach().clone()
+                value[drop.to(value.device)] = 0
+            new[name] = value
+        down = w.down.detach().clone()
+        down[:, drop.to(down.device)] = 0
+        write_expert_weights(layer.layout, layer.experts, expert, replace(w, down=down, **new))
 
 
 def plan_neuron_keep(plan: dict[str, Any], view: MoEModelView, origin: str = "plan") -> NeuronKeep:
@@ -215,6 +289,19 @@ def render_neuron_card(name: str, source: str, before: Any, after: Any, plan: di
     v = versions()
     today = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     width = plan["width"]
+    if (plan.get("details") or {}).get("mode") == "masked":
+        share = plan["masked_neurons"]
+        saved = before.routed_expert_parameters * share["per_layer"] / share["of"]
+        what = (f"**the lowest-scoring {share['per_layer']} of the {share['of']} routed-expert neurons of each of the "
+                f"{len(before.moe_layers)} MoE layers are zeroed** (criterion `{plan['method']}`, selected across each "
+                "layer's experts, so experts keep different numbers). They are zeroed, not removed: a stock config "
+                "holds one expert width, so **this checkpoint is as large as the source and saves no memory**; a "
+                f"format that stored only the kept neurons would drop about {saved:,.0f} routed-expert parameters "
+                f"({100 * share['per_layer'] / share['of']:.0f}%).")
+    else:
+        what = (f"**every routed expert of the {len(before.moe_layers)} MoE layers keeps {width['after']} of its "
+                f"{width['before']} neurons** (criterion `{plan['method']}`, each expert its own highest-scoring ones; "
+                "the same count everywhere because the config holds one expert width).")
     return f"""---
 library_name: transformers
 tags:
@@ -226,10 +313,8 @@ tags:
 # {name}
 
 Neuron-pruned from `{source}` ({before.model_type}, {before.architecture}) with moekit {v['moekit']}:
-**every routed expert of the {len(before.moe_layers)} MoE layers keeps {width['after']} of its {width['before']}
-neurons** (criterion `{plan['method']}`, each expert its own highest-scoring ones; the same count everywhere
-because the config holds one expert width). Every expert, router and other weight is the source's; the kept
-neurons' rows and columns are unchanged. Shared experts keep their width. No weights were retrained.
+{what} Every expert, router and other weight is the source's; the kept neurons' rows and columns are
+unchanged. Shared experts keep their width. No weights were retrained.
 
 It loads with plain `AutoModelForCausalLM.from_pretrained`.
 
@@ -264,7 +349,13 @@ def neurons_to_checkpoint(source: str | Path, plan: dict[str, Any], out: str | P
     check_dtype(dtype)
     out_path = check_output_dir(out, source, overwrite)
     structure, files, tensors = read_source_structure(source)
-    keep = plan_neuron_keep(plan, structure)
+    masked = (plan.get("details") or {}).get("mode") == "masked"
+    if masked:
+        masks = plan_neuron_masks(plan, structure)
+        edit: Any = lambda layer: mask_layer_neurons(layer, masks[layer.index])  # noqa: E731
+    else:
+        keep = plan_neuron_keep(plan, structure)
+        edit = lambda layer: layer.layout.keep_neurons(layer.experts, keep[layer.index])  # noqa: E731
     if reproduce is None:
         reproduce = f"moekit apply {shlex.quote(describe_source(source))} moekit_plan.json --out OUT"
     before = summarize(structure)
@@ -273,7 +364,12 @@ def neurons_to_checkpoint(source: str | Path, plan: dict[str, Any], out: str | P
 
         model = load_model(source, dtype=dtype)
         view = MoEModelView.from_model(model)
-        prune_neurons(view, keep)
+        if masked:
+            with torch.no_grad():
+                for layer in view.layers:
+                    edit(layer)
+        else:
+            prune_neurons(view, keep)
         after = summarize(view)
         card = render_neuron_card(out_path.name, describe_source(source), before, after, plan, reproduce, out_path)
         path = write_checkpoint(model, out_path, source, plan, card, overwrite=overwrite,
@@ -282,15 +378,15 @@ def neurons_to_checkpoint(source: str | Path, plan: dict[str, Any], out: str | P
     every = {layer.index: list(range(layer.num_experts)) for layer in structure.layers}
     outputs = stream.plan_tensors(structure, every, tensors, source)
     check_disk_room(out_path, 2 * sum(t.nbytes for t in outputs))  # the shards, plus the scratch expert copies
-    prune_neurons(structure, keep)
+    if not masked:
+        prune_neurons(structure, keep)
     after = summarize(structure)
     card = render_neuron_card(out_path.name, describe_source(source), before, after, plan, reproduce, out_path)
     with writing_directory(out_path, "checkpoint") as tmp:
         scratch = tmp / ".moekit-pruned-neurons"
         scratch.mkdir()
-        rewrite_expert_layers(source, [layer.index for layer in structure.layers],
-                              lambda layer: layer.layout.keep_neurons(layer.experts, keep[layer.index]), outputs,
-                              scratch, "neuron-pruned", reshape=True)
+        rewrite_expert_layers(source, [layer.index for layer in structure.layers], edit, outputs, scratch,
+                              "neuron-pruned", reshape=not masked)
         write_streamed(tmp, source, structure, files, tensors, outputs, dtype, plan, card)
         for file in scratch.iterdir():
             file.unlink()
