@@ -338,3 +338,26 @@ def test_masked_neuron_plan_zeroes_exactly_the_layer_selection_and_says_it_saves
     assert (streamed / "model.safetensors").stat().st_size == (source / "model.safetensors").stat().st_size
     card = " ".join((streamed / "README.md").read_text().split())
     assert "saves no memory" in card and "zeroed, not removed" in card
+
+
+def test_masked_mode_works_where_uniform_removal_is_refused(tmp_path) -> None:
+    """DeepSeek-V3's shared experts follow moe_intermediate_size: uniform removal is refused before a weight is
+    read, masking (no shape changes) is written and reloads."""
+    from moekit.edit.neurons import make_neuron_plan
+    from moekit.model_io import load_structure
+    from moekit.pipeline import apply_plan
+    from moekit.profile import Profile
+
+    root = profiled_tiny_model(tmp_path, "deepseek_v3", "neuron_stats",
+                               " ".join(f"word{i % 97} and {i}" for i in range(2000)), 1024)
+    source = root / "model"
+    view = MoEModelView.from_model(load_structure(source))
+    profile = Profile.load(root / "profile")
+    with pytest.raises(PlanError, match="shared_experts"):
+        make_neuron_plan(source, view, profile, "camera_p", 0.25)
+    plan = make_neuron_plan(source, view, profile, "camera_p", 0.25, mode="masked")
+    out = apply_plan(source, plan, tmp_path / "masked").out
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=random_ids()).logits).all()
