@@ -273,7 +273,8 @@ def test_moekit_prune_neurons_from_the_command_line(neuron_profile, tmp_path) ->
     assert applied.exit_code == 0, applied.output
     weights = "model.safetensors"
     assert (tmp_path / "applied" / weights).read_bytes() == (tmp_path / "half" / weights).read_bytes()
-    for extra, message in ((["--ratio", "0.5"], "takes no --ratio"), (["--keep", "4"], "takes no --keep")):
+    for extra, message in ((["--keep-json", str(tmp_path / "plan.json")], "takes no --keep-json"),
+                           (["--method", "naee", "--ratio", "0.5"], "not supported")):
         bad = runner.invoke(app, ["prune", source, "--profile", profile, "--neurons", "camera_p", "--neuron-ratio",
                                   "0.5", *extra, "--out", str(tmp_path / "bad")])
         assert bad.exit_code == 2 and message in " ".join(bad.stderr.split()), bad.output
@@ -361,3 +362,44 @@ def test_masked_mode_works_where_uniform_removal_is_refused(tmp_path) -> None:
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=random_ids()).logits).all()
+
+
+def test_one_plan_removes_experts_then_neurons_in_one_pass(neuron_profile, tmp_path) -> None:
+    """moekit prune --method reap --ratio 0.25 --neurons camera_p --neuron-ratio 0.25: the written checkpoint is the
+    source with those experts pruned and then those neurons removed (done by hand in memory), streamed = in memory,
+    and its routed-expert bytes are the product of the kept fractions."""
+    from typer.testing import CliRunner
+
+    from moekit.cli import app
+    from moekit.edit.prune import prune_experts
+    from moekit.pipeline import apply_plan
+
+    runner = CliRunner()
+    source = neuron_profile / "model"
+    result = runner.invoke(app, ["prune", str(source), "--profile", str(neuron_profile / "profile"), "--method",
+                                 "reap", "--ratio", "0.25", "--neurons", "camera_p", "--neuron-ratio", "0.25",
+                                 "--out", str(tmp_path / "both")])
+    assert result.exit_code == 0, result.output
+    plan = json.loads((tmp_path / "both" / "moekit_plan.json").read_text())
+    assert plan["num_experts"] == {"before": 8, "after": 6} and plan["width"] == {"before": 32, "after": 24}
+    assert plan["details"]["experts"]["method"] == "reap"
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "both").eval()
+    by_hand = AutoModelForCausalLM.from_pretrained(source).eval()
+    view = MoEModelView.from_model(by_hand)
+    prune_experts(view, {int(k): v["kept"] for k, v in plan["layers"].items()})
+    prune_neurons(view, {int(k): torch.tensor(v["neurons"]) for k, v in plan["layers"].items()})
+    ids = random_ids()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, by_hand(input_ids=ids).logits)
+    in_memory = apply_plan(source, plan, tmp_path / "in-memory", dtype="float32").out
+    reloaded = AutoModelForCausalLM.from_pretrained(in_memory).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+    def expert_bytes(path):
+        from safetensors import safe_open
+
+        with safe_open(str(path / "model.safetensors"), "pt") as f:
+            return sum(f.get_tensor(k).nbytes for k in f.keys() if ".experts." in k)
+
+    assert expert_bytes(tmp_path / "both") * 8 * 32 == expert_bytes(source) * 6 * 24

@@ -391,11 +391,10 @@ def prune(
                  inputs=paths)
     if plan_only and keep_json is not None:
         raise PlanError("--plan-only needs --profile; a --keep-json file already is a plan")
-    if neurons is not None or neuron_ratio is not None:
-        return _prune_neurons_command(model, out_dir, profile, neurons, neuron_ratio, mode, set_weights, plan_only,
-                                      dry_run, overwrite, dtype, paths,
-                                      others={"--ratio": ratio, "--keep": keep, "--keep-json": keep_json,
-                                              "--data": data or None, "--top-k": top_k, "--protect": protect})
+    neuron_run = neurons is not None or neuron_ratio is not None
+    if neuron_run:
+        _check_neuron_options(neurons, neuron_ratio, profile, method,
+                              {"--keep-json": keep_json, "--data": data or None})
     protect_text = _read_text_input(protect_file, "--protect file") if protect_file else protect
     inputs = read_inputs(profile, data or [], keep_json, run=RunOptions(device=device, dtype=dtype,
                                                                        sequential=sequential, say=_note),
@@ -403,6 +402,10 @@ def prune(
     request = PlanRequest(method=method, ratio=ratio, keep=keep, protect_super=not no_protect_super,
                           protect=parse_protect(protect_text), set_weights=inputs.set_weights(set_weights),
                           seed=seed, top_k=top_k, allow_regroup=allow_regroup)
+    if neuron_run:  # with --ratio/--keep the experts are pruned first, in the same plan
+        experts_plan = make_plan(model, request, inputs) if ratio is not None or keep is not None else None
+        return _prune_neurons_command(model, out_dir, inputs, profile, neurons, neuron_ratio, mode, set_weights,
+                                      plan_only, dry_run, overwrite, dtype, paths, experts_plan)
     plan = make_plan(model, request, inputs)
     if dry_run:
         return _print_prune_needs(model, out_dir, kept_per_layer(plan), dtype)
@@ -424,36 +427,47 @@ def _write_or_apply(model: str, plan: dict[str, Any], out_dir: Path, plan_only: 
                              reproduce=" ".join(["moekit", *sys.argv[1:]])))
 
 
-def _prune_neurons_command(model: str, out_dir: Path, profile: Path | None, criterion: str | None,
-                           ratio: float | None, mode: str, set_weights: str | None, plan_only: bool, dry_run: bool,
-                           overwrite: bool, dtype: str, paths: list[Any], others: dict[str, Any]) -> None:
-    """``moekit prune --neurons``: a neuron plan from the profile, written or applied."""
-    from moekit.arch import MoEModelView
+def _check_neuron_options(criterion: str | None, ratio: float | None, profile: Path | None, method: str,
+                          refused: dict[str, Any]) -> None:
+    """What ``moekit prune --neurons`` needs, checked before anything is read."""
     from moekit.edit import PlanError
-    from moekit.edit.neurons import make_neuron_plan
-    from moekit.model_io import describe_source, load_structure
-    from moekit.pipeline import read_inputs
 
-    given = [name for name, value in others.items() if value is not None]
+    given = [name for name, value in refused.items() if value is not None]
     if given:
-        raise PlanError(f"--neurons removes neurons inside every expert and keeps every expert, so it takes no "
-                        f"{', '.join(given)}. Prune experts first (moekit prune --method ... --out A), then neurons "
-                        "of A (profile A with --neuron-stats); one plan doing both is not supported yet")
+        raise PlanError(f"--neurons scores neurons from a profile, so it takes no {', '.join(given)}; to prune "
+                        "experts in the same plan, give --method with --ratio or --keep")
+    if method == "naee":
+        raise PlanError("--neurons with --method naee is not supported: prune experts with naee first (moekit "
+                        "prune --method naee ... --out A), then neurons of A")
     if criterion is None or ratio is None:
         raise PlanError("give both --neurons CRITERION (camera_p) and --neuron-ratio R (fraction of each expert's "
                         "neurons removed, e.g. 0.25)")
     if profile is None:
         raise PlanError("--neurons scores neurons from a profile: give --profile PROFILE (moekit profile MODEL "
                         "--data NAME=PATH --neuron-stats --out PROFILE)")
-    inputs = read_inputs(profile)
+
+
+def _prune_neurons_command(model: str, out_dir: Path, inputs: Any, profile: Path, criterion: str, ratio: float,
+                           mode: str, set_weights: str | None, plan_only: bool, dry_run: bool, overwrite: bool,
+                           dtype: str, paths: list[Any], experts_plan: dict[str, Any] | None) -> None:
+    """``moekit prune --neurons``: a neuron plan from the profile (after ``experts_plan``'s experts are removed,
+    when given), written or applied."""
+    from moekit.arch import MoEModelView
+    from moekit.edit.neurons import make_neuron_plan
+    from moekit.model_io import describe_source, load_structure
+
     view = MoEModelView.from_model(load_structure(model))
     plan = make_neuron_plan(model, view, inputs.profile, criterion, ratio, inputs.set_weights(set_weights),
-                            str(Path(profile).resolve()), describe_source(model), progress=True, mode=mode)
+                            str(Path(profile).resolve()), describe_source(model), progress=True, mode=mode,
+                            experts_plan=experts_plan)
     width = plan["width"]
     what = (f"keep {width['after']} of {width['before']} neurons in every routed expert ({criterion})"
             if mode == "uniform" else f"zero {plan['masked_neurons']['per_layer']} of the "
             f"{plan['masked_neurons']['of']} routed-expert neurons of every MoE layer ({criterion}; saves nothing on "
             "disk)")
+    if experts_plan is not None:
+        what = (f"keep {plan['num_experts']['after']} of {plan['num_experts']['before']} experts per layer "
+                f"({experts_plan['method']}), then " + what)
     if dry_run:
         _note(what)
         out.print("dry run: nothing was written", highlight=False)
@@ -478,12 +492,13 @@ def _print_pruned(result: Any) -> None:
     b, a = result.before, result.after
     width = result.plan.get("width") if isinstance(result.plan, dict) else None
     masked = result.plan.get("masked_neurons") if isinstance(result.plan, dict) else None
+    experts = f"{b.num_experts} -> {a.num_experts} experts, " if a.num_experts != b.num_experts else ""
     if masked:
-        _wrote(f"{result.out}: {masked['per_layer']} of the {masked['of']} routed-expert neurons of each of "
-               f"{len(a.moe_layers)} MoE layers zeroed (masked: the checkpoint is as large as the source)")
+        _wrote(f"{result.out}: {experts}{masked['per_layer']} of the {masked['of']} routed-expert neurons of each of "
+               f"{len(a.moe_layers)} MoE layers zeroed (masked: zeroed neurons save nothing on disk)")
         return
     if width:  # a neuron plan
-        _wrote(f"{result.out}: {width['before']} -> {width['after']} neurons in every routed expert of "
+        _wrote(f"{result.out}: {experts}{width['before']} -> {width['after']} neurons in every routed expert of "
                f"{len(a.moe_layers)} MoE layers; routed-expert parameters {format_count(b.routed_expert_parameters)} "
                f"-> {format_count(a.routed_expert_parameters)}, parameters {format_count(b.total_parameters)} -> "
                f"{format_count(a.total_parameters)}")

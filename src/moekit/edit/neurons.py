@@ -155,14 +155,17 @@ def keep_layer_top_neurons(scores: torch.Tensor, removed: int) -> list[list[int]
 
 def make_neuron_plan(source: str | Path, view: MoEModelView, profile: Any, criterion: str, ratio: float,
                      set_weights: dict[str, float] | None = None, profile_path: str | None = None,
-                     source_name: str | None = None, progress: bool = False, mode: str = "uniform") -> dict[str, Any]:
+                     source_name: str | None = None, progress: bool = False, mode: str = "uniform",
+                     experts_plan: dict[str, Any] | None = None) -> dict[str, Any]:
     """The neuron plan record (``moekit_plan.json``, format ``NEURON_PLAN_FORMAT``) of ``criterion`` (a key of
     ``moekit.score.neurons.NEURON_CRITERIA``); every expert is kept. ``mode`` "uniform": every expert keeps the same
     number of neurons, its highest-scoring ones, and the checkpoint shrinks. "masked": the lowest-scoring
     ``ratio`` of each layer's neurons go, from whichever experts (different counts per expert); they are zeroed,
     not removed, since a stock config holds one width: the checkpoint is as large as the source (its card says
-    what a format holding only the kept neurons would save). The experts' weights are read one decoder layer at a
-    time from ``source``."""
+    what a format holding only the kept neurons would save). With ``experts_plan`` (a pruning plan record of the
+    same model, ``moekit.plan.make_prune_plan``) the plan removes those experts first and selects neurons in the
+    experts it keeps: one plan, applied in one pass. The experts' weights are read one decoder layer at a time
+    from ``source``."""
     from tqdm.auto import tqdm
 
     from moekit.layerwise import layers_with_expert_weights
@@ -181,37 +184,48 @@ def make_neuron_plan(source: str | Path, view: MoEModelView, profile: Any, crite
     if mode == "uniform":
         check_neuron_removal(view, {layer.index: torch.arange(count).repeat(layer.num_experts, 1)
                                     for layer in view.layers})
+    if experts_plan is not None:
+        from moekit.plan import plan_keep_map
+
+        expert_keep = plan_keep_map(experts_plan)
+    else:
+        expert_keep = {layer.index: list(range(layer.num_experts)) for layer in view.layers}
+    kept_experts = len(expert_keep[view.layers[0].index])
     layers: dict[str, Any] = {}
     for layer, weights in tqdm(layers_with_expert_weights(source, view), total=len(view.layers),
                                desc=f"{criterion} plan", unit="layer", disable=not progress):
-        stats = neuron_layer_stats(profile, layer.index, set_weights, method.reads)
-        experts = [weights(e) for e in range(layer.num_experts)]
-        scores = method.score(stats, experts)
+        kept = expert_keep[layer.index]
+        stats = {k: v[kept] for k, v in neuron_layer_stats(profile, layer.index, set_weights, method.reads).items()}
+        scores = method.score(stats, [weights(e) for e in kept])
         if mode == "uniform":
             rows = [[int(n) for n in row] for row in keep_top_neurons(scores, count)]
         else:
-            rows = keep_layer_top_neurons(scores, layer.num_experts * (width - count))
-        layers[str(layer.index)] = {"kept": list(range(layer.num_experts)), "removed": [], "neurons": rows}
+            rows = keep_layer_top_neurons(scores, len(kept) * (width - count))
+        entry = dict(experts_plan["layers"][str(layer.index)]) if experts_plan is not None else \
+            {"kept": kept, "removed": []}
+        layers[str(layer.index)] = {**entry, "neurons": rows}
     sets = [{"name": x["name"], "tokens": x["tokens"], "data": x["data"]} for x in profile.meta["sets"]]
     details = {"neuron_criterion": criterion, "neuron_ratio": ratio, "set_weights": set_weights,
                "profile": {"path": profile_path, "sets": sets, "fingerprint": profile.fingerprint},
                "mode": mode, "selection": "the same number of neurons in every expert (stock configs hold one "
                "width), each expert's own highest-scoring ones" if mode == "uniform" else "the layer's "
                "lowest-scoring neurons, from any expert; zeroed, not removed", "criterion_doc": method.doc}
+    top_k = None
+    if experts_plan is not None:  # the expert pruning this plan does first, as its own plan recorded it
+        details["experts"] = {"method": experts_plan["method"], "details": experts_plan.get("details", {})}
+        details["allow_regroup"] = experts_plan.get("details", {}).get("allow_regroup", False)
+        top_k = (experts_plan.get("top_k") or {}).get("after")
     record = plan_envelope(NEURON_PLAN_FORMAT, source_name or profile.meta["model"].get("source", ""),
-                           summarize(view), view.num_experts, criterion, details, None, layers)
+                           summarize(view), kept_experts, criterion, details, top_k, layers)
     record["width"] = {"before": width, "after": count if mode == "uniform" else width}
     if mode == "masked":
-        record["masked_neurons"] = {"per_layer": view.layers[0].num_experts * (width - count),
-                                    "of": view.layers[0].num_experts * width}
+        record["masked_neurons"] = {"per_layer": kept_experts * (width - count), "of": kept_experts * width}
     return record
 
 
 def plan_neuron_masks(plan: dict[str, Any], view: MoEModelView, origin: str = "plan") -> dict[int, list[list[int]]]:
-    """A masked neuron plan's kept neurons per layer and expert (any count per expert), checked against ``view``."""
-    keep = plan_record_keep(plan, origin)
-    if any(len(kept) != view.num_experts for kept in keep.values()):
-        raise PlanError(f"{origin}: a neuron plan that also removes experts is not supported yet")
+    """A masked neuron plan's kept neurons per layer and expert (any count per expert), checked against ``view``
+    (the model after the plan's expert pruning)."""
     layers = {int(k): v for k, v in plan["layers"].items()}
     width = view.layers[0].intermediate_size
     out = {}
@@ -252,13 +266,10 @@ def mask_layer_neurons(layer: Any, kept: list[list[int]]) -> None:
 
 
 def plan_neuron_keep(plan: dict[str, Any], view: MoEModelView, origin: str = "plan") -> NeuronKeep:
-    """A neuron plan's kept neurons, checked against ``view`` (and that it keeps every expert)."""
-    keep = plan_record_keep(plan, origin)
+    """A neuron plan's kept neurons, checked against ``view``: the model after the plan's expert pruning (rows are
+    the kept experts', in order)."""
     if plan.get("format") != NEURON_PLAN_FORMAT:
         raise PlanError(f"{origin} is not a neuron plan (format {NEURON_PLAN_FORMAT!r})")
-    if any(len(kept) != view.num_experts for kept in keep.values()):
-        raise PlanError(f"{origin}: a neuron plan that also removes experts is not supported yet; keep every "
-                        "expert (prune experts first with moekit prune --method, then neurons of the result)")
     layers = {int(k): v for k, v in plan["layers"].items()}
     neurons: NeuronKeep = {}
     for index, entry in layers.items():
@@ -338,8 +349,10 @@ def neurons_to_checkpoint(source: str | Path, plan: dict[str, Any], out: str | P
     card. A local safetensors checkpoint is streamed: every MoE layer is read one decoder layer at a time, its
     experts cut to the kept neurons and written back in the stored layout; every other tensor's bytes are copied.
     Checked before a weight is read; written atomically."""
-    from moekit.edit import PruneResult, read_source_structure, stream, write_streamed
+    from moekit.edit import PruneResult, _prune_view, read_source_structure, stream, write_streamed
     from moekit.edit.checkpoint import check_output_dir, write_checkpoint
+    from moekit.edit.keep import validate_keep
+    from moekit.edit.prune import prune_layer
     from moekit.edit.rewrite import rewrite_expert_layers
     from moekit.model_io import check_dtype, describe_source, load_model
     from moekit.needs import check_disk_room
@@ -349,25 +362,48 @@ def neurons_to_checkpoint(source: str | Path, plan: dict[str, Any], out: str | P
     check_dtype(dtype)
     out_path = check_output_dir(out, source, overwrite)
     structure, files, tensors = read_source_structure(source)
-    masked = (plan.get("details") or {}).get("mode") == "masked"
+    details = plan.get("details") or {}
+    masked = details.get("mode") == "masked"
+    expert_keep = plan_record_keep(plan)
+    allow_regroup = bool(details.get("allow_regroup", False))
+    top_k = (plan.get("top_k") or {}).get("after")
+    top_k = top_k if top_k != structure.top_k else None
+    removes = any(len(kept) != structure.num_experts for kept in expert_keep.values())
+    if removes:
+        validate_keep(structure, expert_keep, allow_regroup=allow_regroup)
+    before = summarize(structure)
+    outputs = stream.plan_tensors(structure, expert_keep, tensors, source) if files is not None else None
+    if removes:  # the structure after the expert pruning: what the neurons are checked against
+        _prune_view(structure, expert_keep, allow_regroup, top_k)
     if masked:
         masks = plan_neuron_masks(plan, structure)
-        edit: Any = lambda layer: mask_layer_neurons(layer, masks[layer.index])  # noqa: E731
+
+        def edit_neurons(layer: Any) -> None:
+            mask_layer_neurons(layer, masks[layer.index])
     else:
         keep = plan_neuron_keep(plan, structure)
-        edit = lambda layer: layer.layout.keep_neurons(layer.experts, keep[layer.index])  # noqa: E731
+
+        def edit_neurons(layer: Any) -> None:
+            layer.layout.keep_neurons(layer.experts, keep[layer.index])
+
+    def edit(layer: Any) -> None:  # a source layer: its experts pruned first, then its neurons
+        if removes:
+            prune_layer(layer, expert_keep[layer.index])
+        edit_neurons(layer)
+
     if reproduce is None:
         reproduce = f"moekit apply {shlex.quote(describe_source(source))} moekit_plan.json --out OUT"
-    before = summarize(structure)
     if files is None or stream.needs_cast(tensors, dtype):
         from moekit.edit import config_aliases
 
         model = load_model(source, dtype=dtype)
         view = MoEModelView.from_model(model)
+        if removes:
+            _prune_view(view, expert_keep, allow_regroup, top_k)
         if masked:
             with torch.no_grad():
                 for layer in view.layers:
-                    edit(layer)
+                    edit_neurons(layer)
         else:
             prune_neurons(view, keep)
         after = summarize(view)
@@ -375,8 +411,7 @@ def neurons_to_checkpoint(source: str | Path, plan: dict[str, Any], out: str | P
         path = write_checkpoint(model, out_path, source, plan, card, overwrite=overwrite,
                                 config_aliases=config_aliases(view))
         return PruneResult(path, before, after, plan)
-    every = {layer.index: list(range(layer.num_experts)) for layer in structure.layers}
-    outputs = stream.plan_tensors(structure, every, tensors, source)
+    assert outputs is not None
     check_disk_room(out_path, 2 * sum(t.nbytes for t in outputs))  # the shards, plus the scratch expert copies
     if not masked:
         prune_neurons(structure, keep)
