@@ -354,7 +354,8 @@ def prune(
         "--neurons", help="Remove neurons inside every routed expert instead of whole experts, scored by this "
         "criterion: camera_p (CAMERA-P; needs a profile with --neuron-stats). Every expert keeps the same number "
         "of its own highest-scoring neurons (stock configs hold one expert width), so the checkpoint's expert "
-        "tensors really shrink. Give --neuron-ratio, not --ratio/--keep.")] = None,
+        "tensors really shrink. With --ratio/--keep too, those experts are removed first, in the same plan.")]
+    = None,
     neuron_ratio: Annotated[float | None, typer.Option(
         "--neuron-ratio", help="With --neurons: fraction of each expert's neurons removed, e.g. 0.25.")] = None,
     mode: Annotated[str, typer.Option(
@@ -370,13 +371,15 @@ def prune(
     (moekit_plan.json) records every expert's score and why it was kept or removed; the model card records
     method, ratio, data and protections. Or give the experts to keep yourself with --keep-json.
 
-    With --neurons, neurons inside the experts are removed instead (every expert kept, each narrower).
+    With --neurons, neurons inside the experts are removed (alone, or after --method's experts in one plan).
 
     \b
     Examples:
       moekit prune ./model --profile prof --method reap --ratio 0.5 --out ./model-reap50
       moekit prune ./model --profile prof --method frequency --keep 6 --plan-only --out plan.json
       moekit prune ./model --profile prof --neurons camera_p --neuron-ratio 0.25 --out ./model-camera25
+      moekit prune ./model --profile prof --method reap --ratio 0.25 --neurons camera_p --neuron-ratio 0.25 \\
+        --out ./model-reap25-camera25
     """
     from moekit.data import DataSpec
     from moekit.edit import PlanError
