@@ -106,9 +106,16 @@ def scores_section(plans: Sequence[dict[str, Any]], base: Path | None = None) ->
         if str(plan.get("format", "")).startswith(NEURON_PLAN_FORMAT_PREFIX):  # no expert is removed
             width = plan.get("width") or {}
             source = shown_path((plan.get("source") or {}).get("model", "?"), base)
-            blocks.append(Text(f"Plan {number}: {plan.get('method')} neuron pruning. Source model: {source}; every "
-                               f"routed expert keeps {width.get('after')} of its {width.get('before')} neurons, "
-                               "each its own highest-scoring ones; every expert is kept."))
+            experts = plan.get("num_experts") or {}
+            expert_method = ((plan.get("details") or {}).get("experts") or {}).get("method")
+            kept = ("every expert is kept" if experts.get("after") == experts.get("before") else
+                    f"{experts.get('after')} of {experts.get('before')} experts per layer are kept ({expert_method})")
+            neurons = (f"every kept expert keeps {width.get('after')} of its {width.get('before')} neurons, each its "
+                       "own highest-scoring ones" if "masked_neurons" not in plan else
+                       f"{plan['masked_neurons']['per_layer']} of each layer's {plan['masked_neurons']['of']} "
+                       "neurons are zeroed (masked: nothing saved on disk)")
+            blocks.append(Text(f"Plan {number}: {plan.get('method')} neuron pruning. Source model: {source}; {kept}; "
+                               f"{neurons}."))
             continue
         title = plan_title(plan)
         details = plan.get("details") or {}
