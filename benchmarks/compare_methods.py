@@ -59,7 +59,7 @@ from train_moe import stream_perplexity, stream_tokens  # noqa: E402
 
 from moekit.arch import MoEModelView  # noqa: E402
 from moekit.data import CalibrationSet  # noqa: E402
-from moekit.edit.neurons import make_neuron_plan, prune_neurons  # noqa: E402
+from moekit.edit.neurons import make_neuron_plan, plan_neuron_keep, prune_neurons  # noqa: E402
 from moekit.edit.prune import prune_experts  # noqa: E402
 from moekit.eval import evaluate  # noqa: E402
 from moekit.merge import merge_model  # noqa: E402
@@ -106,8 +106,8 @@ def pruned_copy(model: Any, plan: dict[str, Any]) -> Any:
     clone = copy.deepcopy(model)
     groups = plan_groups(plan)
     if "width" in plan:  # a neuron plan
-        prune_neurons(MoEModelView.from_model(clone), {int(k): torch.tensor(v["neurons"])
-                                                       for k, v in plan["layers"].items()})
+        view = MoEModelView.from_model(clone)
+        prune_neurons(view, plan_neuron_keep(plan, view))
     elif groups is not None:
         merge_model(MoEModelView.from_model(clone), groups)
     else:

@@ -597,6 +597,7 @@ def merge(
       moekit merge ./model --profile prof --method m_smoe --keep 4 --plan-only --out plan.json
     """
     from moekit.edit import PlanError
+    from moekit.model_io import check_device
     from moekit.outputs import check_output
     from moekit.pipeline import RunOptions, make_plan, read_inputs
     from moekit.plan import PlanRequest, parse_protect
@@ -610,11 +611,11 @@ def merge(
         raise PlanError("moekit merge groups experts by a profile of the model: give --profile PROFILE (moekit "
                         "profile MODEL --data NAME=PATH --merge-stats --out PROFILE)")
     protect_text = _read_text_input(protect_file, "--protect file") if protect_file else protect
-    from moekit.model_io import check_device
-
     check_device(device)
     inputs = read_inputs(profile, run=RunOptions(device=device, dtype=dtype, say=_note))
-    extra = {"svd_rank": svd_rank} if method == "sub_moe" else {"threshold": threshold} if method == "dern" else {}
+    from moekit.merge.methods import method_options
+
+    extra = method_options(method, svd_rank, threshold)
     request = PlanRequest(method=method, ratio=ratio, keep=keep, protect_super=not no_protect_super,
                           protect=parse_protect(protect_text), set_weights=inputs.set_weights(set_weights),
                           seed=seed, top_k=top_k, allow_regroup=allow_regroup, extra=extra)

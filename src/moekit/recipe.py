@@ -140,8 +140,9 @@ class MergeStep(_EditStep):
     device: str = Field("cpu", description="dern: where its neuron cosines are computed")
 
     def extra(self) -> dict[str, Any]:
-        return ({"svd_rank": self.svd_rank} if self.method == "sub_moe" else
-                {"threshold": self.threshold} if self.method == "dern" else {})
+        from moekit.merge.methods import method_options
+
+        return method_options(self.method, self.svd_rank, self.threshold)
 
 
 class EvalStep(_Strict):

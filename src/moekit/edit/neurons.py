@@ -109,7 +109,11 @@ def check_neuron_removal(view: MoEModelView, keep: NeuronKeep) -> int:
 def prune_neurons(view: MoEModelView, keep: NeuronKeep) -> int:
     """Remove every routed expert's neurons not in ``keep`` from the loaded model, in place, the config's width
     included; the new width."""
-    width = check_neuron_removal(view, keep)
+    return _remove_neurons(view, keep, check_neuron_removal(view, keep))
+
+
+def _remove_neurons(view: MoEModelView, keep: NeuronKeep, width: int) -> int:
+    """``prune_neurons`` once ``keep`` was checked (``check_neuron_removal``, which gave ``width``)."""
     before = view.layers[0].intermediate_size
     with torch.no_grad():
         for layer in view.layers:
@@ -266,8 +270,8 @@ def mask_layer_neurons(layer: Any, kept: list[list[int]]) -> None:
 
 
 def plan_neuron_keep(plan: dict[str, Any], view: MoEModelView, origin: str = "plan") -> NeuronKeep:
-    """A neuron plan's kept neurons, checked against ``view``: the model after the plan's expert pruning (rows are
-    the kept experts', in order)."""
+    """A neuron plan's kept neurons, checked against ``view`` (``check_neuron_removal``): the model after the plan's
+    expert pruning (rows are the kept experts', in order)."""
     if plan.get("format") != NEURON_PLAN_FORMAT:
         raise PlanError(f"{origin} is not a neuron plan (format {NEURON_PLAN_FORMAT!r})")
     layers = {int(k): v for k, v in plan["layers"].items()}
@@ -405,7 +409,7 @@ def neurons_to_checkpoint(source: str | Path, plan: dict[str, Any], out: str | P
                 for layer in view.layers:
                     edit_neurons(layer)
         else:
-            prune_neurons(view, keep)
+            _remove_neurons(view, keep, plan["width"]["after"])  # keep was checked by plan_neuron_keep
         after = summarize(view)
         card = render_neuron_card(out_path.name, describe_source(source), before, after, plan, reproduce, out_path)
         path = write_checkpoint(model, out_path, source, plan, card, overwrite=overwrite,
@@ -414,7 +418,7 @@ def neurons_to_checkpoint(source: str | Path, plan: dict[str, Any], out: str | P
     assert outputs is not None
     check_disk_room(out_path, 2 * sum(t.nbytes for t in outputs))  # the shards, plus the scratch expert copies
     if not masked:
-        prune_neurons(structure, keep)
+        _remove_neurons(structure, keep, plan["width"]["after"])
     after = summarize(structure)
     card = render_neuron_card(out_path.name, describe_source(source), before, after, plan, reproduce, out_path)
     with writing_directory(out_path, "checkpoint") as tmp:

@@ -72,6 +72,12 @@ from moekit.summary import summarize
 DERN_THRESHOLD = 0.6
 
 
+def method_options(method: str, svd_rank: int | None, threshold: float) -> dict[str, Any]:
+    """The request's ``extra`` for ``method``: sub_moe's SVD rank, dern's threshold, nothing for the others (one
+    place for moekit merge's options and a recipe's merge: step)."""
+    return {"svd_rank": svd_rank} if method == "sub_moe" else {"threshold": threshold} if method == "dern" else {}
+
+
 @dataclass(frozen=True)
 class MergeMethod:
     """One merging method: the profile statistics it reads, whether it reads the experts' weights, its grouping."""
@@ -330,16 +336,16 @@ def _dern(layer: MoELayer, stats: dict[str, torch.Tensor], budget: Budget, weigh
     block = layer.num_experts // spec.n_group if spec.group_limited else layer.num_experts
     sent: dict[int, dict[int, list[int]]] = {k: {} for k in chosen}  # kept -> dropped -> neuron map
     best_cos: dict[int, list[float]] = {}
-    pools: dict[tuple[int, ...], torch.Tensor] = {}
+    pool_targets: list[int] | None = None  # the kept experts whose neurons ``pool`` holds
+    pool = torch.empty(0)
     for d in dropped:
         targets = [k for k in chosen if k // block == d // block] or chosen
         if not targets:
             plan.reasons[d] = "dropped: no unprotected kept expert to receive its neurons"
             continue
-        key = tuple(targets)
-        if key not in pools:  # every kept neuron's features, [len(targets)*I, F], on the similarity device
-            pools = {key: torch.cat([features[k] for k in targets]).to(device, torch.float32)}
-        cos = features[d].to(device, torch.float32) @ pools[key].T  # [I, len*I]
+        if targets != pool_targets:  # every kept neuron's features, [len(targets)*I, F], on the similarity device
+            pool_targets, pool = targets, torch.cat([features[k] for k in targets]).to(device, torch.float32)
+        cos = features[d].to(device, torch.float32) @ pool.T  # [I, len*I]
         value, where = (t.cpu() for t in cos.max(dim=1))
         best_cos[d] = [float(v) for v in value]
         for n in range(size):

@@ -51,7 +51,7 @@ def read_json(path: str | Path, what: str) -> Any:
 
 
 def check_plan(plan: Any, where: str = "plan") -> dict[str, Any]:
-    """``plan`` if it is a moekit pruning or merge plan (``moekit_plan.json``), else a ReportError."""
+    """``plan`` if it is a moekit pruning, merge or neuron plan (``moekit_plan.json``), else a ReportError."""
     if not isinstance(plan, Mapping) or not str(plan.get("format", "")).startswith(PLAN_FORMAT_PREFIXES):
         raise ReportError(f"{where} is not a moekit plan (moekit prune and moekit merge write moekit_plan.json, "
                           f"with format {PLAN_FORMAT_PREFIX}N, {MERGE_PLAN_FORMAT_PREFIX}N or "
