@@ -352,7 +352,8 @@ def prune(
         callback=_dtype_name, help="dtype to load and save in: auto (as stored), float32, bfloat16, ...")] = "auto",
     neurons: Annotated[str | None, typer.Option(
         "--neurons", help="Remove neurons inside every routed expert instead of whole experts, scored by this "
-        "criterion: camera_p (CAMERA-P; needs a profile with --neuron-stats). Every expert keeps the same number "
+        "criterion: camera_p (CAMERA-P; needs a profile with --neuron-stats) or heapr (HEAPr's second-order "
+        "importance; needs a profile with --gradients). Every expert keeps the same number "
         "of its own highest-scoring neurons (stock configs hold one expert width), so the checkpoint's expert "
         "tensors really shrink. With --ratio/--keep too, those experts are removed first, in the same plan.")]
     = None,
@@ -443,11 +444,12 @@ def _check_neuron_options(criterion: str | None, ratio: float | None, profile: P
         raise PlanError("--neurons with --method naee is not supported: prune experts with naee first (moekit "
                         "prune --method naee ... --out A), then neurons of A")
     if criterion is None or ratio is None:
-        raise PlanError("give both --neurons CRITERION (camera_p) and --neuron-ratio R (fraction of each expert's "
-                        "neurons removed, e.g. 0.25)")
+        raise PlanError("give both --neurons CRITERION (camera_p, heapr) and --neuron-ratio R (fraction of each "
+                        "expert's neurons removed, e.g. 0.25)")
     if profile is None:
         raise PlanError("--neurons scores neurons from a profile: give --profile PROFILE (moekit profile MODEL "
-                        "--data NAME=PATH --neuron-stats --out PROFILE)")
+                        "--data NAME=PATH --neuron-stats --out PROFILE; --gradients instead of --neuron-stats for "
+                        "heapr)")
 
 
 def _prune_neurons_command(model: str, out_dir: Path, inputs: Any, profile: Path, criterion: str, ratio: float,
@@ -668,6 +670,11 @@ def profile_collect(
         "--merge-stats", help="Also keep what the merging methods read: router-logit products (m_smoe) and every "
         "expert's mean output over all tokens (hc_smoe, sub_moe). Runs all E experts on every token: the experts "
         "do E/top_k times their usual work.")] = False,
+    gradients: Annotated[bool, typer.Option(
+        "--gradients", help="Also run a backward pass per batch from its next-token loss and keep, per neuron, the "
+        "squared output gradient along its down-projection column (HEAPr's second-order statistic; includes "
+        "--neuron-stats). Needs the whole model on the device with a batch's activations of every layer (no "
+        "--sequential); use a smaller --batch-size if it does not fit.")] = False,
     tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer directory, if not the model's.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
     dry_run: Annotated[bool, typer.Option(
@@ -706,7 +713,8 @@ def profile_collect(
     _quiet_transformers()
     result = profile_model(model, data, out_dir, seq_len=seq_len, max_tokens=max_tokens, seed=seed,
                            batch_size=batch_size, device=device, dtype=dtype, neuron_stats=neuron_stats,
-                           merge_stats=merge_stats, overwrite=overwrite, tokenizer=tokenizer, dry_run=dry_run,
+                           merge_stats=merge_stats, gradients=gradients, overwrite=overwrite, tokenizer=tokenizer,
+                           dry_run=dry_run,
                            sequential=sequential, resume=resume, say=_note if is_main_process() else None)
 
     if result is None:

@@ -131,20 +131,32 @@ def _resident_bytes(view: MoEModelView, element: int) -> int:
 
 def profile_needs(source: str | Path, out: str | Path | None, *, dtype: str, device: str, batch_size: int, seq_len: int,
                   sets: int, neuron_stats: bool, max_tokens: int | None = None,
-                  merge_stats: bool = False) -> RunNeeds:
+                  merge_stats: bool = False, gradients: bool = False) -> RunNeeds:
     """Needs of profiling ``source``: the model on ``device``, one batch of hidden states, a small profile (and, for a
     layer-by-layer run, the hidden states of up to ``max_tokens`` tokens per set). ``out`` None: no output (its
-    size and disk are not looked at)."""
+    size and disk are not looked at). ``gradients``: a backward pass keeps every layer's activations for the
+    batch (estimated as 12 hidden-sized tensors per decoder layer, plus the routed experts' intermediate
+    activations) and the float32 logits and their gradient."""
     view = MoEModelView.from_model(load_structure(source))
     model_bytes = weight_bytes(source, dtype, view.model)
     element = element_bytes(view.model, dtype)
     hidden = int(getattr(view.model.config, "hidden_size", 0) or view.layers[0].router_weight.shape[-1])
     experts = max(layer.num_experts for layer in view.layers)
-    per_layer = experts * (16 + experts) + (2 * experts * view.layers[0].intermediate_size if neuron_stats else 0) \
-        + (experts * (experts + hidden) if merge_stats else 0)
+    neurons = neuron_stats or gradients
+    per_layer = experts * (16 + experts) + (2 * experts * view.layers[0].intermediate_size if neurons else 0) \
+        + (experts * (experts + hidden) if merge_stats else 0) \
+        + (experts * view.layers[0].intermediate_size if gradients else 0)
+    activations = 2 * batch_size * seq_len * hidden * element
+    if gradients:
+        tokens = batch_size * seq_len
+        top_k = view.layers[0].top_k
+        vocab = int(getattr(view.model.config, "vocab_size", 0) or 0)
+        decoder_layers = int(getattr(view.model.config, "num_hidden_layers", 0) or len(view.layers))
+        activations = decoder_layers * tokens * element * (12 * hidden + 3 * top_k * view.layers[0].intermediate_size) \
+            + 2 * tokens * vocab * 4
     output_dir, free = _free_disk(Path(out).resolve().parent) if out is not None else (Path(), None)
     return RunNeeds(model_bytes=model_bytes, largest_layer_bytes=_layer_bytes(view, element),
-                    activation_bytes=2 * batch_size * seq_len * hidden * element,
+                    activation_bytes=activations,
                     output_bytes=8 * sets * per_layer * len(view.layers) if out is not None else 0,
                     output_dir=output_dir,
                     output_free_bytes=free, device=device, device_free_bytes=_device_free(device),

@@ -72,6 +72,7 @@ class ProfileStep(_Strict):
     dtype: str = "auto"
     neuron_stats: bool = False
     merge_stats: bool = False
+    gradients: bool = False  # moekit profile --gradients (HEAPr's statistic; includes neuron_stats)
     tokenizer: str | None = None
 
     @model_validator(mode="after")
@@ -280,7 +281,8 @@ def check_recipe_inputs(recipe: Recipe) -> None:
         profile: Profile | frozenset[str] | None = None
         if method.needs.profile:
             profile = existing if existing is not None else collected_statistics(neuron_stats=step.neuron_stats,
-                                                                                  merge_stats=step.merge_stats)
+                                                                                  merge_stats=step.merge_stats,
+                                                                                  gradients=step.gradients)
         check_needs(method, _plan_request(recipe), profile, _data_args(recipe) if method.needs.data else [],
                     _spelling(prune.KIND), where="profile.path" if existing is not None else "the recipe's profile")
         if prune.set_weights:  # the sets the method weighs: the profile's, else the data's
@@ -442,7 +444,8 @@ def _run_steps(recipe: Recipe, out: Path, final: Path, progress: bool, reuse: _R
             profile_model(recipe.model, _data_args(recipe), profile_path, seq_len=step.seq_len,
                           max_tokens=step.max_tokens, seed=recipe.seed, batch_size=step.batch_size,
                           device=step.device, dtype=step.dtype, neuron_stats=step.neuron_stats,
-                          merge_stats=step.merge_stats, tokenizer=step.tokenizer, progress=progress)
+                          merge_stats=step.merge_stats, gradients=step.gradients, tokenizer=step.tokenizer,
+                          progress=progress)
         written["profile"] = str(profile_path)
     if prune is None:
         return written

@@ -183,8 +183,7 @@ def make_neuron_plan(source: str | Path, view: MoEModelView, profile: Any, crite
     profile.check_model(view)
     width = view.layers[0].intermediate_size
     count = kept_width(width, ratio)
-    for stat in method.reads:  # names --neuron-stats when the profile lacks it, before a weight is read
-        profile.stat(view.layers[0].index, stat)
+    _check_profile_holds(profile, view, criterion, method.reads)  # before a weight is read
     if mode == "uniform":
         check_neuron_removal(view, {layer.index: torch.arange(count).repeat(layer.num_experts, 1)
                                     for layer in view.layers})
@@ -225,6 +224,23 @@ def make_neuron_plan(source: str | Path, view: MoEModelView, profile: Any, crite
     if mode == "masked":
         record["masked_neurons"] = {"per_layer": kept_experts * (width - count), "of": kept_experts * width}
     return record
+
+
+def _check_profile_holds(profile: Any, view: MoEModelView, criterion: str, reads: tuple[str, ...]) -> None:
+    """A PlanError naming the ``moekit profile`` option(s) that collect what ``criterion`` reads and the profile
+    lacks (--gradients alone where it is needed: it includes --neuron-stats)."""
+    from moekit.profile.stats import COLLECTED_BY, profile_flag
+
+    first = view.layers[0].index
+    missing = [stat for stat in reads if stat not in profile.layers.get(first, {})]
+    if not missing:
+        return
+    options = {COLLECTED_BY.get(stat, "") for stat in missing}
+    if "gradients" in options:
+        options.discard("neuron_stats")
+    flags = " ".join(profile_flag(o) for o in sorted(options) if o)
+    raise PlanError(f"{criterion} reads {', '.join(missing)}, which this profile does not hold: profile the model "
+                    f"with {flags or 'a newer moekit'} (moekit profile MODEL --data NAME=PATH {flags} --out PROFILE)")
 
 
 def plan_neuron_masks(plan: dict[str, Any], view: MoEModelView, origin: str = "plan") -> dict[int, list[list[int]]]:

@@ -69,10 +69,11 @@ class LayerCapture:
     """Hooks' view of one MoE layer: its accumulators and the residual stream of the current batch."""
 
     def __init__(self, layer: MoELayer, state: CaptureState, num_sets: int, neuron_stats: bool,
-                 merge_stats: bool = False) -> None:
-        self.layer, self.state, self.neuron_stats, self.merge_stats = layer, state, neuron_stats, merge_stats
+                 merge_stats: bool = False, gradients: bool = False) -> None:
+        self.layer, self.state, self.merge_stats, self.gradients = layer, state, merge_stats, gradients
+        self.neuron_stats = neuron_stats or gradients
         self.stats = LayerStats(num_sets, layer.num_experts, layer.intermediate_size, neuron_stats, merge_stats,
-                                hidden=int(layer.router_weight.shape[-1]))
+                                hidden=int(layer.router_weight.shape[-1]), gradients=gradients)
         self.scoring = router_scoring(layer.routing)
         self.residuals: dict[int, torch.Tensor] = {}  # norm output storage pointer -> norm input
         self.easy_ep_input = "not run"
@@ -81,7 +82,8 @@ class LayerCapture:
         hidden = args[0] if args else kwargs["hidden_states"]
         hidden = hidden.reshape(-1, hidden.shape[-1])
         valid = self.state.valid(hidden.device, hidden.shape[0])
-        self.stats.add_router(self.state.set_index, self.layer.router_logits(hidden), valid, self.scoring)
+        with torch.no_grad():
+            self.stats.add_router(self.state.set_index, self.layer.router_logits(hidden), valid, self.scoring)
 
     def on_norm(self, _module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if isinstance(output, torch.Tensor) and args and isinstance(args[0], torch.Tensor):
@@ -174,25 +176,48 @@ def capture_forward(capture: LayerCapture, hidden: torch.Tensor, top_k_index: to
     inverse[perm] = torch.arange(perm.shape[0], device=perm.device)
     routed = weighted[inverse].view(num_tokens, num_top_k, -1).sum(dim=1).to(hidden.dtype)  # [T, H]
 
-    state = capture.state
-    valid = state.valid(x.device, num_tokens)
-    out_norm = torch.linalg.vector_norm(out, dim=-1, dtype=torch.float32)  # no float32 copy of out
-    low, high = torch.aminmax(out, dim=-1)
-    gate = weights_sorted.float()
-    pairs = PairStats(
-        expert=expert_ids, token=tokens, gate=gate,
-        norm=out_norm / gate.clamp(min=torch.finfo(torch.float32).tiny) if input_gated else out_norm,
-        gated_norm=out_norm if input_gated else gate.abs() * out_norm,
-        act_max=torch.maximum(high, -low).float(),
-        intermediate=intermediate if capture.neuron_stats else None,
-    )
-    residual = capture.residual_for(x).float()
-    change = (1 - F.cosine_similarity(residual, residual + routed.float(), dim=-1)).clamp(min=0)  # [T]
-    capture.stats.add_routing(state.set_index, top_k_index, valid, state.batch_shape)
-    capture.stats.add_pairs(state.set_index, pairs, valid, change)
-    if capture.merge_stats:
-        _all_expert_outputs(capture, x, valid)
+    with torch.no_grad():  # statistics only: nothing of them enters a backward pass (--gradients)
+        state = capture.state
+        valid = state.valid(x.device, num_tokens)
+        out_norm = torch.linalg.vector_norm(out, dim=-1, dtype=torch.float32)  # no float32 copy of out
+        low, high = torch.aminmax(out, dim=-1)
+        gate = weights_sorted.float()
+        pairs = PairStats(
+            expert=expert_ids, token=tokens, gate=gate,
+            norm=out_norm / gate.clamp(min=torch.finfo(torch.float32).tiny) if input_gated else out_norm,
+            gated_norm=out_norm if input_gated else gate.abs() * out_norm,
+            act_max=torch.maximum(high, -low).float(),
+            intermediate=intermediate if capture.neuron_stats else None,
+        )
+        residual = capture.residual_for(x).float()
+        change = (1 - F.cosine_similarity(residual, residual + routed.float(), dim=-1)).clamp(min=0)  # [T]
+        capture.stats.add_routing(state.set_index, top_k_index, valid, state.batch_shape)
+        capture.stats.add_pairs(state.set_index, pairs, valid, change)
+        if capture.merge_stats:
+            _all_expert_outputs(capture, x, valid)
+    if capture.gradients and routed.requires_grad:
+        routed.register_hook(_output_gradient_hook(capture, state.set_index, expert_ids, tokens, offsets,
+                                                   valid[tokens]))
     return routed
+
+
+def _output_gradient_hook(capture: LayerCapture, set_index: int, expert_ids: torch.Tensor, tokens: torch.Tensor,
+                          offsets: torch.Tensor, keep: torch.Tensor) -> Any:
+    """The backward hook on the routed output y [T, H]: each pair's d_t = dL/dy_t projected on its expert's
+    down-projection columns, d_t . W_down_j[:, n] (``[P, I]``, one grouped matmul), squared and summed per expert."""
+    def hook(grad: torch.Tensor) -> None:
+        layer = capture.layer
+        d_sorted = grad.reshape(-1, grad.shape[-1])[tokens]
+        with torch.no_grad():
+            if isinstance(layer.layout, DbrxLayout):
+                mlp = layer.experts.mlp
+                down = mlp.w2.view(-1, mlp.ffn_hidden_size, mlp.w2.shape[-1])  # [E, I, H]
+                projected = grouped_linear(d_sorted, down, offsets, transposed=False)
+            else:
+                projected = grouped_linear(d_sorted, layer.experts.down_proj, offsets,
+                                           transposed=not layer.layout.is_transposed)
+            capture.stats.add_output_gradients(set_index, expert_ids, projected, keep)
+    return hook
 
 
 def _all_expert_outputs(capture: LayerCapture, x: torch.Tensor, valid: torch.Tensor) -> None:
@@ -247,10 +272,11 @@ def _dbrx_experts_forward(capture: LayerCapture) -> Any:
 class Capture:
     """Every layer's capture and the shared per-batch state, while :func:`capturing` is active."""
 
-    def __init__(self, view: MoEModelView, num_sets: int, neuron_stats: bool, merge_stats: bool = False) -> None:
+    def __init__(self, view: MoEModelView, num_sets: int, neuron_stats: bool, merge_stats: bool = False,
+                 gradients: bool = False) -> None:
         self.view = view
         self.state = CaptureState()
-        self.layers = {layer.index: LayerCapture(layer, self.state, num_sets, neuron_stats, merge_stats)
+        self.layers = {layer.index: LayerCapture(layer, self.state, num_sets, neuron_stats, merge_stats, gradients)
                        for layer in view.layers}
 
     def all_reduce_(self, device: torch.device | None = None, group: object | None = None) -> None:
@@ -274,10 +300,17 @@ def _residual_norms(model: nn.Module, layer: MoELayer) -> list[nn.Module]:
 
 @contextmanager
 def capturing(view: MoEModelView, num_sets: int = 1, neuron_stats: bool = False,
-              merge_stats: bool = False) -> Iterator[Capture]:
-    """Attach the capture to every MoE layer of ``view.model``; everything is undone on exit."""
+              merge_stats: bool = False, gradients: bool = False) -> Iterator[Capture]:
+    """Attach the capture to every MoE layer of ``view.model``; everything is undone on exit. ``gradients``: the
+    routed outputs also get a backward hook (HEAPr's statistic; the caller runs the backward pass)."""
     model = view.model
-    capture = Capture(view, num_sets, neuron_stats, merge_stats)
+    if gradients:
+        normed = [layer.path for layer in view.layers if getattr(layer.experts, "has_post_expert_norm", False)]
+        if normed:
+            raise RuntimeError(f"--gradients: the experts of {normed[0]} normalise their output after the down "
+                               "projection, so a neuron's contribution is not along its down-projection column; "
+                               "HEAPr's output-space statistic is not defined for them")
+    capture = Capture(view, num_sets, neuron_stats, merge_stats, gradients)
     handles: list[Any] = []
     instance_patches: list[tuple[nn.Module, str]] = []
     previous_implementation = None

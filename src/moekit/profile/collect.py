@@ -14,7 +14,8 @@ import inspect
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -84,9 +85,11 @@ def _check_sets(sets: Sequence[CalibrationSet], batch_size: int) -> None:
 def collect_profile(model: PreTrainedModel, sets: Sequence[CalibrationSet], batch_size: int = 8,
                     neuron_stats: bool = False, progress: bool = True, source: str | None = None,
                     options: dict[str, Any] | None = None, distributed: bool = False,
-                    merge_stats: bool = False) -> Profile:
+                    merge_stats: bool = False, gradients: bool = False) -> Profile:
     """Profile ``model`` on ``sets`` (each kept separately). ``neuron_stats``, ``merge_stats``: collect those
-    optional statistics too (``moekit.profile.stats``).
+    optional statistics too (``moekit.profile.stats``). ``gradients``: every batch also runs backward from its
+    summed next-token cross-entropy (no parameter gradient is kept), for HEAPr's output-gradient statistic; the
+    neuron statistics come with it, and every other statistic is the one a plain run collects.
 
     Sequences are right-padded (padding only after the real tokens); since the models are causal,
     real tokens never see padding, so no attention mask is passed and padding is excluded from
@@ -102,19 +105,52 @@ def collect_profile(model: PreTrainedModel, sets: Sequence[CalibrationSet], batc
     kwargs = _forward_kwargs(model)
     total = sum(s.num_tokens for s in sets)
     start = time.perf_counter()
-    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="profiling", disable=not progress)
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="profiling with gradients" if gradients else "profiling",
+               disable=not progress)
     rank, world = _rank_and_world(distributed)
-    with capturing(view, len(sets), neuron_stats, merge_stats) as capture, torch.inference_mode():
+    mode = _backward_pass(model) if gradients else torch.inference_mode()
+    with capturing(view, len(sets), neuron_stats, merge_stats, gradients) as capture, mode:
         for set_index, ids, mask in _rank_batches(sets, batch_size, rank, world):
             bar.set_postfix_str(sets[set_index].name, refresh=False)
             capture.state.begin_batch(set_index, mask.to(device, non_blocking=True))
-            model(input_ids=ids.to(device, non_blocking=True), **kwargs)
+            if gradients:
+                _forward_backward(model, ids.to(device, non_blocking=True), mask.to(device, non_blocking=True))
+            else:
+                model(input_ids=ids.to(device, non_blocking=True), **kwargs)
             bar.update(int(mask.sum()) * world)
         if world > 1:
             capture.all_reduce_()
     bar.close()
-    return _finish(view, capture, sets, total, start, neuron_stats, batch_size, options,
-                   source or getattr(model, "name_or_path", "") or "in-memory model", device, merge_stats)
+    return _finish(view, capture, sets, total, start, neuron_stats or gradients, batch_size, options,
+                   source or getattr(model, "name_or_path", "") or "in-memory model", device, merge_stats, gradients)
+
+
+@contextmanager
+def _backward_pass(model: PreTrainedModel) -> Iterator[None]:
+    """Gradients on, every parameter frozen (only activations get gradients: no parameter-sized buffer is
+    allocated), the embedding's output made to require grad so the graph is built; all undone on exit."""
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    handle = model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: out.requires_grad_(True))
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        handle.remove()
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+
+
+def _forward_backward(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor) -> None:
+    """One forward and one backward pass from the batch's next-token cross-entropy summed over its real tokens
+    (padding, right of the real tokens, is never a target)."""
+    labels = ids.masked_fill(mask == 0, -100)
+    targets = int((labels[:, 1:] != -100).sum())
+    if targets == 0:  # sequences of one real token each: nothing to predict, nothing to differentiate
+        return
+    out = model(input_ids=ids, labels=labels, use_cache=False)
+    (out.loss * targets).backward()  # the model's loss is the mean over its targets
 
 
 def _rank_batches(sets: Sequence[CalibrationSet], batch_size: int, rank: int,
@@ -205,14 +241,15 @@ def _same_on_every_rank(done: int, world: int, device: torch.device) -> None:
 
 def _finish(view: MoEModelView, capture: Any, sets: Sequence[CalibrationSet], total: int, start: float,
             neuron_stats: bool, batch_size: int, options: dict[str, Any] | None, source: str,
-            device: torch.device, merge_stats: bool = False) -> Profile:
+            device: torch.device, merge_stats: bool = False, gradients: bool = False) -> Profile:
     results = capture.results()  # to the CPU, as ordinary tensors: the one synchronisation
     easy_ep_input = {i: c.easy_ep_input for i, c in capture.layers.items()}
     elapsed = time.perf_counter() - start
     set_meta = [{"name": s.name, "tokens": s.num_tokens, "sequences": s.num_sequences, "data": s.description}
                 for s in sets]
-    run = {"neuron_stats": neuron_stats, **({"merge_stats": True} if merge_stats else {}), "batch_size": batch_size,
-           **(options or {})}
+    run = {"neuron_stats": neuron_stats, **({"merge_stats": True} if merge_stats else {}),
+           **({"gradients": True, "loss": "next-token cross-entropy, summed over real tokens"} if gradients else {}),
+           "batch_size": batch_size, **(options or {})}
     meta = new_meta(view, source, set_meta, run, versions(), easy_ep_input)
     meta["timing"] = {"seconds": round(elapsed, 3), "tokens_per_second": round(total / max(elapsed, 1e-9), 1),
                       "device": str(device)}
@@ -235,7 +272,7 @@ DEFAULT_SEQ_LEN = 2048
 def profile_model(source: str | Path, data: Sequence[str | DataSpec], out: str | Path, *, seq_len: int | None = None,
                   max_tokens: int | None = 262_144, seed: int = 0, batch_size: int = 8, device: str = "cpu",
                   dtype: str = "auto", neuron_stats: bool = False, merge_stats: bool = False,
-                  overwrite: bool = False,
+                  gradients: bool = False, overwrite: bool = False,
                   tokenizer: str | Path | None = None, progress: bool = True, dry_run: bool = False,
                   sequential: bool | None = None, resume: bool = False,
                   say: Callable[[str], None] | None = None) -> Profile | None:
@@ -249,7 +286,9 @@ def profile_model(source: str | Path, data: Sequence[str | DataSpec], out: str |
     (``moekit.layerwise``; same statistics, memory of one layer); None (default) chooses it, and says so, when the
     whole model does not fit the device's free memory. Launched by torchrun
     (``torchrun --nproc-per-node N -m moekit profile ...``), every rank runs its share of the sequences
-    and rank 0 writes the profile of all of them (``moekit.distributed``).
+    and rank 0 writes the profile of all of them (``moekit.distributed``). ``gradients``: also a backward pass per
+    batch (HEAPr's statistic, with the neuron statistics); it needs the whole model on the device, with every
+    layer's activations of a batch, so it cannot run layer by layer.
     """
     specs = [d if isinstance(d, DataSpec) else DataSpec.parse(d) for d in data]
     sources, inputs = [source], [tokenizer, *(spec.path for spec in specs)]
@@ -271,9 +310,12 @@ def profile_model(source: str | Path, data: Sequence[str | DataSpec], out: str |
         raise DataError(f"--seq-len {seq_len} is outside what the model handles (1 to {limit} positions)")
     needs = profile_needs(source, out_path, dtype=dtype, device=device, batch_size=batch_size, seq_len=seq_len,
                           sets=len(specs), neuron_stats=neuron_stats, max_tokens=max_tokens,
-                          merge_stats=merge_stats)
+                          merge_stats=merge_stats, gradients=gradients)
+    if gradients and sequential:
+        raise DataError("--gradients runs a backward pass through the whole model, which cannot run layer by layer: "
+                        "drop --sequential (or profile without --gradients)")
     if sequential is None:  # layer by layer when the whole model does not fit and the checkpoint allows it
-        sequential = not needs.fits_whole() and layerwise_possible(source, device)
+        sequential = not gradients and not needs.fits_whole() and layerwise_possible(source, device)
         if sequential and say is not None:
             say(f"the whole model needs {format_bytes(needs.whole_bytes)} on {device} but "
                 f"{format_bytes(needs.device_free_bytes)} are free: profiling layer by layer (as --sequential)")
@@ -310,7 +352,7 @@ def profile_model(source: str | Path, data: Sequence[str | DataSpec], out: str |
             model = load_model(source, dtype=dtype, device=rank.device)
             profile = collect_profile(model, sets, batch_size, neuron_stats, progress and rank.writes,
                                       describe_source(source), options, distributed=rank.world > 1,
-                                      merge_stats=merge_stats)
+                                      merge_stats=merge_stats, gradients=gradients)
         if rank.writes:
             profile.save(out_path, overwrite=overwrite, sources=sources, inputs=inputs)
         if sequential:

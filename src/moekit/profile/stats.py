@@ -33,12 +33,19 @@ neuron_energy  (optional)  [S,E,I]     sum_{t in X_j} (g_{t,j} a_{j,t,n})^2
 neuron_max     (optional)  [S,E,I]     max_{t in X_j} |g_{t,j} a_{j,t,n}|
 router_logit_gram (opt.)   [S,E,E]     sum_t z_t z_t^T (M-SMoE's router-logit similarity)
 expert_output_sum (opt.)   [S,E,H]     sum_t f_j(x_t) over every token, every expert run on it (HC-SMoE)
+output_grad_energy (opt.)  [S,E,I]     sum_{t in X_j} (d_t . W_down_j[:, n])^2, d_t = dL/dy_t (HEAPr)
 =========================  ==========  ======================================================
 
 The last two (``merge_stats``, ``moekit profile --merge-stats``) are for merging: the cosine between
 experts' router-logit columns over all tokens is G_ij / sqrt(G_ii G_jj), and HC-SMoE's expert
 representation is the mean output over all tokens, expert_output_sum / tokens. The second runs all E
 experts on every token (E / k times the experts' usual work); both hold signed values.
+
+The last one (``gradients``, ``moekit profile --gradients``, which also collects the neuron statistics) comes
+from a backward pass: L is the summed next-token cross-entropy of the batch's real tokens, y_t the routed
+experts' combined output for token t (what the layer's experts call returns) and d_t = dL/dy_t. Then
+output_grad_energy / count is w^T H_j w for w = W_down_j[:, n], with H_j = mean over expert j's tokens of
+d_t d_t^T: the empirical Fisher estimate of the loss Hessian in the experts' output space (HEAPr).
 
 EASY-EP's h^in is the residual stream entering the MoE sub-layer and h^out = h^in + the routed
 experts' output (shared experts left out), as in its reference code.
@@ -77,18 +84,24 @@ MERGE_STATS: dict[str, tuple[tuple[str, ...], str]] = {
     "router_logit_gram": (("E", "E"), "sum"),
     "expert_output_sum": (("E", "H"), "sum"),
 }
+GRADIENT_STATS: dict[str, tuple[tuple[str, ...], str]] = {
+    "output_grad_energy": (("E", "I"), "sum"),
+}
 SIGNED_STATS = frozenset(MERGE_STATS)  # sums of signed values; every other statistic is >= 0
 
 # Statistics a profile holds only when asked, by the ``moekit profile`` option (as a keyword of ``profile_model``,
 # and a recipe's profile key) that collects them. Every other statistic is in every profile.
 OPTIONAL_STATS: dict[str, dict[str, tuple[tuple[str, ...], str]]] = {"neuron_stats": NEURON_STATS,
-                                                                     "merge_stats": MERGE_STATS}
+                                                                     "merge_stats": MERGE_STATS,
+                                                                     "gradients": GRADIENT_STATS}
 COLLECTED_BY: dict[str, str] = {name: option for option, stats in OPTIONAL_STATS.items() for name in stats}
-ALL_STATS: dict[str, tuple[tuple[str, ...], str]] = {**STATS, **NEURON_STATS, **MERGE_STATS}
+ALL_STATS: dict[str, tuple[tuple[str, ...], str]] = {**STATS, **NEURON_STATS, **MERGE_STATS, **GRADIENT_STATS}
 
 
 def collected_statistics(**options: bool) -> frozenset[str]:
-    """The statistics a profile collected with ``options`` (``neuron_stats=True``, ...) holds."""
+    """The statistics a profile collected with ``options`` (``neuron_stats=True``, ...) holds (``gradients``
+    collects the neuron statistics too)."""
+    options = {**options, "neuron_stats": bool(options.get("neuron_stats") or options.get("gradients"))}
     return frozenset(STATS) | {name for name, option in COLLECTED_BY.items() if options.get(option)}
 
 
@@ -118,14 +131,16 @@ class LayerStats:
     """The accumulators of one MoE layer for ``num_sets`` named sets; allocated on first use."""
 
     def __init__(self, num_sets: int, num_experts: int, intermediate: int, neuron_stats: bool,
-                 merge_stats: bool = False, hidden: int = 0) -> None:
+                 merge_stats: bool = False, hidden: int = 0, gradients: bool = False) -> None:
         self.num_sets, self.num_experts, self.intermediate = num_sets, num_experts, intermediate
-        self.neuron_stats, self.merge_stats, self.hidden = neuron_stats, merge_stats, hidden
+        self.neuron_stats, self.merge_stats, self.hidden = neuron_stats or gradients, merge_stats, hidden
+        self.gradients = gradients
         self.tensors: dict[str, torch.Tensor] = {}
 
     def _allocate(self, device: torch.device) -> None:
         sizes = {"E": self.num_experts, "I": self.intermediate, "C": len(CHUNK_SIZES), "H": self.hidden}
-        specs = {**STATS, **(NEURON_STATS if self.neuron_stats else {}), **(MERGE_STATS if self.merge_stats else {})}
+        specs = {**STATS, **(NEURON_STATS if self.neuron_stats else {}), **(MERGE_STATS if self.merge_stats else {}),
+                 **(GRADIENT_STATS if self.gradients else {})}
         for name, (dims, reduce) in specs.items():
             dtype = torch.float64 if reduce == "sum" else torch.float32
             self.tensors[name] = torch.zeros((self.num_sets, *(sizes[d] for d in dims)), dtype=dtype, device=device)
@@ -201,6 +216,15 @@ class LayerStats:
         """``outputs [T, H]``: expert ``expert`` run on every token of the batch (merge statistics)."""
         acc = self._get(outputs.device)
         acc["expert_output_sum"][set_index, expert] += (outputs.double() * valid[:, None].double()).sum(0)
+
+    def add_output_gradients(self, set_index: int, expert: torch.Tensor, projected: torch.Tensor,
+                             keep: torch.Tensor) -> None:
+        """``projected [P, I]``: d_t . W_down_j[:, n] for each (token, expert) pair (``expert [P]``); ``keep [P]`` 1
+        for a real token's pair, 0 for padding."""
+        acc = self._get(projected.device)
+        squares = projected.float().square() * keep[:, None]
+        energy = torch.zeros(self.num_experts, squares.shape[1], device=squares.device)
+        acc["output_grad_energy"][set_index] += energy.index_add_(0, expert.long(), squares).double()
 
     def all_reduce_(self, device: torch.device, group: object | None = None) -> None:
         """Combine this layer's accumulators across ``torch.distributed`` ranks (data-parallel profiling):

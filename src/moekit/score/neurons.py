@@ -70,5 +70,31 @@ NEURON_CRITERIA.register("camera_p")(NeuronCriterion(
     "camera_p", ("neuron_energy", "neuron_max"), camera_p,
     "CAMERA-P: ||W_down[:, n]||^2 x (0.1 sum_t (g a_n)^2 + 0.9 max_t (g a_n)^2)"))
 
-__all__ = ["CAMERA_RHO", "NEURON_CRITERIA", "NeuronCriterion", "camera_p", "down_column_energy",
+
+def heapr(stats: dict[str, torch.Tensor], experts: Sequence[ExpertWeights]) -> torch.Tensor:
+    """HEAPr (Li et al. 2025), the estimated loss increase of removing atomic expert n of expert j:
+    S_{j,n} = 1/2 sum_{t in X_j} c_{t,n}^2 * w^T H_j w, with c_{t,n} = g_{t,j} a_{j,t,n} the atomic expert's
+    coefficient on token t, w = W_down_j[:, n] its output direction (removing it changes the layer output by
+    -c w), and H_j the loss Hessian in the output space, estimated by the empirical Fisher over the expert's
+    tokens, H_j = mean_{t in X_j} d_t d_t^T with d_t = dL/dy_t (one backward pass: ``moekit profile
+    --gradients``). Both factors are sums the profile holds: neuron_energy = sum c^2, output_grad_energy =
+    sum (d_t . w)^2, count = |X_j|.
+
+    HEAPr's paper moves the Optimal-Brain-Surgeon term from the atomic expert's parameters to its output (a d x d
+    Hessian instead of one over parameters); its reference code does not publish the scoring, so this is our
+    reading of the paper: H is estimated per expert over the tokens the expert processes, and, since every
+    atomic expert's output lies along its own column w, the quadratic form w^T H_j w is accumulated directly
+    (no d x d matrix is stored). Where the paper runs two forward passes and one backward, moekit collects both
+    sums in one forward and one backward pass. The scale is a loss (summed over calibration tokens), so scores
+    compare across layers."""
+    energy, grad_energy = stats["neuron_energy"], stats["output_grad_energy"]
+    tokens = stats["count"].to(energy.dtype).clamp(min=1.0)[:, None]
+    return 0.5 * energy * grad_energy / tokens
+
+
+NEURON_CRITERIA.register("heapr")(NeuronCriterion(
+    "heapr", ("neuron_energy", "output_grad_energy", "count"), heapr,
+    "HEAPr: 1/2 sum_t (g a_n)^2 x mean_t (dL/dy_t . W_down[:, n])^2 over the expert's tokens (needs --gradients)"))
+
+__all__ = ["CAMERA_RHO", "NEURON_CRITERIA", "NeuronCriterion", "camera_p", "down_column_energy", "heapr",
            "neuron_layer_stats"]
