@@ -17,7 +17,7 @@
 # compare: three calibration seeds, 25/50/75%, every criterion (one process per testbed) and NAEE (one process per
 # testbed and seed; with cached expert outputs also on qwen3-128x8, where block forwards were ~50k per layer).
 set -euo pipefail
-stage=${1:?usage: balanced_testbeds.sh train|compare|solo NAME COEFS|merge NAME:COEF ...}
+stage=${1:?usage: balanced_testbeds.sh train|compare|solo NAME COEFS|merge NAME:COEF ...|neurons NAME:COEF ...}
 corpus=${CORPUS:-benchmarks/corpus/out}  # CORPUS: a subset (benchmarks/corpus/subset.py) to fit the 64 MiB transfer
 minutes=${MINUTES:-6.5}
 out=${OUT:?set OUT (the device tool does)}
@@ -120,6 +120,46 @@ if [ "$stage" = merge ]; then
     python benchmarks/compare_methods.py --combine $parts --tag merging --out "$out" > /dev/null || true
   done
   tar czf "$out/merging-logs.tar.gz" testbeds/train-*-merge.log testbeds/compare-*-merge-*.log
+  exit 0
+fi
+
+if [ "$stage" = neurons ]; then
+  # bash benchmarks/balanced_testbeds.sh neurons NAME:COEF [NAME:COEF ...]: removing neurons inside experts against
+  # removing whole experts, at the same routed-parameter fraction. Training as for merge (MINUTES, default 2); then,
+  # side by side per testbed, one compare_methods process per method group (NEURON_GROUPS, ';'-separated; default:
+  # the expert criteria reap, easy_ep, frequency; camera_p; heapr; reap+camera_p; reap+heapr), at RATIOS (default
+  # 0.25 0.5), seeds 0 1 2, no domain-targeted rows, each at most COMPARE_SECONDS (default 300); combined per
+  # testbed into $OUT/compare_methods-NAME-neurons.*
+  shift
+  [ $# -gt 0 ] || { echo "usage: balanced_testbeds.sh neurons NAME:COEF [NAME:COEF ...]" >&2; exit 2; }
+  for spec in "$@"; do
+    name=${spec%%:*}; coef=${spec#*:}
+    # shellcheck disable=SC2086
+    python benchmarks/train_moe.py --corpus $corpus --testbed "$name" --minutes "${MINUTES:-2}" --aux-coef "$coef" \
+      --out testbeds/neurons ${TRAIN_ARGS:-} > "testbeds/train-$name-neurons.log" 2>&1
+    cp "testbeds/neurons/$name/training.json" "$out/$name-neurons-training.json"
+  done
+  mkdir -p testbeds/results-neurons
+  pids=()
+  IFS=';' read -r -a groups <<< "${NEURON_GROUPS:-reap easy_ep frequency;camera_p;heapr;reap+camera_p;reap+heapr}"
+  for spec in "$@"; do
+    name=${spec%%:*}
+    for methods in "${groups[@]}"; do
+      tag=$(echo "$methods" | cut -d' ' -f1 | tr '+' '-')
+      # shellcheck disable=SC2086
+      timeout "${COMPARE_SECONDS:-300}" python benchmarks/compare_methods.py --testbed "testbeds/neurons/$name" \
+        --corpus $corpus --methods $methods --ratios ${RATIOS:-0.25 0.5} --no-targeted ${COMPARE_ARGS:-} \
+        --out testbeds/results-neurons --tag "$tag" > "testbeds/compare-$name-neurons-$tag.log" 2>&1 & pids+=($!)
+    done
+  done
+  for p in "${pids[@]}"; do wait "$p" || true; done
+  for spec in "$@"; do
+    name=${spec%%:*}
+    parts=$(ls testbeds/results-neurons/compare_methods-"$name"-*.json)
+    # shellcheck disable=SC2086
+    python benchmarks/compare_methods.py --combine $parts --tag neurons --out "$out" > /dev/null || true
+  done
+  tar czf "$out/neurons-logs.tar.gz" testbeds/train-*-neurons.log testbeds/compare-*-neurons-*.log
   exit 0
 fi
 

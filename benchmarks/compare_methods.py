@@ -14,7 +14,10 @@ For each testbed (a checkpoint written by ``benchmarks/train_moe.py``):
    retention original_ppl / pruned_ppl (1 = no loss), plus the time to plan and prune;
 5. with neuron criteria among ``--methods`` (``camera_p``), the profile also records ``--neuron-stats`` and each
    row removes the ratio's fraction of every expert's neurons instead of experts (``moekit.edit.neurons``): the
-   same fraction of routed-expert parameters;
+   same fraction of routed-expert parameters (``heapr`` also makes the profile run a backward pass,
+   ``--gradients``); a combined method ``EXPERT+NEURON`` (e.g. ``reap+camera_p``) removes
+   round(E * ratio / 2) experts per layer by the expert criterion and then the fraction of each kept expert's
+   neurons that brings the routed parameters removed to ``ratio`` (one composed plan, ``experts_plan``);
 6. with merging methods among ``--methods`` (``m_smoe``, ``hc_smoe``, ``sub_moe``, ``dern``; or ``--methods all-merge``
    for the four), the profile also records the merge statistics (``--merge-stats``) and each merging method's plan is
    made (``moekit.merge.make_merge_plan``, reading the testbed's weights layer by layer) and applied to a copy of the
@@ -101,11 +104,20 @@ def main_metric(scores: dict[str, Any], task: str) -> float | None:
     return scores.get(f"{task}/{main_metric_name(scores, task)}")
 
 
+def routed_removed(plan: dict[str, Any]) -> float:
+    """The fraction of routed-expert parameters a neuron plan (maybe composed with expert removal) removes."""
+    layer = next(iter(plan["layers"].values()))
+    experts_before = len(layer["kept"]) + len(layer["removed"])
+    return 1 - len(layer["kept"]) * plan["width"]["after"] / (experts_before * plan["width"]["before"])
+
+
 def pruned_copy(model: Any, plan: dict[str, Any]) -> Any:
     """A copy of ``model`` with ``plan`` applied: merged by its groups (a merge plan) or pruned to its kept lists."""
     clone = copy.deepcopy(model)
     groups = plan_groups(plan)
-    if "width" in plan:  # a neuron plan
+    if "width" in plan:  # a neuron plan, maybe removing experts first (a combined row)
+        if any(entry["removed"] for entry in plan["layers"].values()):
+            prune_experts(MoEModelView.from_model(clone), plan_keep_map(plan))
         view = MoEModelView.from_model(clone)
         prune_neurons(view, plan_neuron_keep(plan, view))
     elif groups is not None:
@@ -157,14 +169,20 @@ def compare(testbed: Path, corpus: Path, seq_len: int, calibration_tokens: int, 
     if only is not None and "all-merge" in only:
         only = [m for m in only if m != "all-merge"] + list(MERGE_METHODS)
     known = [*CRITERIA.names(), "naee", *MERGE_METHODS, *NEURON_CRITERIA.names()]
-    unknown = [m for m in only or () if m not in known]
+    combined = [m for m in only or () if "+" in m]
+    bad_combined = [m for m in combined if m.partition("+")[0] not in CRITERIA.names()
+                    or m.partition("+")[2] not in NEURON_CRITERIA]
+    unknown = [m for m in only or () if m not in known and m not in combined] + bad_combined
     if unknown:
-        raise SystemExit(f"unknown methods {unknown}; valid: {', '.join(known)} (or all-merge)")
+        raise SystemExit(f"unknown methods {unknown}; valid: {', '.join(known)} (or all-merge, or EXPERT+NEURON such "
+                         "as reap+camera_p)")
     default = [*CRITERIA.names()] + (["naee"] if naee else [])
-    methods = [m for m in known if m in only] if only is not None else default
+    methods = [m for m in known if m in only] + combined if only is not None else default
     criteria = [m for m in methods if m in CRITERIA.names()]
     merge_stats = any(m in MERGE_METHODS for m in methods)
-    neuron_stats = any(m in NEURON_CRITERIA for m in methods)
+    neuron_methods = {m.partition("+")[2] or m for m in methods} & set(NEURON_CRITERIA.names())
+    neuron_stats = bool(neuron_methods)
+    gradients = any("output_grad_energy" in NEURON_CRITERIA.get(m).reads for m in neuron_methods)
     rows: list[dict[str, Any]] = []
     profile_seconds: list[float] = []
 
@@ -181,7 +199,7 @@ def compare(testbed: Path, corpus: Path, seq_len: int, calibration_tokens: int, 
             "testbed": testbed.name, "num_experts": view.num_experts, "top_k": view.top_k,
             "model_type": view.model_type, "domains": domains, "original_perplexity": original,
             "profile_seconds": profile_seconds, "profile_merge_stats": merge_stats,
-            "profile_neuron_stats": neuron_stats,
+            "profile_neuron_stats": neuron_stats, "profile_gradients": gradients,
             "calibration_tokens_per_domain": calibration_tokens,
             # what was measured (all of it once complete; a stopped run lists the seeds and ratios it reached)
             "calibration_seeds": list(seeds) if complete else sorted({r["seed"] for r in general_rows}),
@@ -199,8 +217,8 @@ def compare(testbed: Path, corpus: Path, seq_len: int, calibration_tokens: int, 
     for seed in seeds:
         sets = calibration_sets(corpus, domains, seq_len, calibration_tokens, seed)
         start = time.perf_counter()
-        profile = collect_profile(model, sets, batch_size=16, progress=False, merge_stats=merge_stats,
-                                  neuron_stats=neuron_stats)
+        profile = collect_profile(model, sets, batch_size=4 if gradients else 16, progress=False,
+                                  merge_stats=merge_stats, neuron_stats=neuron_stats, gradients=gradients)
         profile_seconds.append(time.perf_counter() - start)
         for ratio in ratios:
             for method in methods:
@@ -212,12 +230,22 @@ def compare(testbed: Path, corpus: Path, seq_len: int, calibration_tokens: int, 
                     plan = make_merge_plan(testbed, view, profile, request)
                 elif method in NEURON_CRITERIA:  # the same fraction of routed parameters, removed inside experts
                     plan = make_neuron_plan(testbed, view, profile, method, ratio)
+                elif "+" in method:  # experts first, then neurons of the kept experts: the same routed parameters
+                    expert_method, _, neuron_method = method.partition("+")
+                    experts = view.num_experts
+                    removed = max(1, round(experts * ratio / 2))
+                    experts_plan = make_prune_plan(view, profile, PlanRequest(expert_method, ratio=removed / experts,
+                                                                              seed=seed))
+                    neuron_ratio = 1 - (1 - ratio) / (1 - removed / experts)
+                    plan = make_neuron_plan(testbed, view, profile, neuron_method, neuron_ratio,
+                                            experts_plan=experts_plan)
                 else:
                     plan = make_prune_plan(view, profile, request)
                 seconds = time.perf_counter() - start
                 rows.append({"kind": "general", "method": method, "ratio": ratio, "seed": seed, "plan_seconds": seconds,
                              "edit": "merge" if method in MERGE_METHODS else "neurons" if method in NEURON_CRITERIA
-                             else "prune",
+                             else "experts+neurons" if "+" in method else "prune",
+                             **({"routed_parameters_removed": routed_removed(plan)} if "width" in plan else {}),
                              **evaluate_plan(model, plan, heldout, seq_len, original, tokenizer, tasks, task_limit)})
                 print(f"{testbed.name} seed {seed} general {method} {ratio}: "
                       f"mean retention {rows[-1]['mean_retention']:.3f}", flush=True)
@@ -255,6 +283,8 @@ def combine(parts: list[dict[str, Any]]) -> dict[str, Any]:
     combined["naee"] = next((part["naee"] for part in parts if part.get("naee")), None)
     combined["profile_seconds"] = [x for part in parts for x in part["profile_seconds"]]
     combined["profile_merge_stats"] = any(part.get("profile_merge_stats", False) for part in parts)
+    combined["profile_neuron_stats"] = any(part.get("profile_neuron_stats", False) for part in parts)
+    combined["profile_gradients"] = any(part.get("profile_gradients", False) for part in parts)
     combined["targeted"] = any(part.get("targeted", True) for part in parts)
     combined["complete"] = all(part.get("complete", True) for part in parts)
     return combined
@@ -293,6 +323,7 @@ def markdown(result: dict[str, Any]) -> str:
     balancing = (record.get("recipe") or {}).get("balancing", "not recorded")
     merged = sorted({r["method"] for r in result["rows"] if r.get("edit") == "merge"})
     neuron_rows = sorted({r["method"] for r in result["rows"] if r.get("edit") == "neurons"})
+    combined_rows = sorted({r["method"] for r in result["rows"] if r.get("edit") == "experts+neurons"})
     what = "Pruning and merging methods" if merged else "Pruning methods"
     lines = [f"# {what} on `{result['testbed']}` ({result['model_type']}, {result['num_experts']} experts, "
              f"top-{result['top_k']})", "",
@@ -311,7 +342,15 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", f"Neuron-level rows ({', '.join(neuron_rows)}): every expert kept, each keeping the same number "
                       "of its own highest-scoring neurons; `ratio` is then the fraction of each expert's neurons "
                       "removed, which is the same fraction of routed-expert parameters as the expert rows remove "
-                      "(their profiles also collected `--neuron-stats`)."]
+                      "(their profiles also collected `--neuron-stats`" + (", and `--gradients` for heapr: a "
+                      "backward pass; batch 4 instead of 16" if result.get("profile_gradients") else "") + ")."]
+    if combined_rows:
+        removed = sorted({(r["ratio"], round(r["routed_parameters_removed"], 3)) for r in result["rows"]
+                          if r.get("edit") == "experts+neurons"})
+        lines += ["", f"Combined rows ({', '.join(combined_rows)}): round(E x ratio / 2) experts per layer removed by "
+                      "the expert criterion, then the neurons of the kept experts by the neuron criterion, so that the "
+                      "routed-expert parameters removed match the ratio (measured: " +
+                      ", ".join(f"ratio {a}: {b}" for a, b in removed) + ")."]
     if not result.get("complete", True):
         lines += ["", "**Incomplete**: the run was stopped (a time limit) before it measured every method, seed and "
                       "ratio it was asked for; the tables hold what it reached."]

@@ -10,6 +10,9 @@ same packed batches (``--batch`` x ``--seq-len`` tokens) with ``logits_to_keep=1
 - moekit + neuron stats: the same with per-neuron statistics (``--neuron-stats``);
 - moekit + merge stats: the same with the merging methods' statistics (``--merge-stats``: the router-logit Gram
   matrix, and every expert run on every token for its mean output, E/k times the expert FLOPs);
+- moekit + gradients (``--gradients``, HEAPr): forward *and* backward from the summed next-token loss with the
+  capture's backward hooks (neuron statistics included), and the same forward and backward without the capture
+  (plain forward_backward), both as ratios to the plain forward;
 - all-experts observer: what REAP-style observers do -- in a hook on each MoE block, run every
   expert on every token (E/k times the expert FLOPs) and accumulate output norms.
 
@@ -90,10 +93,31 @@ def run_batches(model, batches: list[torch.Tensor], before: Callable[[torch.Tens
     return time.perf_counter() - start
 
 
+def run_backward_batches(model, batches: list[torch.Tensor], mask: torch.Tensor,
+                         before: Callable[[torch.Tensor], None] | None = None) -> float:
+    """Seconds to run a forward and a backward pass on every batch (``moekit.profile.collect.forward_backward``,
+    parameters frozen), after one warm-up batch, synchronised."""
+    from moekit.profile.collect import forward_backward, gradient_mode
+
+    with gradient_mode(model):
+        if before:
+            before(batches[0])
+        forward_backward(model, batches[0], mask)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for ids in batches:
+            if before:
+                before(ids)
+            forward_backward(model, ids, mask)
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=1 << 20, help="tokens per variant (observer: --observer-tokens)")
     parser.add_argument("--observer-tokens", type=int, default=1 << 17)
+    parser.add_argument("--gradient-tokens", type=int, default=1 << 18, help="tokens of the gradient variants")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=2048)
@@ -123,6 +147,19 @@ def main() -> None:
             counts = sum(float(c.stats.tensors["count"].sum()) for c in capture.layers.values())
         results[name] = {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
                          "routed_pairs_counted": counts}
+    gradient_batches = batches[: max(1, args.gradient_tokens // per_batch)]
+    gradient_tokens = len(gradient_batches) * per_batch
+    seconds = run_backward_batches(model, gradient_batches, mask)
+    results["plain_forward_backward"] = {"tokens": gradient_tokens, "seconds": seconds,
+                                         "tokens_per_second": gradient_tokens / seconds}
+    with capturing(view, 1, gradients=True) as capture:
+        seconds = run_backward_batches(model, gradient_batches, mask,
+                                       lambda ids, c=capture: c.state.begin_batch(0, mask))
+        filled = sum(float(c.stats.tensors["output_grad_energy"].sum() > 0) for c in capture.layers.values())
+    results["moekit_gradients"] = {"tokens": gradient_tokens, "seconds": seconds,
+                                   "tokens_per_second": gradient_tokens / seconds,
+                                   "layers_with_output_gradients": filled}
+    torch.cuda.empty_cache()
     observer_batches = batches[: max(1, args.observer_tokens // per_batch)]
     observer = AllExpertsObserver(view)
     seconds = run_batches(model, observer_batches)

@@ -188,6 +188,7 @@ def capture_forward(capture: LayerCapture, hidden: torch.Tensor, top_k_index: to
             gated_norm=out_norm if input_gated else gate.abs() * out_norm,
             act_max=torch.maximum(high, -low).float(),
             intermediate=intermediate if capture.neuron_stats else None,
+            sorted_by_expert=True,
         )
         residual = capture.residual_for(x).float()
         change = (1 - F.cosine_similarity(residual, residual + routed.float(), dim=-1)).clamp(min=0)  # [T]

@@ -108,13 +108,13 @@ def collect_profile(model: PreTrainedModel, sets: Sequence[CalibrationSet], batc
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="profiling with gradients" if gradients else "profiling",
                disable=not progress)
     rank, world = _rank_and_world(distributed)
-    mode = _backward_pass(model) if gradients else torch.inference_mode()
+    mode = gradient_mode(model) if gradients else torch.inference_mode()
     with capturing(view, len(sets), neuron_stats, merge_stats, gradients) as capture, mode:
         for set_index, ids, mask in _rank_batches(sets, batch_size, rank, world):
             bar.set_postfix_str(sets[set_index].name, refresh=False)
             capture.state.begin_batch(set_index, mask.to(device, non_blocking=True))
             if gradients:
-                _forward_backward(model, ids.to(device, non_blocking=True), mask.to(device, non_blocking=True))
+                forward_backward(model, ids.to(device, non_blocking=True), mask.to(device, non_blocking=True))
             else:
                 model(input_ids=ids.to(device, non_blocking=True), **kwargs)
             bar.update(int(mask.sum()) * world)
@@ -126,7 +126,7 @@ def collect_profile(model: PreTrainedModel, sets: Sequence[CalibrationSet], batc
 
 
 @contextmanager
-def _backward_pass(model: PreTrainedModel) -> Iterator[None]:
+def gradient_mode(model: PreTrainedModel) -> Iterator[None]:
     """Gradients on, every parameter frozen (only activations get gradients: no parameter-sized buffer is
     allocated), the embedding's output made to require grad so the graph is built; all undone on exit."""
     frozen = [(p, p.requires_grad) for p in model.parameters()]
@@ -142,7 +142,7 @@ def _backward_pass(model: PreTrainedModel) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def _forward_backward(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor) -> None:
+def forward_backward(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor) -> None:
     """One forward and one backward pass from the batch's next-token cross-entropy summed over its real tokens
     (padding, right of the real tokens, is never a target)."""
     labels = ids.masked_fill(mask == 0, -100)

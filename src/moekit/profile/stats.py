@@ -125,6 +125,7 @@ class PairStats:
     gated_norm: torch.Tensor  # [P] float32 ||g f_j(x_t)|| (the contribution's norm)
     act_max: torch.Tensor  # [P] float32 max_h |f_j(x_t)_h|
     intermediate: torch.Tensor | None  # [P, I] a_{j,t}, only when neuron statistics are on
+    sorted_by_expert: bool = False  # the pairs come grouped by expert, in ascending expert order
 
 
 class LayerStats:
@@ -207,10 +208,19 @@ class LayerStats:
             acc[name][set_index].scatter_reduce_(0, expert, values, reduce="amax")
         if self.neuron_stats and pairs.intermediate is not None:
             weighted = pairs.intermediate.float() * (pairs.gate * keep)[:, None]  # [P, I] g * a
-            energy = torch.zeros(self.num_experts, weighted.shape[1], device=weighted.device)
-            acc["neuron_energy"][set_index] += energy.index_add_(0, expert, weighted.square()).double()
-            rows = expert[:, None].expand_as(weighted)
-            acc["neuron_max"][set_index].scatter_reduce_(0, rows, weighted.abs(), reduce="amax")
+            if pairs.sorted_by_expert:  # one segmented reduction per statistic, no atomic adds into E rows
+                on_cpu = expert.device.type in ("cpu", "mps")
+                lengths = torch.histc(expert.float() if on_cpu else expert.int(), bins=self.num_experts, min=0,
+                                      max=self.num_experts - 1).long()
+                energy = torch.segment_reduce(weighted.square(), "sum", lengths=lengths, axis=0)
+                peak = torch.segment_reduce(weighted.abs(), "max", lengths=lengths, axis=0, initial=0.0)
+                acc["neuron_energy"][set_index] += energy.double()
+                torch.maximum(acc["neuron_max"][set_index], peak, out=acc["neuron_max"][set_index])
+            else:
+                energy = torch.zeros(self.num_experts, weighted.shape[1], device=weighted.device)
+                acc["neuron_energy"][set_index] += energy.index_add_(0, expert, weighted.square()).double()
+                rows = expert[:, None].expand_as(weighted)
+                acc["neuron_max"][set_index].scatter_reduce_(0, rows, weighted.abs(), reduce="amax")
 
     def add_all_expert_outputs(self, set_index: int, expert: int, outputs: torch.Tensor, valid: torch.Tensor) -> None:
         """``outputs [T, H]``: expert ``expert`` run on every token of the batch (merge statistics)."""
