@@ -137,6 +137,20 @@ for _name in CRITERIA:  # every scoring criterion is a method that reads the sta
 del _name
 
 
+def _stun_plan(source: str | Path, request: PlanRequest, inputs: PlanInputs) -> dict[str, Any]:
+    from moekit.plan.stun import stun_plan
+
+    assert inputs.profile is not None  # check_needs
+    path = str(Path(inputs.profile_path).resolve()) if inputs.profile_path is not None else None
+    return stun_plan(source, inputs.profile, request, profile_path=path)
+
+
+METHODS.register("stun")(Method(
+    "stun", "prune", Needs(profile=True, statistics=("coactivation",)), _stun_plan,
+    doc="STUN stage 1: experts clustered by co-activation (behaviour similarity), each cluster keeps the expert "
+        "closest to its mean weights (reads the expert weights one layer at a time)"))
+
+
 def naee_plan_from_data(source: str | Path, data: list[str], request: PlanRequest, *, seq_len: int | None = None,
                         max_tokens: int | None = 65_536, seed: int = 0, batch_size: int = 8, device: str = "cpu",
                         dtype: str = "auto", search: str = "auto", progressive: bool = False,
