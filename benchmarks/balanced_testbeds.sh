@@ -127,7 +127,7 @@ if [ "$stage" = neurons ]; then
   # bash benchmarks/balanced_testbeds.sh neurons NAME:COEF [NAME:COEF ...]: removing neurons inside experts against
   # removing whole experts, at the same routed-parameter fraction. Training as for merge (MINUTES, default 2); then,
   # side by side per testbed, one compare_methods process per method group (NEURON_GROUPS, ';'-separated; default:
-  # the expert criteria reap, easy_ep, frequency; camera_p; heapr; reap+camera_p; reap+heapr), at RATIOS (default
+  # the expert methods reap, easy_ep, frequency, stun; camera_p; heapr; reap+camera_p; reap+heapr), at RATIOS (default
   # 0.25 0.5), seeds 0 1 2, no domain-targeted rows, each at most COMPARE_SECONDS (default 300); combined per
   # testbed into $OUT/compare_methods-NAME-neurons.*
   shift
@@ -141,7 +141,7 @@ if [ "$stage" = neurons ]; then
   done
   mkdir -p testbeds/results-neurons
   pids=()
-  IFS=';' read -r -a groups <<< "${NEURON_GROUPS:-reap easy_ep frequency;camera_p;heapr;reap+camera_p;reap+heapr}"
+  IFS=';' read -r -a groups <<< "${NEURON_GROUPS:-reap easy_ep frequency stun;camera_p;heapr;reap+camera_p;reap+heapr}"
   for spec in "$@"; do
     name=${spec%%:*}
     for methods in "${groups[@]}"; do

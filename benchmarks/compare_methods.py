@@ -71,6 +71,7 @@ from moekit.model_io import load_model  # noqa: E402
 from moekit.plan import PlanRequest, make_prune_plan, plan_keep_map  # noqa: E402
 from moekit.plan.check import plan_groups  # noqa: E402
 from moekit.plan.naee import make_naee_plan  # noqa: E402
+from moekit.plan.stun import stun_plan  # noqa: E402
 from moekit.profile import collect_profile  # noqa: E402
 from moekit.score import CRITERIA  # noqa: E402
 from moekit.score.neurons import NEURON_CRITERIA  # noqa: E402
@@ -168,7 +169,7 @@ def compare(testbed: Path, corpus: Path, seq_len: int, calibration_tokens: int, 
     original_tasks = task_scores(model, tokenizer, tasks, task_limit) if tasks else None
     if only is not None and "all-merge" in only:
         only = [m for m in only if m != "all-merge"] + list(MERGE_METHODS)
-    known = [*CRITERIA.names(), "naee", *MERGE_METHODS, *NEURON_CRITERIA.names()]
+    known = [*CRITERIA.names(), "naee", "stun", *MERGE_METHODS, *NEURON_CRITERIA.names()]
     combined = [m for m in only or () if "+" in m]
     bad_combined = [m for m in combined if m.partition("+")[0] not in CRITERIA.names()
                     or m.partition("+")[2] not in NEURON_CRITERIA]
@@ -228,6 +229,8 @@ def compare(testbed: Path, corpus: Path, seq_len: int, calibration_tokens: int, 
                     plan = make_naee_plan(model, sets, request, search="beam", max_tokens=naee_tokens, progress=False)
                 elif method in MERGE_METHODS:
                     plan = make_merge_plan(testbed, view, profile, request)
+                elif method == "stun":
+                    plan = stun_plan(testbed, profile, request)
                 elif method in NEURON_CRITERIA:  # the same fraction of routed parameters, removed inside experts
                     plan = make_neuron_plan(testbed, view, profile, method, ratio)
                 elif "+" in method:  # experts first, then neurons of the kept experts: the same routed parameters

@@ -183,7 +183,7 @@ def test_neuron_plan_writes_a_smaller_stock_checkpoint_streamed_as_in_memory(neu
     profile = Profile.load(neuron_profile / "profile")
     plan = make_neuron_plan(source, view, profile, "camera_p", 0.25)
     width = view.layers[0].intermediate_size
-    assert plan["width"] == {"before": width, "after": width - round(width * 0.25)}
+    assert {k: plan["width"][k] for k in ("before", "after")} == {"before": width, "after": width - round(width * 0.25)}
     original = AutoModelForCausalLM.from_pretrained(source).eval()
     live = MoEModelView.from_model(original)
     layer = live.layers[0]  # the plan keeps, per expert, the top camera_p scores computed here independently
@@ -382,7 +382,7 @@ def test_one_plan_removes_experts_then_neurons_in_one_pass(neuron_profile, tmp_p
                                  "--out", str(tmp_path / "both")])
     assert result.exit_code == 0, result.output
     plan = json.loads((tmp_path / "both" / "moekit_plan.json").read_text())
-    assert plan["num_experts"] == {"before": 8, "after": 6} and plan["width"] == {"before": 32, "after": 24}
+    assert plan["num_experts"] == {"before": 8, "after": 6} and {k: plan["width"][k] for k in ("before", "after")} == {"before": 32, "after": 24}
     assert plan["details"]["experts"]["method"] == "reap"
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "both").eval()
     by_hand = AutoModelForCausalLM.from_pretrained(source).eval()
@@ -404,3 +404,16 @@ def test_one_plan_removes_experts_then_neurons_in_one_pass(neuron_profile, tmp_p
             return sum(f.get_tensor(k).nbytes for k in f.keys() if ".experts." in k)
 
     assert expert_bytes(tmp_path / "both") * 8 * 32 == expert_bytes(source) * 6 * 24
+
+
+def test_kept_width_rounds_to_whole_16_byte_rows() -> None:
+    """Grouped-GEMM kernels (transformers' default experts implementation) need expert rows of a multiple of 16
+    bytes: 219 float32 neurons fail at the first forward, so uniform plans round the kept width."""
+    from moekit.edit.neurons import kept_width
+
+    assert kept_width(80, 0.25, align=4) == 60
+    assert kept_width(80, 0.25, align=8) == 64  # 60 is 7.5 rows of 8: halves round up
+    assert kept_width(48, 0.25, align=8) == 40
+    assert kept_width(320, 1 - 0.75 / 0.875, align=4) == 276  # 274.3 -> the nearest multiple of 4
+    assert kept_width(16, 0.9, align=8) == 8  # at least one row of 8 stays
+    assert kept_width(30, 0.25, align=8) == 22  # a width that is no multiple of 8 is not rounded

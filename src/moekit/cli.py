@@ -358,7 +358,9 @@ def prune(
         "tensors really shrink. With --ratio/--keep too, those experts are removed first, in the same plan.")]
     = None,
     neuron_ratio: Annotated[float | None, typer.Option(
-        "--neuron-ratio", help="With --neurons: fraction of each expert's neurons removed, e.g. 0.25.")] = None,
+        "--neuron-ratio", help="With --neurons: fraction of each expert's neurons removed, e.g. 0.25 (the kept width "
+        "is rounded to a multiple of 16 bytes of weights, e.g. 8 bfloat16 neurons, which grouped-GEMM kernels "
+        "need).")] = None,
     mode: Annotated[str, typer.Option(
         "--mode", help="With --neurons: uniform (every expert keeps the same number of neurons; they are removed "
         "and the checkpoint shrinks) or masked (the lowest-scoring fraction of each layer's neurons, from any "

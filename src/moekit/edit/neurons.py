@@ -130,8 +130,11 @@ def keep_top_neurons(scores: torch.Tensor, count: int) -> torch.Tensor:
     return order.sort(dim=1).values
 
 
-def kept_width(width: int, ratio: float) -> int:
-    """Neurons every expert keeps when ``ratio`` of ``width`` are removed (checked: at least one removed and kept)."""
+def kept_width(width: int, ratio: float, align: int = 1) -> int:
+    """Neurons every expert keeps when ``ratio`` of ``width`` are removed (checked: at least one removed and kept),
+    rounded to the nearest multiple of ``align`` when ``width`` is one (grouped-GEMM kernels, transformers' default
+    experts implementation, need every row of the expert tensors to be a multiple of 16 bytes: a width of 219
+    float32 neurons fails at the first forward)."""
     if not 0 < ratio < 1:
         raise PlanError(f"--neuron-ratio {ratio:g} is the fraction of each expert's neurons removed: give a value "
                         "between 0 and 1 (e.g. 0.25)")
@@ -139,7 +142,16 @@ def kept_width(width: int, ratio: float) -> int:
     if not 1 <= count < width:
         raise PlanError(f"--neuron-ratio {ratio:g} of {width} neurons keeps {count}: choose a ratio that removes at "
                         "least one neuron and keeps at least one")
+    if align > 1 and width % align == 0 and width > align:  # the nearest multiple, halves up
+        count = min(max(align * int((width - width * ratio) / align + 0.5), align), width - align)
     return count
+
+
+def width_alignment(view: MoEModelView) -> int:
+    """Neurons per 16 bytes of the experts' weights (4 for float32, 8 for bfloat16, 16 for FP8)."""
+    layer = view.layers[0]
+    weights = layer.layout.expert_weights(layer.experts, 0)
+    return max(1, 16 // weights.down.element_size())
 
 
 MODES = ("uniform", "masked")
@@ -182,7 +194,8 @@ def make_neuron_plan(source: str | Path, view: MoEModelView, profile: Any, crite
     method = NEURON_CRITERIA.get(criterion)  # an unknown name lists the valid ones
     profile.check_model(view)
     width = view.layers[0].intermediate_size
-    count = kept_width(width, ratio)
+    align = width_alignment(view) if mode == "uniform" else 1
+    count = kept_width(width, ratio, align)
     _check_profile_holds(profile, view, criterion, method.reads)  # before a weight is read
     if mode == "uniform":
         check_neuron_removal(view, {layer.index: torch.arange(count).repeat(layer.num_experts, 1)
@@ -221,6 +234,9 @@ def make_neuron_plan(source: str | Path, view: MoEModelView, profile: Any, crite
     record = plan_envelope(NEURON_PLAN_FORMAT, source_name or profile.meta["model"].get("source", ""),
                            summarize(view), kept_experts, criterion, details, top_k, layers)
     record["width"] = {"before": width, "after": count if mode == "uniform" else width}
+    if mode == "uniform" and align > 1 and width % align == 0:
+        record["width"]["aligned_to"] = align
+        record["width"]["removed_fraction"] = round(1 - count / width, 6)
     if mode == "masked":
         record["masked_neurons"] = {"per_layer": kept_experts * (width - count), "of": kept_experts * width}
     return record
