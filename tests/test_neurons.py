@@ -382,7 +382,8 @@ def test_one_plan_removes_experts_then_neurons_in_one_pass(neuron_profile, tmp_p
                                  "--out", str(tmp_path / "both")])
     assert result.exit_code == 0, result.output
     plan = json.loads((tmp_path / "both" / "moekit_plan.json").read_text())
-    assert plan["num_experts"] == {"before": 8, "after": 6} and {k: plan["width"][k] for k in ("before", "after")} == {"before": 32, "after": 24}
+    assert plan["num_experts"] == {"before": 8, "after": 6}
+    assert {k: plan["width"][k] for k in ("before", "after")} == {"before": 32, "after": 24}
     assert plan["details"]["experts"]["method"] == "reap"
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "both").eval()
     by_hand = AutoModelForCausalLM.from_pretrained(source).eval()
