@@ -75,9 +75,11 @@ def neuron_method(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return calls
 
 
-def test_the_registry_holds_every_criterion_naee_and_the_merging_methods() -> None:
+def test_the_registry_holds_every_criterion_naee_stun_and_the_merging_methods() -> None:
     merging = ["dern", "hc_smoe", "m_smoe", "sub_moe"]
-    assert METHODS.names() == sorted([*CRITERIA.names(), "naee", *merging])
+    assert METHODS.names() == sorted([*CRITERIA.names(), "naee", "stun", *merging])
+    stun = METHODS.get("stun")
+    assert stun.kind == "prune" and stun.needs.profile and stun.needs.statistics == ("coactivation",)
     for name in merging:
         method = METHODS.get(name)
         assert method.kind == "merge" and method.needs.profile and not method.needs.data
