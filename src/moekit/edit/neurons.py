@@ -159,7 +159,7 @@ MODES = ("uniform", "masked")
 
 def keep_layer_top_neurons(scores: torch.Tensor, removed: int) -> list[list[int]]:
     """Each expert's kept neurons when the ``removed`` lowest-scoring neurons of the whole layer (``scores``
-    [E, I]) go, whichever experts they are in (CAMERA's and HEAPr's per-layer selection; ties: the lower
+    [E, I]) go, whichever experts they are in (CAMERA's per-layer selection; ties: the lower
     expert, then the lower neuron, goes first)."""
     experts, width = scores.shape
     order = torch.sort(scores.flatten(), stable=True).indices[:removed]  # lowest first, ties to the lower index
