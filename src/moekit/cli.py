@@ -302,7 +302,8 @@ def prune(
         help="Importance criterion: frequency, router_mass, ean_sum, ean_mean, weighted_ean_sum, reap, easy_ep, "
         "random (lowest-scoring experts are removed); stun (STUN's first stage: experts clustered by how often the "
         "router selects them together, each cluster keeping the expert closest to its mean weights); or naee, a "
-        "reconstruction-loss search that runs the model on --data instead of reading a profile. Default easy_ep: the lowest mean rank of the criteria over moekit's "
+        "reconstruction-loss search that runs the model on --data instead of reading a profile. Default easy_ep: "
+        "the lowest mean rank of the criteria over moekit's "
         "balanced testbeds at 25% and 50% (benchmarks/results/method_summary.md; reap, weighted_ean_sum and ean_sum "
         "come next, often within the spread over calibration seeds).")] = "easy_ep",
     ratio: Annotated[float | None, typer.Option(
