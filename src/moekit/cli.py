@@ -366,7 +366,7 @@ def prune(
     mode: Annotated[str, typer.Option(
         "--mode", help="With --neurons: uniform (every expert keeps the same number of neurons; they are removed "
         "and the checkpoint shrinks) or masked (the lowest-scoring fraction of each layer's neurons, from any "
-        "expert, as CAMERA and HEAPr select them; zeroed, not removed: it saves nothing on disk, the card says what "
+        "expert, as CAMERA selects them; zeroed, not removed: it saves nothing on disk, the card says what "
         "a format storing only the kept neurons would save).")] = "uniform",
 ) -> None:
     """Remove the least important experts and write a standard checkpoint that from_pretrained (and vLLM) loads.

@@ -71,9 +71,9 @@ class LayerCapture:
     def __init__(self, layer: MoELayer, state: CaptureState, num_sets: int, neuron_stats: bool,
                  merge_stats: bool = False, gradients: bool = False) -> None:
         self.layer, self.state, self.merge_stats, self.gradients = layer, state, merge_stats, gradients
-        self.neuron_stats = neuron_stats or gradients
         self.stats = LayerStats(num_sets, layer.num_experts, layer.intermediate_size, neuron_stats, merge_stats,
                                 hidden=int(layer.router_weight.shape[-1]), gradients=gradients)
+        self.neuron_stats = self.stats.neuron_stats  # --gradients collects them too
         self.scoring = router_scoring(layer.routing)
         self.residuals: dict[int, torch.Tensor] = {}  # norm output storage pointer -> norm input
         self.easy_ep_input = "not run"
@@ -119,6 +119,15 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
     return out
 
 
+def down_projection(experts: nn.Module, layout: Any) -> tuple[torch.Tensor, bool]:
+    """(the experts' stacked down-projection weight, ``transposed`` for :func:`grouped_linear` from the [P, I]
+    intermediate activations to the [P, H] outputs). The other direction, [P, H] -> [P, I], is ``not transposed``."""
+    if isinstance(layout, DbrxLayout):
+        mlp = experts.mlp
+        return mlp.w2.view(-1, mlp.ffn_hidden_size, mlp.w2.shape[-1]), True  # [E, I, H]
+    return experts.down_proj, layout.is_transposed
+
+
 def expert_outputs(experts: nn.Module, layout: Any, x: torch.Tensor, expert_ids: torch.Tensor,
                     offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(outputs ``[P, H]``, intermediate activations ``[P, I]``) of each pair's expert, before gating."""
@@ -128,7 +137,8 @@ def expert_outputs(experts: nn.Module, layout: Any, x: torch.Tensor, expert_ids:
         gate = grouped_linear(x, mlp.w1.view(shape), offsets, transposed=False)
         up = grouped_linear(x, mlp.v1.view(shape), offsets, transposed=False)
         intermediate = mlp.activation_fn(gate) * up
-        return grouped_linear(intermediate, mlp.w2.view(shape), offsets, transposed=True), intermediate
+        down, transposed = down_projection(experts, layout)
+        return grouped_linear(intermediate, down, offsets, transposed), intermediate
     assert isinstance(layout, StackedLayout)
     first = experts.gate_up_proj if layout.has_gate else experts.up_proj
     proj = grouped_linear(x, first, offsets, layout.is_transposed)
@@ -141,7 +151,8 @@ def expert_outputs(experts: nn.Module, layout: Any, x: torch.Tensor, expert_ids:
     else:  # Llama-4's experts: gate and up concatenated, act(gate) * up
         gate, up = proj.chunk(2, dim=-1)
         intermediate = up * experts.act_fn(gate)
-    out = grouped_linear(intermediate, experts.down_proj, offsets, layout.is_transposed)
+    down, transposed = down_projection(experts, layout)
+    out = grouped_linear(intermediate, down, offsets, transposed)
     if layout.has_bias:
         out.add_(experts.down_proj_bias[expert_ids])
     if getattr(experts, "has_post_expert_norm", False):
@@ -188,7 +199,6 @@ def capture_forward(capture: LayerCapture, hidden: torch.Tensor, top_k_index: to
             gated_norm=out_norm if input_gated else gate.abs() * out_norm,
             act_max=torch.maximum(high, -low).float(),
             intermediate=intermediate if capture.neuron_stats else None,
-            sorted_by_expert=True,
         )
         residual = capture.residual_for(x).float()
         change = (1 - F.cosine_similarity(residual, residual + routed.float(), dim=-1)).clamp(min=0)  # [T]
@@ -210,13 +220,8 @@ def _output_gradient_hook(capture: LayerCapture, set_index: int, expert_ids: tor
         layer = capture.layer
         d_sorted = grad.reshape(-1, grad.shape[-1])[tokens]
         with torch.no_grad():
-            if isinstance(layer.layout, DbrxLayout):
-                mlp = layer.experts.mlp
-                down = mlp.w2.view(-1, mlp.ffn_hidden_size, mlp.w2.shape[-1])  # [E, I, H]
-                projected = grouped_linear(d_sorted, down, offsets, transposed=False)
-            else:
-                projected = grouped_linear(d_sorted, layer.experts.down_proj, offsets,
-                                           transposed=not layer.layout.is_transposed)
+            down, transposed = down_projection(layer.experts, layer.layout)
+            projected = grouped_linear(d_sorted, down, offsets, transposed=not transposed)
             capture.stats.add_output_gradients(set_index, expert_ids, projected, keep)
     return hook
 

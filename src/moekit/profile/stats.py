@@ -116,7 +116,7 @@ def reduction(name: str) -> str:
 
 @dataclass
 class PairStats:
-    """What one experts call computed, per (token, slot) pair, in the implementation's sorted order."""
+    """What one experts call computed, per (token, slot) pair, in the implementation's order: sorted by expert."""
 
     expert: torch.Tensor  # [P] expert id of each pair
     token: torch.Tensor  # [P] token index of each pair
@@ -125,7 +125,14 @@ class PairStats:
     gated_norm: torch.Tensor  # [P] float32 ||g f_j(x_t)|| (the contribution's norm)
     act_max: torch.Tensor  # [P] float32 max_h |f_j(x_t)_h|
     intermediate: torch.Tensor | None  # [P, I] a_{j,t}, only when neuron statistics are on
-    sorted_by_expert: bool = False  # the pairs come grouped by expert, in ascending expert order
+
+
+def expert_lengths(expert: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] int64 pairs of each expert, for pairs sorted by expert (the capture's order): the segment lengths of
+    ``torch.segment_reduce`` (no host sync; ids outside 0..E-1 were clamped into it by the caller)."""
+    on_cpu = expert.device.type in ("cpu", "mps")
+    return torch.histc(expert.float() if on_cpu else expert.int(), bins=num_experts, min=0,
+                       max=num_experts - 1).long()
 
 
 class LayerStats:
@@ -208,19 +215,12 @@ class LayerStats:
             acc[name][set_index].scatter_reduce_(0, expert, values, reduce="amax")
         if self.neuron_stats and pairs.intermediate is not None:
             weighted = pairs.intermediate.float() * (pairs.gate * keep)[:, None]  # [P, I] g * a
-            if pairs.sorted_by_expert:  # one segmented reduction per statistic, no atomic adds into E rows
-                on_cpu = expert.device.type in ("cpu", "mps")
-                lengths = torch.histc(expert.float() if on_cpu else expert.int(), bins=self.num_experts, min=0,
-                                      max=self.num_experts - 1).long()
-                energy = torch.segment_reduce(weighted.square(), "sum", lengths=lengths, axis=0)
-                peak = torch.segment_reduce(weighted.abs(), "max", lengths=lengths, axis=0, initial=0.0)
-                acc["neuron_energy"][set_index] += energy.double()
-                torch.maximum(acc["neuron_max"][set_index], peak, out=acc["neuron_max"][set_index])
-            else:
-                energy = torch.zeros(self.num_experts, weighted.shape[1], device=weighted.device)
-                acc["neuron_energy"][set_index] += energy.index_add_(0, expert, weighted.square()).double()
-                rows = expert[:, None].expand_as(weighted)
-                acc["neuron_max"][set_index].scatter_reduce_(0, rows, weighted.abs(), reduce="amax")
+            # the pairs are sorted by expert: one segmented reduction per statistic, no atomic adds into E rows
+            lengths = expert_lengths(expert, self.num_experts)
+            energy = torch.segment_reduce(weighted.square(), "sum", lengths=lengths, axis=0)
+            peak = torch.segment_reduce(weighted.abs(), "max", lengths=lengths, axis=0, initial=0.0)
+            acc["neuron_energy"][set_index] += energy.double()
+            torch.maximum(acc["neuron_max"][set_index], peak, out=acc["neuron_max"][set_index])
 
     def add_all_expert_outputs(self, set_index: int, expert: int, outputs: torch.Tensor, valid: torch.Tensor) -> None:
         """``outputs [T, H]``: expert ``expert`` run on every token of the batch (merge statistics)."""
@@ -229,12 +229,12 @@ class LayerStats:
 
     def add_output_gradients(self, set_index: int, expert: torch.Tensor, projected: torch.Tensor,
                              keep: torch.Tensor) -> None:
-        """``projected [P, I]``: d_t . W_down_j[:, n] for each (token, expert) pair (``expert [P]``); ``keep [P]`` 1
-        for a real token's pair, 0 for padding."""
+        """``projected [P, I]``: d_t . W_down_j[:, n] for each (token, expert) pair (``expert [P]``, sorted by expert
+        as in :meth:`add_pairs`); ``keep [P]`` 1 for a real token's pair, 0 for padding."""
         acc = self._get(projected.device)
         squares = projected.float().square() * keep[:, None]
-        energy = torch.zeros(self.num_experts, squares.shape[1], device=squares.device)
-        acc["output_grad_energy"][set_index] += energy.index_add_(0, expert.long(), squares).double()
+        lengths = expert_lengths(expert.long().clamp(max=self.num_experts - 1), self.num_experts)
+        acc["output_grad_energy"][set_index] += torch.segment_reduce(squares, "sum", lengths=lengths, axis=0).double()
 
     def all_reduce_(self, device: torch.device, group: object | None = None) -> None:
         """Combine this layer's accumulators across ``torch.distributed`` ranks (data-parallel profiling):
