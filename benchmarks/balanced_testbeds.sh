@@ -84,82 +84,63 @@ if [ "$stage" = solo ]; then
   exit 0
 fi
 
-if [ "$stage" = merge ]; then
-  # bash benchmarks/balanced_testbeds.sh merge NAME:COEF [NAME:COEF ...]: merging against pruning at the same size.
-  # Each testbed is trained alone (MINUTES per run, default 2, as the records in results/testbeds) at its recorded
-  # balancing coefficient, one after the other; then, side by side, compare_methods on each: one process for the
-  # pruning criteria (PRUNE_METHODS, default: easy_ep reap frequency random) and one per merging method, at
-  # RATIOS (default 0.25 0.5), seeds 0 1 2, no domain-targeted rows, each at most COMPARE_SECONDS (default 300;
-  # a stopped run keeps what it measured); the runs combined per testbed into $OUT/compare_methods-NAME-merging.*
-  shift
-  [ $# -gt 0 ] || { echo "usage: balanced_testbeds.sh merge NAME:COEF [NAME:COEF ...]" >&2; exit 2; }
+# train_and_compare STAGE LABEL GROUPS NAME:COEF ...: each testbed trained alone (MINUTES per run, default 2, as the
+# records in results/testbeds) at its balancing coefficient, one after the other, into testbeds/STAGE; then, side by
+# side, one compare_methods process per method group of GROUPS (';'-separated) on each testbed, at RATIOS (default
+# 0.25 0.5), seeds 0 1 2, no domain-targeted rows, each at most COMPARE_SECONDS (default 300; a stopped run keeps what
+# it measured); the runs combined per testbed into $OUT/compare_methods-NAME-LABEL.*, training records into
+# $OUT/NAME-LABEL-training.json, logs into $OUT/LABEL-logs.tar.gz
+train_and_compare() {
+  local stage=$1 label=$2 groups_text=$3 spec name coef methods tag parts p
+  shift 3
+  [ $# -gt 0 ] || { echo "usage: balanced_testbeds.sh $stage NAME:COEF [NAME:COEF ...]" >&2; exit 2; }
   for spec in "$@"; do
     name=${spec%%:*}; coef=${spec#*:}
     # shellcheck disable=SC2086
     python benchmarks/train_moe.py --corpus $corpus --testbed "$name" --minutes "${MINUTES:-2}" --aux-coef "$coef" \
-      --out testbeds/merge ${TRAIN_ARGS:-} > "testbeds/train-$name-merge.log" 2>&1
-    cp "testbeds/merge/$name/training.json" "$out/$name-merging-training.json"
+      --out "testbeds/$stage" ${TRAIN_ARGS:-} > "testbeds/train-$name-$stage.log" 2>&1
+    cp "testbeds/$stage/$name/training.json" "$out/$name-$label-training.json"
   done
-  mkdir -p testbeds/results-merge
-  pids=()
-  for spec in "$@"; do
-    name=${spec%%:*}
-    for methods in "${PRUNE_METHODS:-easy_ep reap frequency random}" m_smoe hc_smoe sub_moe dern; do
-      tag=$(echo "$methods" | cut -d' ' -f1)
-      # shellcheck disable=SC2086
-      timeout "${COMPARE_SECONDS:-300}" python benchmarks/compare_methods.py --testbed "testbeds/merge/$name" \
-        --corpus $corpus --methods $methods --ratios ${RATIOS:-0.25 0.5} --no-targeted ${COMPARE_ARGS:-} \
-        --out testbeds/results-merge --tag "$tag" > "testbeds/compare-$name-merge-$tag.log" 2>&1 & pids+=($!)
-    done
-  done
-  for p in "${pids[@]}"; do wait "$p" || true; done
-  for spec in "$@"; do
-    name=${spec%%:*}
-    parts=$(ls testbeds/results-merge/compare_methods-"$name"-*.json)
-    # shellcheck disable=SC2086
-    python benchmarks/compare_methods.py --combine $parts --tag merging --out "$out" > /dev/null || true
-  done
-  tar czf "$out/merging-logs.tar.gz" testbeds/train-*-merge.log testbeds/compare-*-merge-*.log
-  exit 0
-fi
-
-if [ "$stage" = neurons ]; then
-  # bash benchmarks/balanced_testbeds.sh neurons NAME:COEF [NAME:COEF ...]: removing neurons inside experts against
-  # removing whole experts, at the same routed-parameter fraction. Training as for merge (MINUTES, default 2); then,
-  # side by side per testbed, one compare_methods process per method group (NEURON_GROUPS, ';'-separated; default:
-  # the expert methods reap, easy_ep, frequency, stun; camera_p; heapr; reap+camera_p; reap+heapr), at RATIOS (default
-  # 0.25 0.5), seeds 0 1 2, no domain-targeted rows, each at most COMPARE_SECONDS (default 300); combined per
-  # testbed into $OUT/compare_methods-NAME-neurons.*
-  shift
-  [ $# -gt 0 ] || { echo "usage: balanced_testbeds.sh neurons NAME:COEF [NAME:COEF ...]" >&2; exit 2; }
-  for spec in "$@"; do
-    name=${spec%%:*}; coef=${spec#*:}
-    # shellcheck disable=SC2086
-    python benchmarks/train_moe.py --corpus $corpus --testbed "$name" --minutes "${MINUTES:-2}" --aux-coef "$coef" \
-      --out testbeds/neurons ${TRAIN_ARGS:-} > "testbeds/train-$name-neurons.log" 2>&1
-    cp "testbeds/neurons/$name/training.json" "$out/$name-neurons-training.json"
-  done
-  mkdir -p testbeds/results-neurons
-  pids=()
-  IFS=';' read -r -a groups <<< "${NEURON_GROUPS:-reap easy_ep frequency stun;camera_p;heapr;reap+camera_p;reap+heapr}"
+  mkdir -p "testbeds/results-$stage"
+  local pids=() groups=()
+  IFS=';' read -r -a groups <<< "$groups_text"
   for spec in "$@"; do
     name=${spec%%:*}
     for methods in "${groups[@]}"; do
       tag=$(echo "$methods" | cut -d' ' -f1 | tr '+' '-')
       # shellcheck disable=SC2086
-      timeout "${COMPARE_SECONDS:-300}" python benchmarks/compare_methods.py --testbed "testbeds/neurons/$name" \
+      timeout "${COMPARE_SECONDS:-300}" python benchmarks/compare_methods.py --testbed "testbeds/$stage/$name" \
         --corpus $corpus --methods $methods --ratios ${RATIOS:-0.25 0.5} --no-targeted ${COMPARE_ARGS:-} \
-        --out testbeds/results-neurons --tag "$tag" > "testbeds/compare-$name-neurons-$tag.log" 2>&1 & pids+=($!)
+        --out "testbeds/results-$stage" --tag "$tag" > "testbeds/compare-$name-$stage-$tag.log" 2>&1 & pids+=($!)
     done
   done
   for p in "${pids[@]}"; do wait "$p" || true; done
   for spec in "$@"; do
     name=${spec%%:*}
-    parts=$(ls testbeds/results-neurons/compare_methods-"$name"-*.json)
+    parts=$(ls testbeds/results-"$stage"/compare_methods-"$name"-*.json)
     # shellcheck disable=SC2086
-    python benchmarks/compare_methods.py --combine $parts --tag neurons --out "$out" > /dev/null || true
+    python benchmarks/compare_methods.py --combine $parts --tag "$label" --out "$out" > /dev/null || true
   done
-  tar czf "$out/neurons-logs.tar.gz" testbeds/train-*-neurons.log testbeds/compare-*-neurons-*.log
+  tar czf "$out/$label-logs.tar.gz" testbeds/train-*-"$stage".log testbeds/compare-*-"$stage"-*.log
+}
+
+if [ "$stage" = merge ]; then
+  # bash benchmarks/balanced_testbeds.sh merge NAME:COEF [NAME:COEF ...]: merging against pruning at the same size:
+  # one process for the pruning criteria (PRUNE_METHODS, default: easy_ep reap frequency random) and one per merging
+  # method (train_and_compare above); results in $OUT/compare_methods-NAME-merging.*
+  shift
+  train_and_compare merge merging "${PRUNE_METHODS:-easy_ep reap frequency random};m_smoe;hc_smoe;sub_moe;dern" "$@"
+  exit 0
+fi
+
+if [ "$stage" = neurons ]; then
+  # bash benchmarks/balanced_testbeds.sh neurons NAME:COEF [NAME:COEF ...]: removing neurons inside experts against
+  # removing whole experts, at the same routed-parameter fraction: one process per method group (NEURON_GROUPS,
+  # ';'-separated; default: the expert methods reap, easy_ep, frequency, stun; camera_p; heapr; reap+camera_p;
+  # reap+heapr; train_and_compare above); results in $OUT/compare_methods-NAME-neurons.*
+  shift
+  train_and_compare neurons neurons \
+    "${NEURON_GROUPS:-reap easy_ep frequency stun;camera_p;heapr;reap+camera_p;reap+heapr}" "$@"
   exit 0
 fi
 
