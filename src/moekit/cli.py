@@ -679,6 +679,10 @@ def profile_collect(
         "squared output gradient along its down-projection column (HEAPr's second-order statistic; includes "
         "--neuron-stats). Needs the whole model on the device with a batch's activations of every layer (no "
         "--sequential); use a smaller --batch-size if it does not fit.")] = False,
+    input_norms: Annotated[bool, typer.Option(
+        "--input-norms", help="Also keep, per expert, the squared norm of every input feature of its projections "
+        "over the tokens routed to it (Wanda's input norms, for moekit prune --sparsity; E x (hidden + expert width) "
+        "numbers per layer and set).")] = False,
     tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer directory, if not the model's.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
     dry_run: Annotated[bool, typer.Option(
@@ -717,7 +721,8 @@ def profile_collect(
     _quiet_transformers()
     result = profile_model(model, data, out_dir, seq_len=seq_len, max_tokens=max_tokens, seed=seed,
                            batch_size=batch_size, device=device, dtype=dtype, neuron_stats=neuron_stats,
-                           merge_stats=merge_stats, gradients=gradients, overwrite=overwrite, tokenizer=tokenizer,
+                           merge_stats=merge_stats, gradients=gradients, input_norms=input_norms,
+                           overwrite=overwrite, tokenizer=tokenizer,
                            dry_run=dry_run,
                            sequential=sequential, resume=resume, say=_note if is_main_process() else None)
 

@@ -131,7 +131,7 @@ def _resident_bytes(view: MoEModelView, element: int) -> int:
 
 def profile_needs(source: str | Path, out: str | Path | None, *, dtype: str, device: str, batch_size: int, seq_len: int,
                   sets: int, neuron_stats: bool, max_tokens: int | None = None,
-                  merge_stats: bool = False, gradients: bool = False) -> RunNeeds:
+                  merge_stats: bool = False, gradients: bool = False, input_norms: bool = False) -> RunNeeds:
     """Needs of profiling ``source``: the model on ``device``, one batch of hidden states, a small profile (and, for a
     layer-by-layer run, the hidden states of up to ``max_tokens`` tokens per set). ``out`` None: no output (its
     size and disk are not looked at). ``gradients``: a backward pass keeps every layer's activations for the
@@ -145,7 +145,8 @@ def profile_needs(source: str | Path, out: str | Path | None, *, dtype: str, dev
     neurons = neuron_stats or gradients
     per_layer = experts * (16 + experts) + (2 * experts * view.layers[0].intermediate_size if neurons else 0) \
         + (experts * (experts + hidden) if merge_stats else 0) \
-        + (experts * view.layers[0].intermediate_size if gradients else 0)
+        + (experts * view.layers[0].intermediate_size if gradients else 0) \
+        + (experts * (hidden + view.layers[0].intermediate_size) if input_norms else 0)
     activations = 2 * batch_size * seq_len * hidden * element
     if gradients:
         tokens = batch_size * seq_len

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
-import shlex
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ import torch
 
 from moekit.arch.view import MoEModelView, _set, config_value
 from moekit.edit.card import NEURON_PLAN_FORMAT, _param_rows, plan_envelope, shown_path, versions
-from moekit.edit.keep import PlanError, plan_record_keep
+from moekit.edit.keep import PlanError
 
 NeuronKeep = dict[int, torch.Tensor]  # MoE layer -> long [E, I'] kept neurons of each expert, ascending
 
@@ -385,84 +384,23 @@ def neurons_to_checkpoint(source: str | Path, plan: dict[str, Any], out: str | P
     card. A local safetensors checkpoint is streamed: every MoE layer is read one decoder layer at a time, its
     experts cut to the kept neurons and written back in the stored layout; every other tensor's bytes are copied.
     Checked before a weight is read; written atomically."""
-    from moekit.edit import PruneResult, _prune_view, read_source_structure, stream, write_streamed
-    from moekit.edit.checkpoint import check_output_dir, write_checkpoint
-    from moekit.edit.keep import validate_keep
-    from moekit.edit.prune import prune_layer
-    from moekit.edit.rewrite import rewrite_expert_layers
-    from moekit.model_io import check_dtype, describe_source, load_model
-    from moekit.needs import check_disk_room
-    from moekit.outputs import writing_directory
-    from moekit.summary import summarize
+    from moekit.edit.rewrite import ExpertEdit, expert_edit_to_checkpoint
 
-    check_dtype(dtype)
-    out_path = check_output_dir(out, source, overwrite)
-    structure, files, tensors = read_source_structure(source)
-    details = plan.get("details") or {}
-    masked = details.get("mode") == "masked"
-    expert_keep = plan_record_keep(plan)
-    allow_regroup = bool(details.get("allow_regroup", False))
-    top_k = (plan.get("top_k") or {}).get("after")
-    top_k = top_k if top_k != structure.top_k else None
-    removes = any(len(kept) != structure.num_experts for kept in expert_keep.values())
-    if removes:
-        validate_keep(structure, expert_keep, allow_regroup=allow_regroup)
-    before = summarize(structure)
-    outputs = stream.plan_tensors(structure, expert_keep, tensors, source) if files is not None else None
-    if removes:  # the structure after the expert pruning: what the neurons are checked against
-        _prune_view(structure, expert_keep, allow_regroup, top_k)
-    if masked:
-        masks = plan_neuron_masks(plan, structure)
+    masked = (plan.get("details") or {}).get("mode") == "masked"
 
-        def edit_neurons(layer: Any) -> None:
-            mask_layer_neurons(layer, masks[layer.index])
-    else:
-        keep = plan_neuron_keep(plan, structure)
-
-        def edit_neurons(layer: Any) -> None:
-            layer.layout.keep_neurons(layer.experts, keep[layer.index])
-
-    def edit(layer: Any) -> None:  # a source layer: its experts pruned first, then its neurons
-        if removes:
-            prune_layer(layer, expert_keep[layer.index])
-        edit_neurons(layer)
-
-    if reproduce is None:
-        reproduce = f"moekit apply {shlex.quote(describe_source(source))} moekit_plan.json --out OUT"
-    if files is None or stream.needs_cast(tensors, dtype):
-        from moekit.edit import config_aliases
-
-        model = load_model(source, dtype=dtype)
-        view = MoEModelView.from_model(model)
-        if removes:
-            _prune_view(view, expert_keep, allow_regroup, top_k)
+    def prepare(structure: MoEModelView) -> ExpertEdit:
         if masked:
-            with torch.no_grad():
-                for layer in view.layers:
-                    edit_neurons(layer)
-        else:
-            _remove_neurons(view, keep, plan["width"]["after"])  # keep was checked by plan_neuron_keep
-        after = summarize(view)
-        card = render_neuron_card(out_path.name, describe_source(source), before, after, plan, reproduce, out_path)
-        path = write_checkpoint(model, out_path, source, plan, card, overwrite=overwrite,
-                                config_aliases=config_aliases(view))
-        return PruneResult(path, before, after, plan)
-    assert outputs is not None
-    check_disk_room(out_path, 2 * sum(t.nbytes for t in outputs))  # the shards, plus the scratch expert copies
-    if not masked:
-        _remove_neurons(structure, keep, plan["width"]["after"])
-    after = summarize(structure)
-    card = render_neuron_card(out_path.name, describe_source(source), before, after, plan, reproduce, out_path)
-    with writing_directory(out_path, "checkpoint") as tmp:
-        scratch = tmp / ".moekit-pruned-neurons"
-        scratch.mkdir()
-        rewrite_expert_layers(source, [layer.index for layer in structure.layers], edit, outputs, scratch,
-                              "neuron-pruned", reshape=not masked)
-        write_streamed(tmp, source, structure, files, tensors, outputs, dtype, plan, card)
-        for file in scratch.iterdir():
-            file.unlink()
-        scratch.rmdir()
-    return PruneResult(out_path, before, after, plan)
+            masks = plan_neuron_masks(plan, structure)
+            return ExpertEdit(lambda layer: mask_layer_neurons(layer, masks[layer.index]))
+        keep = plan_neuron_keep(plan, structure)
+        return ExpertEdit(lambda layer: layer.layout.keep_neurons(layer.experts, keep[layer.index]),
+                          reshape=lambda view: _remove_neurons(view, keep, plan["width"]["after"]))
+
+    def card(name: str, described: str, before: Any, after: Any, base: Path, command: str) -> str:
+        return render_neuron_card(name, described, before, after, plan, command, base)
+
+    return expert_edit_to_checkpoint(source, plan, out, prepare, card, "neuron-pruned", overwrite=overwrite,
+                                     dtype=dtype, reproduce=reproduce)
 
 
 __all__ = ["NeuronKeep", "check_neuron_keep", "check_neuron_removal", "keep_top_neurons", "kept_width",

@@ -69,10 +69,12 @@ class LayerCapture:
     """Hooks' view of one MoE layer: its accumulators and the residual stream of the current batch."""
 
     def __init__(self, layer: MoELayer, state: CaptureState, num_sets: int, neuron_stats: bool,
-                 merge_stats: bool = False, gradients: bool = False) -> None:
+                 merge_stats: bool = False, gradients: bool = False, input_norms: bool = False) -> None:
         self.layer, self.state, self.merge_stats, self.gradients = layer, state, merge_stats, gradients
+        self.input_norms = input_norms
         self.stats = LayerStats(num_sets, layer.num_experts, layer.intermediate_size, neuron_stats, merge_stats,
-                                hidden=int(layer.router_weight.shape[-1]), gradients=gradients)
+                                hidden=int(layer.router_weight.shape[-1]), gradients=gradients,
+                                input_norms=input_norms)
         self.neuron_stats = self.stats.neuron_stats  # --gradients collects them too
         self.scoring = router_scoring(layer.routing)
         self.residuals: dict[int, torch.Tensor] = {}  # norm output storage pointer -> norm input
@@ -198,7 +200,8 @@ def capture_forward(capture: LayerCapture, hidden: torch.Tensor, top_k_index: to
             norm=out_norm / gate.clamp(min=torch.finfo(torch.float32).tiny) if input_gated else out_norm,
             gated_norm=out_norm if input_gated else gate.abs() * out_norm,
             act_max=torch.maximum(high, -low).float(),
-            intermediate=intermediate if capture.neuron_stats else None,
+            intermediate=intermediate if capture.neuron_stats or capture.input_norms else None,
+            inputs=x_sorted if capture.input_norms else None,
         )
         residual = capture.residual_for(x).float()
         change = (1 - F.cosine_similarity(residual, residual + routed.float(), dim=-1)).clamp(min=0)  # [T]
@@ -279,11 +282,11 @@ class Capture:
     """Every layer's capture and the shared per-batch state, while :func:`capturing` is active."""
 
     def __init__(self, view: MoEModelView, num_sets: int, neuron_stats: bool, merge_stats: bool = False,
-                 gradients: bool = False) -> None:
+                 gradients: bool = False, input_norms: bool = False) -> None:
         self.view = view
         self.state = CaptureState()
-        self.layers = {layer.index: LayerCapture(layer, self.state, num_sets, neuron_stats, merge_stats, gradients)
-                       for layer in view.layers}
+        self.layers = {layer.index: LayerCapture(layer, self.state, num_sets, neuron_stats, merge_stats, gradients,
+                                                 input_norms) for layer in view.layers}
 
     def all_reduce_(self, device: torch.device | None = None, group: object | None = None) -> None:
         """Sum (and max) every accumulator over the ranks of a ``torch.distributed`` group (on ``device``, default:
@@ -306,9 +309,10 @@ def _residual_norms(model: nn.Module, layer: MoELayer) -> list[nn.Module]:
 
 @contextmanager
 def capturing(view: MoEModelView, num_sets: int = 1, neuron_stats: bool = False,
-              merge_stats: bool = False, gradients: bool = False) -> Iterator[Capture]:
+              merge_stats: bool = False, gradients: bool = False, input_norms: bool = False) -> Iterator[Capture]:
     """Attach the capture to every MoE layer of ``view.model``; everything is undone on exit. ``gradients``: the
-    routed outputs also get a backward hook (HEAPr's statistic; the caller runs the backward pass)."""
+    routed outputs also get a backward hook (HEAPr's statistic; the caller runs the backward pass). ``input_norms``:
+    Wanda's per-expert input norms too."""
     model = view.model
     if gradients:
         normed = [layer.path for layer in view.layers if getattr(layer.experts, "has_post_expert_norm", False)]
@@ -316,7 +320,7 @@ def capturing(view: MoEModelView, num_sets: int = 1, neuron_stats: bool = False,
             raise RuntimeError(f"--gradients: the experts of {normed[0]} normalise their output after the down "
                                "projection, so a neuron's contribution is not along its down-projection column; "
                                "HEAPr's output-space statistic is not defined for them")
-    capture = Capture(view, num_sets, neuron_stats, merge_stats, gradients)
+    capture = Capture(view, num_sets, neuron_stats, merge_stats, gradients, input_norms)
     handles: list[Any] = []
     instance_patches: list[tuple[nn.Module, str]] = []
     previous_implementation = None

@@ -85,10 +85,10 @@ def _check_sets(sets: Sequence[CalibrationSet], batch_size: int) -> None:
 def collect_profile(model: PreTrainedModel, sets: Sequence[CalibrationSet], batch_size: int = 8,
                     neuron_stats: bool = False, progress: bool = True, source: str | None = None,
                     options: dict[str, Any] | None = None, distributed: bool = False,
-                    merge_stats: bool = False, gradients: bool = False) -> Profile:
-    """Profile ``model`` on ``sets`` (each kept separately). ``neuron_stats``, ``merge_stats``: collect those
-    optional statistics too (``moekit.profile.stats``). ``gradients``: every batch also runs backward from its
-    summed next-token cross-entropy (no parameter gradient is kept), for HEAPr's output-gradient statistic; the
+                    merge_stats: bool = False, gradients: bool = False, input_norms: bool = False) -> Profile:
+    """Profile ``model`` on ``sets`` (each kept separately). ``neuron_stats``, ``merge_stats``, ``input_norms``:
+    collect those optional statistics too (``moekit.profile.stats``). ``gradients``: every batch also runs backward
+    from its summed next-token cross-entropy (no parameter gradient is kept), for HEAPr's output-gradient statistic; the
     neuron statistics come with it, and every other statistic is the one a plain run collects.
 
     Sequences are right-padded (padding only after the real tokens); since the models are causal,
@@ -109,7 +109,7 @@ def collect_profile(model: PreTrainedModel, sets: Sequence[CalibrationSet], batc
                disable=not progress)
     rank, world = _rank_and_world(distributed)
     mode = gradient_mode(model) if gradients else torch.inference_mode()
-    with capturing(view, len(sets), neuron_stats, merge_stats, gradients) as capture, mode:
+    with capturing(view, len(sets), neuron_stats, merge_stats, gradients, input_norms) as capture, mode:
         for set_index, ids, mask in _rank_batches(sets, batch_size, rank, world):
             bar.set_postfix_str(sets[set_index].name, refresh=False)
             capture.state.begin_batch(set_index, mask.to(device, non_blocking=True))
@@ -122,7 +122,8 @@ def collect_profile(model: PreTrainedModel, sets: Sequence[CalibrationSet], batc
             capture.all_reduce_()
     bar.close()
     return _finish(view, capture, sets, total, start, neuron_stats or gradients, batch_size, options,
-                   source or getattr(model, "name_or_path", "") or "in-memory model", device, merge_stats, gradients)
+                   source or getattr(model, "name_or_path", "") or "in-memory model", device, merge_stats, gradients,
+                   input_norms)
 
 
 @contextmanager
@@ -167,7 +168,7 @@ def collect_profile_layerwise(run: LayerwiseModel, sets: Sequence[CalibrationSet
                               neuron_stats: bool = False, progress: bool = True, source: str | None = None,
                               options: dict[str, Any] | None = None, distributed: bool = False,
                               state: LayerwiseState | None = None, resume: bool = False,
-                              merge_stats: bool = False) -> Profile:
+                              merge_stats: bool = False, input_norms: bool = False) -> Profile:
     """:func:`collect_profile`, one decoder layer at a time (``moekit.layerwise``): the same statistics, with only
     one layer's weights and the batches' hidden states in memory. Data parallelism as in :func:`collect_profile`
     (each rank streams every layer over its share of the batches).
@@ -181,7 +182,8 @@ def collect_profile_layerwise(run: LayerwiseModel, sets: Sequence[CalibrationSet
     rank, world = _rank_and_world(distributed)
     batches = _rank_batches(sets, batch_size, rank, world)
     first_layer, saved_at = 0, None
-    with capturing(view, len(sets), neuron_stats, merge_stats) as capture, torch.inference_mode():
+    with capturing(view, len(sets), neuron_stats, merge_stats, input_norms=input_norms) as capture, \
+            torch.inference_mode():
         if resume and state is not None:
             saved = state.load()
             _same_on_every_rank(saved.done, world, device)
@@ -219,7 +221,7 @@ def collect_profile_layerwise(run: LayerwiseModel, sets: Sequence[CalibrationSet
         if world > 1:
             capture.all_reduce_(device)
     profile = _finish(view, capture, sets, total, start, neuron_stats, batch_size, options,
-                      source or str(run.source), device, merge_stats)
+                      source or str(run.source), device, merge_stats, input_norms=input_norms)
     if first_layer:
         profile.meta["timing"]["resumed_at_layer"] = first_layer
     return profile
@@ -241,7 +243,8 @@ def _same_on_every_rank(done: int, world: int, device: torch.device) -> None:
 
 def _finish(view: MoEModelView, capture: Any, sets: Sequence[CalibrationSet], total: int, start: float,
             neuron_stats: bool, batch_size: int, options: dict[str, Any] | None, source: str,
-            device: torch.device, merge_stats: bool = False, gradients: bool = False) -> Profile:
+            device: torch.device, merge_stats: bool = False, gradients: bool = False,
+            input_norms: bool = False) -> Profile:
     results = capture.results()  # to the CPU, as ordinary tensors: the one synchronisation
     easy_ep_input = {i: c.easy_ep_input for i, c in capture.layers.items()}
     elapsed = time.perf_counter() - start
@@ -249,6 +252,7 @@ def _finish(view: MoEModelView, capture: Any, sets: Sequence[CalibrationSet], to
                 for s in sets]
     run = {"neuron_stats": neuron_stats, **({"merge_stats": True} if merge_stats else {}),
            **({"gradients": True, "loss": "next-token cross-entropy, summed over real tokens"} if gradients else {}),
+           **({"input_norms": True} if input_norms else {}),
            "batch_size": batch_size, **(options or {})}
     meta = new_meta(view, source, set_meta, run, versions(), easy_ep_input)
     meta["timing"] = {"seconds": round(elapsed, 3), "tokens_per_second": round(total / max(elapsed, 1e-9), 1),
@@ -272,7 +276,7 @@ DEFAULT_SEQ_LEN = 2048
 def profile_model(source: str | Path, data: Sequence[str | DataSpec], out: str | Path, *, seq_len: int | None = None,
                   max_tokens: int | None = 262_144, seed: int = 0, batch_size: int = 8, device: str = "cpu",
                   dtype: str = "auto", neuron_stats: bool = False, merge_stats: bool = False,
-                  gradients: bool = False, overwrite: bool = False,
+                  gradients: bool = False, input_norms: bool = False, overwrite: bool = False,
                   tokenizer: str | Path | None = None, progress: bool = True, dry_run: bool = False,
                   sequential: bool | None = None, resume: bool = False,
                   say: Callable[[str], None] | None = None) -> Profile | None:
@@ -288,7 +292,8 @@ def profile_model(source: str | Path, data: Sequence[str | DataSpec], out: str |
     (``torchrun --nproc-per-node N -m moekit profile ...``), every rank runs its share of the sequences
     and rank 0 writes the profile of all of them (``moekit.distributed``). ``gradients``: also a backward pass per
     batch (HEAPr's statistic, with the neuron statistics); it needs the whole model on the device, with every
-    layer's activations of a batch, so it cannot run layer by layer.
+    layer's activations of a batch, so it cannot run layer by layer. ``input_norms``: Wanda's per-expert input
+    norms (``moekit prune --sparsity``).
     """
     specs = [d if isinstance(d, DataSpec) else DataSpec.parse(d) for d in data]
     sources, inputs = [source], [tokenizer, *(spec.path for spec in specs)]
@@ -310,7 +315,7 @@ def profile_model(source: str | Path, data: Sequence[str | DataSpec], out: str |
         raise DataError(f"--seq-len {seq_len} is outside what the model handles (1 to {limit} positions)")
     needs = profile_needs(source, out_path, dtype=dtype, device=device, batch_size=batch_size, seq_len=seq_len,
                           sets=len(specs), neuron_stats=neuron_stats, max_tokens=max_tokens,
-                          merge_stats=merge_stats, gradients=gradients)
+                          merge_stats=merge_stats, gradients=gradients, input_norms=input_norms)
     if gradients and sequential:
         raise DataError("--gradients runs a backward pass through the whole model, which cannot run layer by layer: "
                         "drop --sequential (or profile without --gradients)")
@@ -342,17 +347,19 @@ def profile_model(source: str | Path, data: Sequence[str | DataSpec], out: str |
         if sequential:
             fingerprint = run_fingerprint(describe_source(source), sets,
                                           {**options, "batch_size": batch_size, "neuron_stats": neuron_stats,
-                                           **({"merge_stats": True} if merge_stats else {})})
+                                           **({"merge_stats": True} if merge_stats else {}),
+                                           **({"input_norms": True} if input_norms else {})})
             state = LayerwiseState(saved, fingerprint, rank.rank, interval=resume_interval())
             with LayerwiseModel(source, dtype=dtype, device=rank.device) as run:
                 profile = collect_profile_layerwise(run, sets, batch_size, neuron_stats, progress and rank.writes,
                                                     describe_source(source), options, distributed=rank.world > 1,
-                                                    state=state, resume=resume, merge_stats=merge_stats)
+                                                    state=state, resume=resume, merge_stats=merge_stats,
+                                                    input_norms=input_norms)
         else:
             model = load_model(source, dtype=dtype, device=rank.device)
             profile = collect_profile(model, sets, batch_size, neuron_stats, progress and rank.writes,
                                       describe_source(source), options, distributed=rank.world > 1,
-                                      merge_stats=merge_stats, gradients=gradients)
+                                      merge_stats=merge_stats, gradients=gradients, input_norms=input_norms)
         if rank.writes:
             profile.save(out_path, overwrite=overwrite, sources=sources, inputs=inputs)
         if sequential:

@@ -34,6 +34,8 @@ neuron_max     (optional)  [S,E,I]     max_{t in X_j} |g_{t,j} a_{j,t,n}|
 router_logit_gram (opt.)   [S,E,E]     sum_t z_t z_t^T (M-SMoE's router-logit similarity)
 expert_output_sum (opt.)   [S,E,H]     sum_t f_j(x_t) over every token, every expert run on it (HC-SMoE)
 output_grad_energy (opt.)  [S,E,I]     sum_{t in X_j} (d_t . W_down_j[:, n])^2, d_t = dL/dy_t (HEAPr)
+expert_input_energy (opt.) [S,E,H]     sum_{t in X_j} x_{j,t,h}^2, x_{j,t} what expert j's gate/up projections read
+neuron_input_energy (opt.) [S,E,I]     sum_{t in X_j} a_{j,t,n}^2 (ungated: what the down projection reads)
 =========================  ==========  ======================================================
 
 The last two (``merge_stats``, ``moekit profile --merge-stats``) are for merging: the cosine between
@@ -46,6 +48,10 @@ from a backward pass: L is the summed next-token cross-entropy of the batch's re
 experts' combined output for token t (what the layer's experts call returns) and d_t = dL/dy_t. Then
 output_grad_energy / count is w^T H_j w for w = W_down_j[:, n], with H_j = mean over expert j's tokens of
 d_t d_t^T: the empirical Fisher estimate of the loss Hessian in the experts' output space (HEAPr).
+
+The last two (``input_norms``, ``moekit profile --input-norms``) are Wanda's input norms, per expert: the squared
+norm over the expert's tokens of every input feature of its projections (x_{j,t} is the experts' input, scaled by
+the gate where the family scales the input, Llama-4; a_{j,t} is not gate-weighted, unlike ``neuron_energy``).
 
 EASY-EP's h^in is the residual stream entering the MoE sub-layer and h^out = h^in + the routed
 experts' output (shared experts left out), as in its reference code.
@@ -87,15 +93,21 @@ MERGE_STATS: dict[str, tuple[tuple[str, ...], str]] = {
 GRADIENT_STATS: dict[str, tuple[tuple[str, ...], str]] = {
     "output_grad_energy": (("E", "I"), "sum"),
 }
+INPUT_NORM_STATS: dict[str, tuple[tuple[str, ...], str]] = {
+    "expert_input_energy": (("E", "H"), "sum"),
+    "neuron_input_energy": (("E", "I"), "sum"),
+}
 SIGNED_STATS = frozenset(MERGE_STATS)  # sums of signed values; every other statistic is >= 0
 
 # Statistics a profile holds only when asked, by the ``moekit profile`` option (as a keyword of ``profile_model``,
 # and a recipe's profile key) that collects them. Every other statistic is in every profile.
 OPTIONAL_STATS: dict[str, dict[str, tuple[tuple[str, ...], str]]] = {"neuron_stats": NEURON_STATS,
                                                                      "merge_stats": MERGE_STATS,
-                                                                     "gradients": GRADIENT_STATS}
+                                                                     "gradients": GRADIENT_STATS,
+                                                                     "input_norms": INPUT_NORM_STATS}
 COLLECTED_BY: dict[str, str] = {name: option for option, stats in OPTIONAL_STATS.items() for name in stats}
-ALL_STATS: dict[str, tuple[tuple[str, ...], str]] = {**STATS, **NEURON_STATS, **MERGE_STATS, **GRADIENT_STATS}
+ALL_STATS: dict[str, tuple[tuple[str, ...], str]] = {**STATS, **NEURON_STATS, **MERGE_STATS, **GRADIENT_STATS,
+                                                     **INPUT_NORM_STATS}
 
 
 def collected_statistics(**options: bool) -> frozenset[str]:
@@ -124,7 +136,8 @@ class PairStats:
     norm: torch.Tensor  # [P] float32 ||f_j(x_t)||
     gated_norm: torch.Tensor  # [P] float32 ||g f_j(x_t)|| (the contribution's norm)
     act_max: torch.Tensor  # [P] float32 max_h |f_j(x_t)_h|
-    intermediate: torch.Tensor | None  # [P, I] a_{j,t}, only when neuron statistics are on
+    intermediate: torch.Tensor | None  # [P, I] a_{j,t}, only when neuron statistics or input norms are on
+    inputs: torch.Tensor | None = None  # [P, H] x_{j,t} as the expert's projections read it, only for input norms
 
 
 def expert_lengths(expert: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -139,16 +152,17 @@ class LayerStats:
     """The accumulators of one MoE layer for ``num_sets`` named sets; allocated on first use."""
 
     def __init__(self, num_sets: int, num_experts: int, intermediate: int, neuron_stats: bool,
-                 merge_stats: bool = False, hidden: int = 0, gradients: bool = False) -> None:
+                 merge_stats: bool = False, hidden: int = 0, gradients: bool = False,
+                 input_norms: bool = False) -> None:
         self.num_sets, self.num_experts, self.intermediate = num_sets, num_experts, intermediate
         self.neuron_stats, self.merge_stats, self.hidden = neuron_stats or gradients, merge_stats, hidden
-        self.gradients = gradients
+        self.gradients, self.input_norms = gradients, input_norms
         self.tensors: dict[str, torch.Tensor] = {}
 
     def _allocate(self, device: torch.device) -> None:
         sizes = {"E": self.num_experts, "I": self.intermediate, "C": len(CHUNK_SIZES), "H": self.hidden}
         specs = {**STATS, **(NEURON_STATS if self.neuron_stats else {}), **(MERGE_STATS if self.merge_stats else {}),
-                 **(GRADIENT_STATS if self.gradients else {})}
+                 **(GRADIENT_STATS if self.gradients else {}), **(INPUT_NORM_STATS if self.input_norms else {})}
         for name, (dims, reduce) in specs.items():
             dtype = torch.float64 if reduce == "sum" else torch.float32
             self.tensors[name] = torch.zeros((self.num_sets, *(sizes[d] for d in dims)), dtype=dtype, device=device)
@@ -213,14 +227,18 @@ class LayerStats:
             acc[name][set_index].index_add_(0, expert, values.double())
         for name, values in (("norm_max", pairs.norm * keep), ("act_max", pairs.act_max * keep)):
             acc[name][set_index].scatter_reduce_(0, expert, values, reduce="amax")
+        lengths = expert_lengths(expert, self.num_experts) if self.neuron_stats or self.input_norms else None
         if self.neuron_stats and pairs.intermediate is not None:
             weighted = pairs.intermediate.float() * (pairs.gate * keep)[:, None]  # [P, I] g * a
             # the pairs are sorted by expert: one segmented reduction per statistic, no atomic adds into E rows
-            lengths = expert_lengths(expert, self.num_experts)
             energy = torch.segment_reduce(weighted.square(), "sum", lengths=lengths, axis=0)
             peak = torch.segment_reduce(weighted.abs(), "max", lengths=lengths, axis=0, initial=0.0)
             acc["neuron_energy"][set_index] += energy.double()
             torch.maximum(acc["neuron_max"][set_index], peak, out=acc["neuron_max"][set_index])
+        if self.input_norms and pairs.intermediate is not None and pairs.inputs is not None:
+            for name, values in (("expert_input_energy", pairs.inputs), ("neuron_input_energy", pairs.intermediate)):
+                squares = values.float().square() * keep[:, None]
+                acc[name][set_index] += torch.segment_reduce(squares, "sum", lengths=lengths, axis=0).double()
 
     def add_all_expert_outputs(self, set_index: int, expert: int, outputs: torch.Tensor, valid: torch.Tensor) -> None:
         """``outputs [T, H]``: expert ``expert`` run on every token of the batch (merge statistics)."""
