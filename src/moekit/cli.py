@@ -368,6 +368,27 @@ def prune(
         "and the checkpoint shrinks) or masked (the lowest-scoring fraction of each layer's neurons, from any "
         "expert, as CAMERA selects them; zeroed, not removed: it saves nothing on disk, the card says what "
         "a format storing only the kept neurons would save).")] = "uniform",
+    sparsity: Annotated[float | None, typer.Option(
+        "--sparsity", help="STUN's second stage: set this fraction of every kept routed expert's weights to zero "
+        "(gate, up and down; e.g. 0.5), the lowest-scoring ones of each output row (Wanda's comparison). With "
+        "--method stun --ratio R this is STUN: experts removed first, in the same plan. Unstructured sparsity saves "
+        "memory and time only with a sparse format or kernel: the checkpoint stores the zeros densely and is as large "
+        "as without them (the card says so, with the measured sparsity).")] = None,
+    sparsity_criterion: Annotated[str, typer.Option(
+        "--sparsity-criterion", help="With --sparsity: wanda (|W| x its input's norm over the expert's tokens; "
+        "needs a profile with --input-norms) or magnitude (|W|).")] = "wanda",
+    sparsity_allocation: Annotated[str | None, typer.Option(
+        "--sparsity-allocation", help="With --sparsity: owl (OWL's layer sparsities, more weights kept where a "
+        "layer's scores have more outliers, mean --sparsity; as STUN runs it) or uniform (the same in every "
+        "layer) [default: owl; uniform with an N:M pattern].", show_default=False)] = None,
+    sparsity_pattern: Annotated[str, typer.Option(
+        "--sparsity-pattern", help="With --sparsity: unstructured, or N:M (N of every M consecutive weights of a "
+        "row; 2:4 with --sparsity 0.5 and --sparsity-allocation uniform is what sparse tensor cores "
+        "accelerate).")] = "unstructured",
+    owl_lambda: Annotated[float, typer.Option(
+        "--owl-lambda", help="OWL: how far a layer's sparsity may move from --sparsity.")] = 0.08,
+    owl_m: Annotated[float, typer.Option(
+        "--owl-m", help="OWL: a score above M times its layer's mean counts as an outlier.")] = 5.0,
 ) -> None:
     """Remove the least important experts and write a standard checkpoint that from_pretrained (and vLLM) loads.
 
@@ -377,6 +398,8 @@ def prune(
     method, ratio, data and protections. Or give the experts to keep yourself with --keep-json.
 
     With --neurons, neurons inside the experts are removed (alone, or after --method's experts in one plan).
+    With --sparsity, weights inside the experts are zeroed (STUN's second stage; after --method stun's experts:
+    STUN).
 
     \b
     Examples:
@@ -385,6 +408,7 @@ def prune(
       moekit prune ./model --profile prof --neurons camera_p --neuron-ratio 0.25 --out ./model-camera25
       moekit prune ./model --profile prof --method reap --ratio 0.25 --neurons camera_p --neuron-ratio 0.25 \\
         --out ./model-reap25-camera25
+      moekit prune ./model --profile prof --method stun --ratio 0.25 --sparsity 0.5 --out ./model-stun
     """
     from moekit.data import DataSpec
     from moekit.edit import PlanError
@@ -400,6 +424,9 @@ def prune(
     if plan_only and keep_json is not None:
         raise PlanError("--plan-only needs --profile; a --keep-json file already is a plan")
     neuron_run = neurons is not None or neuron_ratio is not None
+    if sparsity is not None:
+        _check_sparsity_options(profile, method, {"--keep-json": keep_json, "--data": data or None,
+                                                  "--neurons": neurons, "--neuron-ratio": neuron_ratio})
     if neuron_run:
         _check_neuron_options(neurons, neuron_ratio, profile, method,
                               {"--keep-json": keep_json, "--data": data or None})
@@ -410,8 +437,13 @@ def prune(
     request = PlanRequest(method=method, ratio=ratio, keep=keep, protect_super=not no_protect_super,
                           protect=parse_protect(protect_text), set_weights=inputs.set_weights(set_weights),
                           seed=seed, top_k=top_k, allow_regroup=allow_regroup)
-    if neuron_run:  # with --ratio/--keep the experts are pruned first, in the same plan
+    if neuron_run or sparsity is not None:  # with --ratio/--keep the experts are pruned first, in the same plan
         experts_plan = make_plan(model, request, inputs) if ratio is not None or keep is not None else None
+    if sparsity is not None:
+        return _sparsify_command(model, out_dir, inputs, profile, sparsity, sparsity_criterion, sparsity_allocation,
+                                 sparsity_pattern, owl_lambda, owl_m, set_weights, plan_only, dry_run, overwrite,
+                                 dtype, paths, experts_plan)
+    if neuron_run:
         return _prune_neurons_command(model, out_dir, inputs, profile, neurons, neuron_ratio, mode, set_weights,
                                       plan_only, dry_run, overwrite, dtype, paths, experts_plan)
     plan = make_plan(model, request, inputs)
@@ -484,6 +516,52 @@ def _prune_neurons_command(model: str, out_dir: Path, inputs: Any, profile: Path
     _write_or_apply(model, plan, out_dir, plan_only, overwrite, dtype, paths, what)
 
 
+def _check_sparsity_options(profile: Path | None, method: str, refused: dict[str, Any]) -> None:
+    """What ``moekit prune --sparsity`` needs, checked before anything is read."""
+    from moekit.edit import PlanError
+
+    given = [name for name, value in refused.items() if value is not None]
+    if given:
+        raise PlanError(f"--sparsity zeroes weights scored from a profile, so it takes no {', '.join(given)}; to "
+                        "prune experts first in the same plan (STUN), give --method stun with --ratio or --keep")
+    if method == "naee":
+        raise PlanError("--sparsity with --method naee is not supported: prune experts with naee first (moekit "
+                        "prune --method naee ... --out A), then sparsify A")
+    if profile is None:
+        raise PlanError("--sparsity scores weights from a profile: give --profile PROFILE (moekit profile MODEL "
+                        "--data NAME=PATH --input-norms --out PROFILE)")
+
+
+def _sparsify_command(model: str, out_dir: Path, inputs: Any, profile: Path, sparsity: float, criterion: str,
+                      allocation: str | None, pattern: str, owl_lambda: float, owl_m: float, set_weights: str | None,
+                      plan_only: bool, dry_run: bool, overwrite: bool, dtype: str, paths: list[Any],
+                      experts_plan: dict[str, Any] | None) -> None:
+    """``moekit prune --sparsity``: a sparsity plan from the profile (after ``experts_plan``'s experts are removed,
+    when given: STUN), written or applied."""
+    from moekit.arch import MoEModelView
+    from moekit.edit.sparsity import make_sparsity_plan
+    from moekit.model_io import describe_source, load_structure
+
+    view = MoEModelView.from_model(load_structure(model))
+    plan = make_sparsity_plan(model, view, inputs.profile, criterion, sparsity, allocation=allocation,
+                              pattern=pattern, set_weights=inputs.set_weights(set_weights),
+                              profile_path=str(Path(profile).resolve()), source_name=describe_source(model),
+                              progress=True, experts_plan=experts_plan, owl_m=owl_m, owl_lambda=owl_lambda)
+    layers = [entry["sparsity"] for entry in plan["layers"].values()]
+    owl = plan["details"]["allocation"] == "owl"
+    what = (f"zero {sparsity:g} of every kept routed expert's weights ({criterion}, {pattern}, "
+            + (f"OWL layer sparsities {min(layers):.3f} to {max(layers):.3f}" if owl else "uniform")
+            + "; dense zeros save nothing on disk)")
+    if experts_plan is not None:
+        what = (f"keep {plan['num_experts']['after']} of {plan['num_experts']['before']} experts per layer "
+                f"({experts_plan['method']}), then " + what)
+    if dry_run:
+        _note(what)
+        out.print("dry run: nothing was written", highlight=False)
+        return
+    _write_or_apply(model, plan, out_dir, plan_only, overwrite, dtype, paths, what)
+
+
 def _print_prune_needs(model: str, out_dir: Path, kept: int, dtype: str) -> None:
     """What ``moekit prune --dry-run`` says: the plan's size against the output disk (refused if it cannot fit)."""
     from moekit.needs import format_bytes, prune_needs
@@ -501,7 +579,13 @@ def _print_pruned(result: Any) -> None:
     b, a = result.before, result.after
     width = result.plan.get("width") if isinstance(result.plan, dict) else None
     masked = result.plan.get("masked_neurons") if isinstance(result.plan, dict) else None
+    measured = result.plan.get("measured_sparsity") if isinstance(result.plan, dict) else None
     experts = f"{b.num_experts} -> {a.num_experts} experts, " if a.num_experts != b.num_experts else ""
+    if measured:
+        _wrote(f"{result.out}: {experts}{100 * measured['routed_expert_weights']:.2f}% of the routed-expert weights "
+               f"of {len(a.moe_layers)} MoE layers are zero (stored densely: no memory saved without a sparse format "
+               "or kernel)")
+        return
     if masked:
         _wrote(f"{result.out}: {experts}{masked['per_layer']} of the {masked['of']} routed-expert neurons of each of "
                f"{len(a.moe_layers)} MoE layers zeroed (masked: zeroed neurons save nothing on disk)")
@@ -529,18 +613,24 @@ def apply(
     = False,
     dtype: Annotated[str, typer.Option(
         callback=_dtype_name, help="dtype to load and save in: auto (as stored), float32, ...")] = "auto",
+    profile: Annotated[Path | None, typer.Option(
+        "--profile", help="A sparsity plan (moekit prune --sparsity --plan-only) computes its masks from the "
+        "profile it was made from, read from the path the plan records; give it here if it has moved.")] = None,
 ) -> None:
-    """Apply a saved pruning or merge plan to a model: the same plan gives the same checkpoint, byte for byte.
+    """Apply a saved pruning, merge, neuron or sparsity plan to a model: the same plan gives the same checkpoint,
+    byte for byte.
 
     Example: moekit apply ./model plan.json --out ./model-pruned
     """
     from moekit.outputs import check_output
     from moekit.pipeline import apply_plan, read_plan
+    from moekit.profile.profile_file import Profile
 
     _quiet_transformers()
-    check_output(out_dir, kind="checkpoint", overwrite=overwrite, sources=[model], inputs=[plan])
+    check_output(out_dir, kind="checkpoint", overwrite=overwrite, sources=[model], inputs=[plan, profile])
     result = apply_plan(model, read_plan(plan), out_dir, overwrite=overwrite, dtype=dtype,
-                        reproduce=" ".join(["moekit", *sys.argv[1:]]))
+                        reproduce=" ".join(["moekit", *sys.argv[1:]]),
+                        profile=Profile.load(profile) if profile is not None else None)
     _print_pruned(result)
 
 

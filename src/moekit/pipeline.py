@@ -21,7 +21,7 @@ from typing import Any
 
 from moekit.arch.view import MoEModelView
 from moekit.edit import PruneResult, prune_to_checkpoint
-from moekit.edit.card import NEURON_PLAN_FORMAT, prune_plan_record
+from moekit.edit.card import NEURON_PLAN_FORMAT, SPARSITY_PLAN_FORMAT, prune_plan_record
 from moekit.edit.checkpoint import check_output_dir
 from moekit.edit.keep import PlanError, check_plan_format, parse_keep, read_json_plan, validate_keep
 from moekit.edit.prune import validate_top_k
@@ -140,7 +140,8 @@ def check_plan_source(plan: dict[str, Any], source: str | Path) -> None:
 
 
 def apply_plan(source: str | Path, plan: dict[str, Any], out: str | Path, *, overwrite: bool = False,
-               dtype: str = "auto", reproduce: str | None = None) -> PruneResult | MergeResult:
+               dtype: str = "auto", reproduce: str | None = None,
+               profile: Any | None = None) -> PruneResult | MergeResult:
     """Apply a plan (a pruning or merge plan record, or a plain keep map) and write the edited checkpoint.
 
     A planner's record (it has a ``format``) is checked completely against the model's structure
@@ -148,7 +149,9 @@ def apply_plan(source: str | Path, plan: dict[str, Any], out: str | Path, *, ove
     ``moekit_plan.json`` holds. A plain keep map gets a keep-list record. A merge plan is merged
     (``moekit.merge.merge_to_checkpoint``); a pruning plan is the merge plan of singleton groups, and is
     pruned (the same bytes); a neuron plan removes neurons inside the experts
-    (``moekit.edit.neurons.neurons_to_checkpoint``)."""
+    (``moekit.edit.neurons.neurons_to_checkpoint``); a sparsity plan zeroes weights inside them
+    (``moekit.edit.sparsity.sparsity_to_checkpoint``), its masks computed from ``profile`` (a ``Profile``; default:
+    the one at the path the plan records)."""
     check_output_dir(out, source, overwrite)
     if not isinstance(plan, dict):
         raise PlanError(f"a plan must be a JSON object, got {type(plan).__name__}")
@@ -162,6 +165,11 @@ def apply_plan(source: str | Path, plan: dict[str, Any], out: str | Path, *, ove
         from moekit.edit.neurons import neurons_to_checkpoint
 
         return neurons_to_checkpoint(source, plan, out, overwrite=overwrite, dtype=dtype, reproduce=reproduce)
+    if plan.get("format") == SPARSITY_PLAN_FORMAT:  # weights zeroed inside the experts (moekit.edit.sparsity)
+        from moekit.edit.sparsity import sparsity_to_checkpoint
+
+        return sparsity_to_checkpoint(source, plan, out, overwrite=overwrite, dtype=dtype, reproduce=reproduce,
+                                      profile=profile)
     checked = checked_plan(plan, MoEModelView.from_model(load_structure(source)))
     groups = plan_groups(checked)
     if groups is not None:

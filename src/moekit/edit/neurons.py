@@ -195,7 +195,7 @@ def make_neuron_plan(source: str | Path, view: MoEModelView, profile: Any, crite
     width = view.layers[0].intermediate_size
     align = width_alignment(view) if mode == "uniform" else 1
     count = kept_width(width, ratio, align)
-    _check_profile_holds(profile, view, criterion, method.reads)  # before a weight is read
+    check_profile_holds(profile, view, criterion, method.reads)  # before a weight is read
     if mode == "uniform":
         check_neuron_removal(view, {layer.index: torch.arange(count).repeat(layer.num_experts, 1)
                                     for layer in view.layers})
@@ -241,7 +241,7 @@ def make_neuron_plan(source: str | Path, view: MoEModelView, profile: Any, crite
     return record
 
 
-def _check_profile_holds(profile: Any, view: MoEModelView, criterion: str, reads: tuple[str, ...]) -> None:
+def check_profile_holds(profile: Any, view: MoEModelView, criterion: str, reads: tuple[str, ...]) -> None:
     """A PlanError naming the ``moekit profile`` option(s) that collect what ``criterion`` reads and the profile
     lacks (--gradients alone where it is needed: it includes --neuron-stats)."""
     from moekit.profile.stats import COLLECTED_BY, profile_flag
@@ -403,6 +403,6 @@ def neurons_to_checkpoint(source: str | Path, plan: dict[str, Any], out: str | P
                                      dtype=dtype, reproduce=reproduce)
 
 
-__all__ = ["NeuronKeep", "check_neuron_keep", "check_neuron_removal", "keep_top_neurons", "kept_width",
-           "make_neuron_plan", "neurons_to_checkpoint", "plan_neuron_keep", "prune_neurons", "render_neuron_card",
-           "tensors_following_width", "width_key"]
+__all__ = ["NeuronKeep", "check_neuron_keep", "check_neuron_removal", "check_profile_holds", "keep_top_neurons",
+           "kept_width", "make_neuron_plan", "neurons_to_checkpoint", "plan_neuron_keep", "prune_neurons",
+           "render_neuron_card", "tensors_following_width", "width_key"]

@@ -24,7 +24,9 @@ from moekit.report.errors import ReportError
 PLAN_FORMAT_PREFIX = "moekit.expert_prune_plan/"
 MERGE_PLAN_FORMAT_PREFIX = "moekit.expert_merge_plan/"
 NEURON_PLAN_FORMAT_PREFIX = "moekit.neuron_prune_plan/"
-PLAN_FORMAT_PREFIXES = (PLAN_FORMAT_PREFIX, MERGE_PLAN_FORMAT_PREFIX, NEURON_PLAN_FORMAT_PREFIX)
+SPARSITY_PLAN_FORMAT_PREFIX = "moekit.sparsity_plan/"
+PLAN_FORMAT_PREFIXES = (PLAN_FORMAT_PREFIX, MERGE_PLAN_FORMAT_PREFIX, NEURON_PLAN_FORMAT_PREFIX,
+                        SPARSITY_PLAN_FORMAT_PREFIX)
 ORIGINAL_METHOD = "original"
 
 
@@ -54,8 +56,8 @@ def check_plan(plan: Any, where: str = "plan") -> dict[str, Any]:
     """``plan`` if it is a moekit pruning, merge or neuron plan (``moekit_plan.json``), else a ReportError."""
     if not isinstance(plan, Mapping) or not str(plan.get("format", "")).startswith(PLAN_FORMAT_PREFIXES):
         raise ReportError(f"{where} is not a moekit plan (moekit prune and moekit merge write moekit_plan.json, "
-                          f"with format {PLAN_FORMAT_PREFIX}N, {MERGE_PLAN_FORMAT_PREFIX}N or "
-                          f"{NEURON_PLAN_FORMAT_PREFIX}N)")
+                          f"with format {PLAN_FORMAT_PREFIX}N, {MERGE_PLAN_FORMAT_PREFIX}N, "
+                          f"{NEURON_PLAN_FORMAT_PREFIX}N or {SPARSITY_PLAN_FORMAT_PREFIX}N)")
     layers = plan.get("layers")
     if not isinstance(layers, Mapping) or not layers:
         raise ReportError(f"{where} has no layers: it is not a complete moekit pruning plan")
