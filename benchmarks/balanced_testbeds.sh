@@ -17,7 +17,7 @@
 # compare: three calibration seeds, 25/50/75%, every criterion (one process per testbed) and NAEE (one process per
 # testbed and seed; with cached expert outputs also on qwen3-128x8, where block forwards were ~50k per layer).
 set -euo pipefail
-stage=${1:?usage: balanced_testbeds.sh train|compare|solo NAME COEFS|merge NAME:COEF ...|neurons NAME:COEF ...}
+stage=${1:?usage: balanced_testbeds.sh train|compare|solo NAME COEFS|merge NAME:COEF ...|neurons NAME:COEF ...|sparsity NAME:COEF ...}
 corpus=${CORPUS:-benchmarks/corpus/out}  # CORPUS: a subset (benchmarks/corpus/subset.py) to fit the 64 MiB transfer
 minutes=${MINUTES:-6.5}
 out=${OUT:?set OUT (the device tool does)}
@@ -141,6 +141,17 @@ if [ "$stage" = neurons ]; then
   shift
   train_and_compare neurons neurons \
     "${NEURON_GROUPS:-reap easy_ep frequency stun;camera_p;heapr;reap+camera_p;reap+heapr}" "$@"
+  exit 0
+fi
+
+if [ "$stage" = sparsity ]; then
+  # bash benchmarks/balanced_testbeds.sh sparsity NAME:COEF [NAME:COEF ...]: STUN (expert pruning, then Wanda with
+  # OWL's layer sparsities inside the kept experts) against its two stages alone, expert pruning and neuron removal,
+  # at the same fraction of routed parameters removed or zeroed: one process per method group (SPARSITY_GROUPS,
+  # ';'-separated; default: reap easy_ep stun; camera_p; wanda magnitude; stun+wanda); results in
+  # $OUT/compare_methods-NAME-sparsity.*
+  shift
+  train_and_compare sparsity sparsity "${SPARSITY_GROUPS:-reap easy_ep stun;camera_p;wanda magnitude;stun+wanda}" "$@"
   exit 0
 fi
 

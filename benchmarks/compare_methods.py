@@ -18,12 +18,17 @@ For each testbed (a checkpoint written by ``benchmarks/train_moe.py``):
    ``--gradients``); a combined method ``EXPERT+NEURON`` (e.g. ``reap+camera_p``) removes
    round(E * ratio / 2) experts per layer by the expert criterion and then the fraction of each kept expert's
    neurons that brings the routed parameters removed to ``ratio`` (one composed plan, ``experts_plan``);
-6. with merging methods among ``--methods`` (``m_smoe``, ``hc_smoe``, ``sub_moe``, ``dern``; or ``--methods all-merge``
+6. with weight criteria among ``--methods`` (``wanda``, ``magnitude``), the profile also records ``--input-norms``
+   and each row zeroes the ratio's fraction of every expert's weights (``moekit.edit.sparsity``, OWL's layer
+   sparsities: STUN's second stage alone); ``stun+wanda`` is STUN: round(E * ratio / 2) experts per layer removed by
+   STUN's first stage, then the kept experts' weights zeroed so that the routed parameters removed or zeroed match
+   ``ratio``. Zeroed weights are stored densely: these rows save no memory without a sparse format or kernel;
+7. with merging methods among ``--methods`` (``m_smoe``, ``hc_smoe``, ``sub_moe``, ``dern``; or ``--methods all-merge``
    for the four), the profile also records the merge statistics (``--merge-stats``) and each merging method's plan is
    made (``moekit.merge.make_merge_plan``, reading the testbed's weights layer by layer) and applied to a copy of the
    model (``moekit.merge.merge_model``): the same number of experts per layer as the pruned rows of that ratio, so
    the same bytes; general rows only (no domain-targeted rows for merging);
-7. with ``--tasks`` (e.g. ``arc_easy arc_challenge piqa hellaswag winogrande lambada_openai``), task
+8. with ``--tasks`` (e.g. ``arc_easy arc_challenge piqa hellaswag winogrande lambada_openai``), task
    accuracy (``moekit.eval.evaluate``, first ``--task-limit`` items per task, default 500) of the original
    model and of every general row's pruned model (not the domain-targeted rows: too many); the tokenizer
    is loaded from ``--tokenizer`` (default: the testbed directory). Without ``--tasks`` nothing is evaluated.
@@ -64,6 +69,7 @@ from moekit.arch import MoEModelView  # noqa: E402
 from moekit.data import CalibrationSet  # noqa: E402
 from moekit.edit.neurons import make_neuron_plan, plan_neuron_keep, prune_neurons  # noqa: E402
 from moekit.edit.prune import prune_experts  # noqa: E402
+from moekit.edit.sparsity import expert_input_stats, make_sparsity_plan, parse_pattern, sparsify_layer  # noqa: E402
 from moekit.eval import evaluate  # noqa: E402
 from moekit.merge import merge_model  # noqa: E402
 from moekit.merge.methods import MERGE_METHODS, make_merge_plan  # noqa: E402
@@ -75,6 +81,7 @@ from moekit.plan.stun import stun_plan  # noqa: E402
 from moekit.profile import collect_profile  # noqa: E402
 from moekit.score import CRITERIA  # noqa: E402
 from moekit.score.neurons import NEURON_CRITERIA  # noqa: E402
+from moekit.score.weights import WEIGHT_CRITERIA  # noqa: E402
 
 RATIOS = (0.25, 0.5, 0.75)
 # the metric reported per task in the markdown table (the first one present)
@@ -109,14 +116,33 @@ def routed_removed(plan: dict[str, Any]) -> float:
     """The fraction of routed-expert parameters a neuron plan (maybe composed with expert removal) removes."""
     layer = next(iter(plan["layers"].values()))
     experts_before = len(layer["kept"]) + len(layer["removed"])
+    if "measured_sparsity" in plan:  # zeroed weights count as removed (they are stored, as zeros)
+        return 1 - len(layer["kept"]) * (1 - plan["measured_sparsity"]["routed_expert_weights"]) / experts_before
     return 1 - len(layer["kept"]) * plan["width"]["after"] / (experts_before * plan["width"]["before"])
 
 
-def pruned_copy(model: Any, plan: dict[str, Any]) -> Any:
-    """A copy of ``model`` with ``plan`` applied: merged by its groups (a merge plan) or pruned to its kept lists."""
+def pruned_copy(model: Any, plan: dict[str, Any], profile: Any = None) -> Any:
+    """A copy of ``model`` with ``plan`` applied: merged by its groups (a merge plan), pruned to its kept lists, its
+    neurons removed (a neuron plan) or its weights zeroed (a sparsity plan, from ``profile``; the zero fraction of
+    the kept experts' weights is recorded in ``plan["measured_sparsity"]``)."""
     clone = copy.deepcopy(model)
     groups = plan_groups(plan)
-    if "width" in plan:  # a neuron plan, maybe removing experts first (a combined row)
+    if plan.get("format") == "moekit.sparsity_plan/1":
+        keep = plan_keep_map(plan)
+        if any(entry["removed"] for entry in plan["layers"].values()):
+            prune_experts(MoEModelView.from_model(clone), keep)
+        details = plan["details"]
+        reads = WEIGHT_CRITERIA.get(details["weight_criterion"]).reads
+        zeros = total = 0
+        with torch.no_grad():
+            for layer in MoEModelView.from_model(clone).layers:
+                stats = {k: v.to(layer.router_weight.device) for k, v in
+                         expert_input_stats(profile, layer.index, None, reads, keep[layer.index]).items()}
+                z, t = sparsify_layer(layer, keep[layer.index], plan["layers"][str(layer.index)]["sparsity"],
+                                      details["weight_criterion"], stats, parse_pattern(details["pattern"]))
+                zeros, total = zeros + z, total + t
+        plan["measured_sparsity"] = {"routed_expert_weights": zeros / max(total, 1)}
+    elif "width" in plan:  # a neuron plan, maybe removing experts first (a combined row)
         if any(entry["removed"] for entry in plan["layers"].values()):
             prune_experts(MoEModelView.from_model(clone), plan_keep_map(plan))
         view = MoEModelView.from_model(clone)
@@ -130,8 +156,8 @@ def pruned_copy(model: Any, plan: dict[str, Any]) -> Any:
 
 def evaluate_plan(model: Any, plan: dict[str, Any], heldout: dict[str, torch.Tensor], seq_len: int,
                   original: dict[str, float], tokenizer: Any = None, tasks: list[str] | None = None,
-                  task_limit: int = 500) -> dict[str, Any]:
-    pruned = pruned_copy(model, plan)
+                  task_limit: int = 500, profile: Any = None) -> dict[str, Any]:
+    pruned = pruned_copy(model, plan, profile)
     ppl = perplexities(pruned, heldout, seq_len)
     scores = task_scores(pruned, tokenizer, tasks, task_limit) if tasks else {}
     del pruned
@@ -169,14 +195,14 @@ def compare(testbed: Path, corpus: Path, seq_len: int, calibration_tokens: int, 
     original_tasks = task_scores(model, tokenizer, tasks, task_limit) if tasks else None
     if only is not None and "all-merge" in only:
         only = [m for m in only if m != "all-merge"] + list(MERGE_METHODS)
-    known = [*CRITERIA.names(), "naee", "stun", *MERGE_METHODS, *NEURON_CRITERIA.names()]
+    known = [*CRITERIA.names(), "naee", "stun", *MERGE_METHODS, *NEURON_CRITERIA.names(), *WEIGHT_CRITERIA.names()]
     combined = [m for m in only or () if "+" in m]
-    bad_combined = [m for m in combined if m.partition("+")[0] not in CRITERIA.names()
-                    or m.partition("+")[2] not in NEURON_CRITERIA]
+    bad_combined = [m for m in combined if m.partition("+")[0] not in [*CRITERIA.names(), "stun"]
+                    or (m.partition("+")[2] not in NEURON_CRITERIA and m.partition("+")[2] not in WEIGHT_CRITERIA)]
     unknown = [m for m in only or () if m not in known and m not in combined] + bad_combined
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; valid: {', '.join(known)} (or all-merge, or EXPERT+NEURON such "
-                         "as reap+camera_p)")
+                         "as reap+camera_p, or EXPERT+WEIGHT such as stun+wanda)")
     default = [*CRITERIA.names()] + (["naee"] if naee else [])
     methods = [m for m in known if m in only] + combined if only is not None else default
     criteria = [m for m in methods if m in CRITERIA.names()]
@@ -184,6 +210,8 @@ def compare(testbed: Path, corpus: Path, seq_len: int, calibration_tokens: int, 
     neuron_methods = {m.partition("+")[2] or m for m in methods} & set(NEURON_CRITERIA.names())
     neuron_stats = bool(neuron_methods)
     gradients = any("output_grad_energy" in NEURON_CRITERIA.get(m).reads for m in neuron_methods)
+    input_norms = any(WEIGHT_CRITERIA.get(m).reads for m in {m.partition("+")[2] or m for m in methods}
+                      & set(WEIGHT_CRITERIA.names()))
     rows: list[dict[str, Any]] = []
     profile_seconds: list[float] = []
 
@@ -200,7 +228,7 @@ def compare(testbed: Path, corpus: Path, seq_len: int, calibration_tokens: int, 
             "testbed": testbed.name, "num_experts": view.num_experts, "top_k": view.top_k,
             "model_type": view.model_type, "domains": domains, "original_perplexity": original,
             "profile_seconds": profile_seconds, "profile_merge_stats": merge_stats,
-            "profile_neuron_stats": neuron_stats, "profile_gradients": gradients,
+            "profile_neuron_stats": neuron_stats, "profile_gradients": gradients, "profile_input_norms": input_norms,
             "calibration_tokens_per_domain": calibration_tokens,
             # what was measured (all of it once complete; a stopped run lists the seeds and ratios it reached)
             "calibration_seeds": list(seeds) if complete else sorted({r["seed"] for r in general_rows}),
@@ -219,7 +247,8 @@ def compare(testbed: Path, corpus: Path, seq_len: int, calibration_tokens: int, 
         sets = calibration_sets(corpus, domains, seq_len, calibration_tokens, seed)
         start = time.perf_counter()
         profile = collect_profile(model, sets, batch_size=4 if gradients else 16, progress=False,
-                                  merge_stats=merge_stats, neuron_stats=neuron_stats, gradients=gradients)
+                                  merge_stats=merge_stats, neuron_stats=neuron_stats, gradients=gradients,
+                                  input_norms=input_norms)
         profile_seconds.append(time.perf_counter() - start)
         for ratio in ratios:
             for method in methods:
@@ -233,23 +262,32 @@ def compare(testbed: Path, corpus: Path, seq_len: int, calibration_tokens: int, 
                     plan = stun_plan(testbed, profile, request)
                 elif method in NEURON_CRITERIA:  # the same fraction of routed parameters, removed inside experts
                     plan = make_neuron_plan(testbed, view, profile, method, ratio)
-                elif "+" in method:  # experts first, then neurons of the kept experts: the same routed parameters
-                    expert_method, _, neuron_method = method.partition("+")
+                elif method in WEIGHT_CRITERIA:  # the same fraction of routed parameters, zeroed (OWL)
+                    plan = make_sparsity_plan(testbed, view, profile, method, ratio)
+                elif "+" in method:  # experts first, then inside the kept experts: the same routed parameters
+                    expert_method, _, inner = method.partition("+")
                     experts = view.num_experts
                     removed = max(1, round(experts * ratio / 2))
-                    experts_plan = make_prune_plan(view, profile, PlanRequest(expert_method, ratio=removed / experts,
-                                                                              seed=seed))
-                    neuron_ratio = 1 - (1 - ratio) / (1 - removed / experts)
-                    plan = make_neuron_plan(testbed, view, profile, neuron_method, neuron_ratio,
-                                            experts_plan=experts_plan)
+                    expert_request = PlanRequest(expert_method, ratio=removed / experts, seed=seed)
+                    experts_plan = stun_plan(testbed, profile, expert_request) if expert_method == "stun" else \
+                        make_prune_plan(view, profile, expert_request)
+                    inner_ratio = 1 - (1 - ratio) / (1 - removed / experts)
+                    plan = make_neuron_plan(testbed, view, profile, inner, inner_ratio, experts_plan=experts_plan) \
+                        if inner in NEURON_CRITERIA else \
+                        make_sparsity_plan(testbed, view, profile, inner, inner_ratio, experts_plan=experts_plan)
                 else:
                     plan = make_prune_plan(view, profile, request)
                 seconds = time.perf_counter() - start
+                sparse = plan.get("format") == "moekit.sparsity_plan/1"
+                edit = "merge" if method in MERGE_METHODS else "neurons" if method in NEURON_CRITERIA else \
+                    "sparsity" if method in WEIGHT_CRITERIA else ("experts+sparsity" if sparse else "experts+neurons") \
+                    if "+" in method else "prune"
+                measured = evaluate_plan(model, plan, heldout, seq_len, original, tokenizer, tasks, task_limit,
+                                         profile)
                 rows.append({"kind": "general", "method": method, "ratio": ratio, "seed": seed, "plan_seconds": seconds,
-                             "edit": "merge" if method in MERGE_METHODS else "neurons" if method in NEURON_CRITERIA
-                             else "experts+neurons" if "+" in method else "prune",
-                             **({"routed_parameters_removed": routed_removed(plan)} if "width" in plan else {}),
-                             **evaluate_plan(model, plan, heldout, seq_len, original, tokenizer, tasks, task_limit)})
+                             "edit": edit,
+                             **({"routed_parameters_removed": routed_removed(plan)} if "width" in plan or sparse
+                                else {}), **measured})
                 print(f"{testbed.name} seed {seed} general {method} {ratio}: "
                       f"mean retention {rows[-1]['mean_retention']:.3f}", flush=True)
             for domain in domains if targeted and seed == seeds[0] else ():
@@ -288,6 +326,7 @@ def combine(parts: list[dict[str, Any]]) -> dict[str, Any]:
     combined["profile_merge_stats"] = any(part.get("profile_merge_stats", False) for part in parts)
     combined["profile_neuron_stats"] = any(part.get("profile_neuron_stats", False) for part in parts)
     combined["profile_gradients"] = any(part.get("profile_gradients", False) for part in parts)
+    combined["profile_input_norms"] = any(part.get("profile_input_norms", False) for part in parts)
     combined["targeted"] = any(part.get("targeted", True) for part in parts)
     combined["complete"] = all(part.get("complete", True) for part in parts)
     return combined
@@ -327,6 +366,7 @@ def markdown(result: dict[str, Any]) -> str:
     merged = sorted({r["method"] for r in result["rows"] if r.get("edit") == "merge"})
     neuron_rows = sorted({r["method"] for r in result["rows"] if r.get("edit") == "neurons"})
     combined_rows = sorted({r["method"] for r in result["rows"] if r.get("edit") == "experts+neurons"})
+    sparse_rows = sorted({r["method"] for r in result["rows"] if r.get("edit") in ("sparsity", "experts+sparsity")})
     what = "Pruning and merging methods" if merged else "Pruning methods"
     lines = [f"# {what} on `{result['testbed']}` ({result['model_type']}, {result['num_experts']} experts, "
              f"top-{result['top_k']})", "",
@@ -354,6 +394,16 @@ def markdown(result: dict[str, Any]) -> str:
                       "the expert criterion, then the neurons of the kept experts by the neuron criterion, so that the "
                       "routed-expert parameters removed match the ratio (measured: " +
                       ", ".join(f"ratio {a}: {b}" for a, b in removed) + ")."]
+    if sparse_rows:
+        zeroed = sorted({(r["ratio"], round(r["routed_parameters_removed"], 3)) for r in result["rows"]
+                         if r.get("edit") in ("sparsity", "experts+sparsity")})
+        lines += ["", f"Sparsity rows ({', '.join(sparse_rows)}): weights of the kept experts set to zero by the "
+                      "weight criterion, within each output row, at OWL's layer sparsities (M 5, lambda 0.08; STUN's "
+                      "second stage); `stun+...` first removes round(E x ratio / 2) experts per layer by STUN's first "
+                      "stage, so that removed plus zeroed routed parameters match the ratio (measured: " +
+                      ", ".join(f"ratio {a}: {b}" for a, b in zeroed) + "). **The zeros are stored densely: these "
+                      "models are as large as the original (minus removed experts) and save memory only with a sparse "
+                      "format or kernel**; their profiles also collected `--input-norms`."]
     if not result.get("complete", True):
         lines += ["", "**Incomplete**: the run was stopped (a time limit) before it measured every method, seed and "
                       "ratio it was asked for; the tables hold what it reached."]

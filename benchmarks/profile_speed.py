@@ -8,6 +8,7 @@ same packed batches (``--batch`` x ``--seq-len`` tokens) with ``logits_to_keep=1
 - plain: the model's own forward (its default experts implementation, grouped_mm);
 - moekit: the same forward with moekit's capture attached (every profile statistic);
 - moekit + neuron stats: the same with per-neuron statistics (``--neuron-stats``);
+- moekit + input norms: the same with Wanda's per-expert input norms (``--input-norms``, for ``--sparsity``);
 - moekit + merge stats: the same with the merging methods' statistics (``--merge-stats``: the router-logit Gram
   matrix, and every expert run on every token for its mean output, E/k times the expert FLOPs);
 - moekit + gradients (``--gradients``, HEAPr): forward *and* backward from the summed next-token loss with the
@@ -140,9 +141,9 @@ def main() -> None:
     results: dict[str, dict] = {}
     plain = run_batches(model, batches)
     results["plain"] = {"tokens": tokens, "seconds": plain, "tokens_per_second": tokens / plain}
-    for name, neuron, merge in (("moekit", False, False), ("moekit_neuron_stats", True, False),
-                                ("moekit_merge_stats", False, True)):
-        with capturing(view, 1, neuron_stats=neuron, merge_stats=merge) as capture:
+    for name, options in (("moekit", {}), ("moekit_neuron_stats", {"neuron_stats": True}),
+                          ("moekit_input_norms", {"input_norms": True}), ("moekit_merge_stats", {"merge_stats": True})):
+        with capturing(view, 1, **options) as capture:
             seconds = run_batches(model, batches, lambda ids, c=capture: c.state.begin_batch(0, mask))
             counts = sum(float(c.stats.tensors["count"].sum()) for c in capture.layers.values())
         results[name] = {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,

@@ -344,3 +344,21 @@ def test_sparsity_without_a_profile_names_the_profile_option(norms_profile, tmp_
                                       str(tmp_path / "out")])
     assert result.exit_code == 2 and "--input-norms" in result.stderr and "--profile" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_report_names_both_stages_of_a_stun_plan(norms_profile, tmp_path) -> None:
+    from moekit.edit.sparsity import make_sparsity_plan
+    from moekit.model_io import load_structure
+    from moekit.pipeline import make_plan, read_inputs
+    from moekit.plan import PlanRequest
+    from moekit.profile import Profile
+    from moekit.report import build_report
+
+    source = norms_profile / "model"
+    inputs = read_inputs(norms_profile / "profile", [], None)
+    experts = make_plan(source, PlanRequest(method="stun", ratio=0.25), inputs)
+    plan = make_sparsity_plan(source, MoEModelView.from_model(load_structure(source)),
+                              Profile.load(norms_profile / "profile"), "wanda", 0.5, experts_plan=experts)
+    md, _ = build_report(tmp_path / "report", plans=[plan])
+    text = " ".join(md.read_text().split()) if hasattr(md, "read_text") else " ".join(open(md).read().split())
+    assert "stun, 25% removed, then wanda sparsity 0.5 of the kept experts' weights (owl, unstructured)" in text

@@ -78,8 +78,17 @@ def load_plan(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
 
 
 def plan_title(plan: Mapping[str, Any]) -> str:
-    """A short name for a plan: criterion, ratio or kept count, and weighted sets if not all equal."""
+    """A short name for a plan: criterion, ratio or kept count, and weighted sets if not all equal (a sparsity plan:
+    its expert stage's, then the sparsity)."""
     details = plan.get("details") or {}
+    if str(plan.get("format", "")).startswith(SPARSITY_PLAN_FORMAT_PREFIX):
+        experts = details.get("experts")
+        first = plan_title({"details": experts.get("details") or {}, "method": experts.get("method"),
+                            "num_experts": plan.get("num_experts")}) + ", then " if experts else ""
+        measured = (plan.get("measured_sparsity") or {}).get("routed_expert_weights")
+        return (f"{first}{details.get('weight_criterion')} sparsity {details.get('sparsity')} of the kept experts' "
+                f"weights ({details.get('allocation')}, {details.get('pattern')}"
+                + (f"; measured {100 * measured:.1f}%" if measured is not None else "") + ")")
     method = details.get("criterion") or plan.get("method") or "plan"
     experts = plan.get("num_experts") or {}
     if details.get("ratio") is not None:
