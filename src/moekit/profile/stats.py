@@ -229,10 +229,11 @@ class LayerStats:
             acc[name][set_index].scatter_reduce_(0, expert, values, reduce="amax")
         lengths = expert_lengths(expert, self.num_experts) if self.neuron_stats or self.input_norms else None
         if self.neuron_stats and pairs.intermediate is not None:
-            weighted = pairs.intermediate.float() * (pairs.gate * keep)[:, None]  # [P, I] g * a
+            # [P, I] (g a)^2 in float32: one promoting multiply, squared in place (no float copy of a, no |g a|)
+            squares = (pairs.intermediate * (pairs.gate * keep)[:, None]).square_()
             # the pairs are sorted by expert: one segmented reduction per statistic, no atomic adds into E rows
-            energy = torch.segment_reduce(weighted.square(), "sum", lengths=lengths, axis=0)
-            peak = torch.segment_reduce(weighted.abs(), "max", lengths=lengths, axis=0, initial=0.0)
+            energy = torch.segment_reduce(squares, "sum", lengths=lengths, axis=0)
+            peak = torch.segment_reduce(squares, "max", lengths=lengths, axis=0, initial=0.0).sqrt_()
             acc["neuron_energy"][set_index] += energy.double()
             torch.maximum(acc["neuron_max"][set_index], peak, out=acc["neuron_max"][set_index])
         if self.input_norms and pairs.intermediate is not None and pairs.inputs is not None:
