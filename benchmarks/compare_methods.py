@@ -146,7 +146,7 @@ def pruned_copy(model: Any, plan: dict[str, Any], profile: Any = None) -> Any:
         if any(entry["removed"] for entry in plan["layers"].values()):
             prune_experts(MoEModelView.from_model(clone), plan_keep_map(plan))
         view = MoEModelView.from_model(clone)
-        prune_neurons(view, plan_neuron_keep(plan, view))
+        prune_neurons(view, *plan_neuron_keep(plan, view))
     elif groups is not None:
         merge_model(MoEModelView.from_model(clone), groups)
     else:

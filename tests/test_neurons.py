@@ -12,15 +12,18 @@ from conftest import ALL_FAMILIES, capture_transformers_log, profiled_tiny_model
 from transformers import AutoModelForCausalLM
 
 from moekit.arch import MoEModelView
+from moekit.arch.experts import shared_mlp_weights
 from moekit.edit import PlanError
 from moekit.edit.neurons import prune_neurons
 from moekit.tiny import build_tiny_model
 
-# Families whose config key for the routed experts' width also sizes other tensors (found structurally by
-# tensors_following_width; listed here from their modeling code: shared experts of width
-# moe_intermediate_size x n_shared_experts, or shared experts / dense layers reading intermediate_size).
-WIDTH_SHARED = {"deepseek_v2", "deepseek_v3", "glm4_moe", "ernie4_5_moe", "hunyuan_v1_moe", "jamba", "llama4_text",
-                "exaone_moe"}
+# Families whose config key for the routed experts' width also sizes their shared experts (found structurally by
+# following_shared_widths; listed here from their modeling code: shared experts of width moe_intermediate_size x
+# n_shared_experts, or a shared expert reading intermediate_size): their shared neurons are selected too.
+SHARED_FOLLOWS = {"deepseek_v2", "deepseek_v3", "glm4_moe", "ernie4_5_moe", "hunyuan_v1_moe", "llama4_text",
+                  "exaone_moe"}
+# ... and where dense layers read it (Jamba's MLP layers): refused.
+DENSE_FOLLOWS = {"jamba"}
 
 
 def _random_keep(view: MoEModelView, fraction: float = 0.75, seed: int = 1) -> dict[int, torch.Tensor]:
@@ -39,9 +42,19 @@ def _detached(w):
                          for f in fields(w)})
 
 
-def _masked(model, keep: dict[int, torch.Tensor]):
+def _random_shared_keep(view: MoEModelView, width: int, seed: int = 2) -> dict[int, torch.Tensor]:
+    """Random kept neurons of the shared experts whose width follows the experts' (as many as the new config gives)."""
+    from moekit.edit.neurons import following_shared_widths
+
+    gen = torch.Generator().manual_seed(seed)
+    layers = {layer.index: layer for layer in view.layers}
+    return {index: torch.randperm(layers[index].shared_width, generator=gen)[:new].sort().values
+            for index, new in following_shared_widths(view, width).items()}
+
+
+def _masked(model, keep: dict[int, torch.Tensor], shared: dict[int, torch.Tensor] | None = None):
     """A copy of ``model`` whose removed neurons' down-projection columns are 0 (their activations never reach the
-    output): what removing them must compute."""
+    output), in the routed experts and in the shared MLPs named in ``shared``: what removing them must compute."""
     clone = copy.deepcopy(model)
     view = MoEModelView.from_model(clone)
     with torch.no_grad():
@@ -51,6 +64,10 @@ def _masked(model, keep: dict[int, torch.Tensor]):
                 drop = torch.ones(width, dtype=torch.bool)
                 drop[keep[layer.index][expert]] = False
                 layer.layout.expert_weights(layer.experts, expert).down[:, drop] = 0
+            if shared and layer.index in shared:
+                drop = torch.ones(layer.shared_width, dtype=torch.bool)
+                drop[shared[layer.index]] = False
+                layer.shared_mlp[1].down_proj.weight[:, drop] = 0
     return clone
 
 
@@ -59,19 +76,26 @@ def test_removing_neurons_equals_masking_them_and_reloads_stock(family, tmp_path
     model = build_tiny_model(family).eval()
     view = MoEModelView.from_model(model)
     keep = _random_keep(view)
-    if family in WIDTH_SHARED:
-        with pytest.raises(PlanError, match="also sizes"):
+    width = view.layers[0].intermediate_size
+    if family in DENSE_FOLLOWS:
+        with pytest.raises(PlanError, match="dense layers"):
             prune_neurons(view, keep)
         return
-    width = view.layers[0].intermediate_size
+    shared = _random_shared_keep(view, keep[view.layers[0].index].shape[1])
+    assert bool(shared) == (family in SHARED_FOLLOWS)
+    if shared:  # their neurons must be chosen too: refused without
+        with pytest.raises(PlanError, match="also sizes the shared experts"):
+            prune_neurons(view, keep)
     with torch.no_grad():
         before = {layer.index: [_detached(layer.layout.expert_weights(layer.experts, e))
                                 for e in range(layer.num_experts)] for layer in view.layers}
-    masked = _masked(model, keep)
+        shared_before = {layer.index: _detached(shared_mlp_weights(layer.shared_mlp[1]))
+                         for layer in view.layers if layer.index in shared}
+    masked = _masked(model, keep, shared)
     ids = random_ids()
     with torch.no_grad():
         expected = masked(input_ids=ids).logits
-        new_width = prune_neurons(view, keep)
+        new_width = prune_neurons(view, keep, shared)
         got = model(input_ids=ids).logits
     assert new_width == keep[view.layers[0].index].shape[1] < width
     # not bit for bit: the down projection's reduction over fewer neurons is blocked differently
@@ -89,6 +113,10 @@ def test_removing_neurons_equals_masking_them_and_reloads_stock(family, tmp_path
                     assert torch.equal(getattr(new, name), getattr(old, name)[idx])
             if old.down_bias is not None:
                 assert torch.equal(new.down_bias, old.down_bias)
+        if layer.index in shared:  # the shared MLP holds exactly its kept neurons, and the config gives that width
+            old, new, idx = shared_before[layer.index], shared_mlp_weights(layer.shared_mlp[1]), shared[layer.index]
+            assert torch.equal(new.gate, old.gate[idx]) and torch.equal(new.up, old.up[idx])
+            assert torch.equal(new.down, old.down[:, idx]) and layer.shared_width == idx.numel() < old.up.shape[0]
     model.save_pretrained(tmp_path / "pruned")
     with capture_transformers_log() as log:
         reloaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", output_loading_info=True)
@@ -342,27 +370,118 @@ def test_masked_neuron_plan_zeroes_exactly_the_layer_selection_and_says_it_saves
     assert "saves no memory" in card and "zeroed, not removed" in card
 
 
-def test_masked_mode_works_where_uniform_removal_is_refused(tmp_path) -> None:
-    """DeepSeek-V3's shared experts follow moe_intermediate_size: uniform removal is refused before a weight is
-    read, masking (no shape changes) is written and reloads."""
+def _shared_inputs_by_hook(model, ids: torch.Tensor, mask: torch.Tensor) -> dict[int, tuple[torch.Tensor, ...]]:
+    """Per MoE layer, sum over real tokens of b_m^2 and max over them of |b_m|, b = what its shared MLP's down
+    projection reads, from a plain forward hook (not moekit's capture), in float64."""
+    view = MoEModelView.from_model(model)
+    real = mask.reshape(-1).bool()
+    out, handles = {}, []
+    for layer in view.layers:
+        def keep(_module, args, index=layer.index):
+            b = args[0].reshape(-1, args[0].shape[-1])[real].double()
+            out[index] = (b.square().sum(0), b.abs().amax(0))
+        handles.append(layer.shared_mlp[1].down_proj.register_forward_pre_hook(keep))
+    with torch.no_grad():
+        model(input_ids=ids)
+    for handle in handles:
+        handle.remove()
+    return out
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "llama4_text", "qwen2_moe"])
+def test_shared_neuron_statistics_match_a_plain_hook(family) -> None:
+    from moekit.data import CalibrationSet
+    from moekit.profile.collect import collect_profile
+
+    model = build_tiny_model(family).eval()
+    ids = torch.randint(3, 256, (2, 24), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0  # padding never counts
+    profile = collect_profile(model, [CalibrationSet("text", ids, mask)], batch_size=2, neuron_stats=True,
+                              progress=False)
+    assert profile.meta["options"]["shared_neuron_stats"] is True
+    for index, (energy, peak) in _shared_inputs_by_hook(model, ids, mask).items():
+        assert float(energy.min()) > 0
+        assert torch.allclose(profile.layers[index]["shared_neuron_energy"][0], energy, rtol=1e-5, atol=0)
+        assert torch.allclose(profile.layers[index]["shared_neuron_max"][0].double(), peak, rtol=1e-5, atol=0)
+
+
+def test_shared_expert_neurons_are_chosen_by_the_same_criterion_and_removed(tmp_path) -> None:
+    """DeepSeek-V2 with two shared experts (shared width = moe_intermediate_size x 2 = 64): removing a quarter of the
+    routed experts' neurons makes stock from_pretrained build the shared MLP 48 wide, so moekit prune --neurons keeps
+    its 48 highest camera_p neurons (computed here from the profile's statistics and the weights), the written
+    checkpoint loads stock and computes the source with exactly those neurons masked, and the card says so."""
+    from typer.testing import CliRunner
+
+    from moekit.cli import app
+    from moekit.profile import Profile, profile_model
+    from moekit.tiny import save_tiny_model
+
+    source = save_tiny_model("deepseek_v2", tmp_path / "model", n_shared_experts=2)
+    (tmp_path / "text.txt").write_text(" ".join(f"word{i % 97} and the {i % 13} line {i}" for i in range(2000)))
+    profile_model(source, [f"prose={tmp_path / 'text.txt'}"], tmp_path / "profile", seq_len=64, max_tokens=1024,
+                  progress=False, neuron_stats=True)
+    result = CliRunner().invoke(app, ["prune", str(source), "--profile", str(tmp_path / "profile"), "--neurons",
+                                      "camera_p", "--neuron-ratio", "0.25", "--out", str(tmp_path / "pruned")])
+    assert result.exit_code == 0, result.output
+    plan = json.loads((tmp_path / "pruned" / "moekit_plan.json").read_text())
+    assert plan["width"]["shared"] == {"before": 64, "after": 48} and plan["width"]["after"] == 24
+    profile = Profile.load(tmp_path / "profile")
+    original = AutoModelForCausalLM.from_pretrained(source).eval()
+    view = MoEModelView.from_model(original)
+    shared = {}
+    for layer in view.layers:
+        stats = profile.layers[layer.index]
+        energy, peak = stats["shared_neuron_energy"][0], stats["shared_neuron_max"][0].double()
+        score = layer.shared_mlp[1].down_proj.weight.detach().double().square().sum(0) * (0.1 * energy
+                                                                                          + 0.9 * peak.square())
+        kept = plan["layers"][str(layer.index)]["shared_neurons"]
+        dropped = sorted(set(range(64)) - set(kept))
+        assert len(kept) == 48 and min(score[kept]) >= max(score[dropped])
+        shared[layer.index] = torch.tensor(kept)
+    routed = {int(k): torch.tensor(v["neurons"]) for k, v in plan["layers"].items()}
+    expected_model = _masked(original, routed, shared)
+    with capture_transformers_log() as log:
+        model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert log.getvalue() == ""
+    pruned_view = MoEModelView.from_model(model)
+    assert all(layer.shared_width == 48 and layer.intermediate_size == 24 for layer in pruned_view.layers)
+    ids = random_ids()
+    with torch.no_grad():
+        got, expected = model.eval()(input_ids=ids).logits, expected_model(input_ids=ids).logits
+    assert torch.allclose(got, expected, rtol=0, atol=1e-5), float((got - expected).abs().max())
+    card = " ".join((tmp_path / "pruned" / "README.md").read_text().split())
+    assert "shared experts keep 48 of their 64 neurons, chosen by the same criterion" in card
+    # masking (no shapes change) leaves the shared experts whole
+    masked = CliRunner().invoke(app, ["prune", str(source), "--profile", str(tmp_path / "profile"), "--neurons",
+                                      "camera_p", "--neuron-ratio", "0.25", "--mode", "masked", "--out",
+                                      str(tmp_path / "masked")])
+    assert masked.exit_code == 0, masked.output
+    masked_plan = json.loads((tmp_path / "masked" / "moekit_plan.json").read_text())
+    assert "shared" not in masked_plan["width"]
+    assert all("shared_neurons" not in entry for entry in masked_plan["layers"].values())
+
+
+def test_a_profile_without_shared_neuron_statistics_is_refused_by_name(tmp_path) -> None:
+    """A profile written before moekit recorded the shared experts' neurons cannot choose them: refused before a
+    weight is read, naming the option that collects them."""
     from moekit.edit.neurons import make_neuron_plan
     from moekit.model_io import load_structure
-    from moekit.pipeline import apply_plan
     from moekit.profile import Profile
 
     root = profiled_tiny_model(tmp_path, "deepseek_v3", "neuron_stats",
-                               " ".join(f"word{i % 97} and {i}" for i in range(2000)), 1024)
+                               " ".join(f"word{i % 97} and {i}" for i in range(1000)), 512)
     source = root / "model"
     view = MoEModelView.from_model(load_structure(source))
-    profile = Profile.load(root / "profile")
-    with pytest.raises(PlanError, match="shared_experts"):
-        make_neuron_plan(source, view, profile, "camera_p", 0.25)
-    plan = make_neuron_plan(source, view, profile, "camera_p", 0.25, mode="masked")
-    out = apply_plan(source, plan, tmp_path / "masked").out
-    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    with torch.no_grad():
-        assert torch.isfinite(model(input_ids=random_ids()).logits).all()
+    old = Profile.load(root / "profile")
+    old.meta["options"].pop("shared_neuron_stats")
+    for stats in old.layers.values():
+        for name in ("shared_neuron_energy", "shared_neuron_max"):
+            stats.pop(name)
+    with pytest.raises(PlanError, match=r"shared_neuron_energy.*--neuron-stats"):
+        make_neuron_plan(source, view, old, "camera_p", 0.25)
+    make_neuron_plan(source, view, Profile.load(root / "profile"), "camera_p", 0.25)  # this moekit's profile works
 
 
 def test_one_plan_removes_experts_then_neurons_in_one_pass(neuron_profile, tmp_path) -> None:

@@ -383,7 +383,7 @@ def prune(
         "layer) [default: owl; uniform with an N:M pattern].", show_default=False)] = None,
     sparsity_pattern: Annotated[str, typer.Option(
         "--sparsity-pattern", help="With --sparsity: unstructured, or N:M (N of every M consecutive weights of a "
-        "row; 2:4 with --sparsity 0.5 and --sparsity-allocation uniform is what sparse tensor cores "
+        "row, the same sparsity N/M in every layer; 2:4 with --sparsity 0.5 is what sparse tensor cores "
         "accelerate).")] = "unstructured",
     owl_lambda: Annotated[float, typer.Option(
         "--owl-lambda", help="OWL: how far a layer's sparsity may move from --sparsity.")] = 0.08,

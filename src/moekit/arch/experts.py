@@ -100,6 +100,39 @@ def set_intermediate_attributes(module: nn.Module, old: int, new: int) -> None:
             setattr(module, attr, new)
 
 
+SHARED_MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def shared_mlp_weights(mlp: nn.Module) -> ExpertWeights:
+    """A shared-expert MLP (``gate_proj``, ``up_proj``, ``down_proj`` linear layers, ``MoELayer.shared_mlp``) as one
+    expert's weights, canonical shapes (views into the module)."""
+    gate, up, down = (getattr(mlp, name) for name in SHARED_MLP_PROJECTIONS)
+    return ExpertWeights(gate.weight, up.weight, down.weight, gate.bias, up.bias, down.bias)
+
+
+def keep_shared_neurons(mlp: nn.Module, keep: torch.Tensor) -> None:
+    """Keep only neurons ``keep`` (long ``[J']``, ascending) of a shared-expert MLP, in place: rows of its gate and
+    up projections (and their biases), columns of its down projection; it then computes exactly what it computed
+    with the other neurons' activations set to 0. Refused for quantized layers (scales that span neurons)."""
+    for name in SHARED_MLP_PROJECTIONS:
+        tensors = set(dict(getattr(mlp, name).named_parameters()) | dict(getattr(mlp, name).named_buffers()))
+        if tensors - {"weight", "bias"}:
+            raise ValueError(f"the shared experts' {name} also stores {sorted(tensors - {'weight', 'bias'})} "
+                             "(quantization scales?): their blocks span neurons, so neurons cannot be removed; "
+                             "dequantize first")
+    gate, up, down = (getattr(mlp, name) for name in SHARED_MLP_PROJECTIONS)
+    old = int(down.in_features)
+    for linear in (gate, up):
+        index = keep.long().to(linear.weight.device)
+        replace_tensor(linear, "weight", linear.weight.detach()[index])
+        if linear.bias is not None:
+            replace_tensor(linear, "bias", linear.bias.detach()[index])
+        linear.out_features = int(keep.numel())
+    replace_tensor(down, "weight", down.weight.detach()[:, keep.long().to(down.weight.device)])
+    down.in_features = int(keep.numel())
+    set_intermediate_attributes(mlp, old, int(keep.numel()))
+
+
 def take_along(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
     """``tensor [E, ...]`` with, for every expert e, only the positions ``index[e]`` (``[E, n]``) of dim ``dim``."""
     shape = [1] * tensor.dim()

@@ -190,6 +190,22 @@ class MoELayer:
     def shared_parameters(self) -> int:
         return sum(int(p.numel()) for m in self.shared.values() for p in m.parameters())
 
+    @property
+    def shared_mlp(self) -> tuple[str, nn.Module] | None:
+        """(path, module) of the layer's shared-expert MLP when it has exactly one with ``gate_proj``, ``up_proj``
+        and ``down_proj`` linear layers (DeepSeek-V2/V3, GLM-4-MoE, Qwen2-MoE, Llama-4, ...): the form whose neurons
+        moekit measures and selects (neuron m: row m of gate and up, column m of down); else None."""
+        found = [(path, module) for path, module in self.shared.items()
+                 if all(isinstance(getattr(module, name, None), nn.Linear)
+                        for name in ("gate_proj", "up_proj", "down_proj"))]
+        return found[0] if len(found) == 1 else None
+
+    @property
+    def shared_width(self) -> int:
+        """Neurons of :attr:`shared_mlp` (0 without one)."""
+        found = self.shared_mlp
+        return int(found[1].down_proj.in_features) if found is not None else 0
+
 
 def _layer_index(path: str) -> int:
     match = _LAYER_INDEX.search(path)

@@ -9,13 +9,16 @@ MoE layer keeps the same number I' of its neurons (which ones: per expert); the 
     keep = {layer: torch.tensor([[0, 2, 5, ...], ...])}  # [E, I'] per MoE layer, ascending per expert
     prune_neurons(view, keep)
 
+Where the family's shared experts take their width from the same key (DeepSeek-V2/V3, GLM-4-MoE, ERNIE-4.5,
+EXAONE-MoE: ``moe_intermediate_size x n_shared_experts``; HunYuan-MoE and Llama-4: ``intermediate_size``), stock
+``from_pretrained`` builds them with the new width too, so their neurons are selected as well (``shared``: the
+kept neurons of each layer's shared MLP, as many as the new config gives it) and removed the same way. Which
+tensors follow the width is found structurally, by building the model with the new width on the meta device and
+comparing every other tensor's shape.
+
 Refused: different widths per layer or expert, repeated or out-of-range neurons, quantized experts (their
-block scales span neurons), and families in which another tensor's shape follows the same config key (the
-shared experts of DeepSeek-V2/V3 and GLM-4-MoE are ``moe_intermediate_size x n_shared_experts`` wide; Llama-4's
-shared expert and dense layers read ``intermediate_size`` too): stock ``from_pretrained`` would build those
-with the new width, so their neurons would have to be chosen as well, which moekit does not do yet. That is
-found structurally, by building the model with the new width on the meta device and comparing every other
-tensor's shape.
+block scales span neurons), and any other tensor that follows the width (Jamba's dense MLPs read
+``intermediate_size``): moekit does not choose dense layers' neurons.
 """
 
 from __future__ import annotations
@@ -72,9 +75,10 @@ def check_neuron_keep(view: MoEModelView, keep: NeuronKeep) -> int:
     return widths.pop()
 
 
-def tensors_following_width(view: MoEModelView, width: int) -> list[str]:
+def tensors_following_width(view: MoEModelView, width: int) -> dict[str, tuple[int, ...]]:
     """Tensors outside the routed experts whose shape would change if the config's expert width became
-    ``width`` (the model built on the meta device from the edited config, every shape compared)."""
+    ``width`` (the model built on the meta device from the edited config, every shape compared): name -> new
+    shape."""
     from transformers import AutoModelForCausalLM
 
     key = width_key(view)
@@ -84,39 +88,95 @@ def tensors_following_width(view: MoEModelView, width: int) -> list[str]:
         rebuilt = AutoModelForCausalLM.from_config(config)
     experts = tuple(f"{layer.path}.{layer.experts_name}." for layer in view.layers)
     now = dict(view.model.named_parameters())
-    changed = []
+    changed = {}
     for name, tensor in rebuilt.named_parameters():
         if name.startswith(experts):
             continue
         if name in now and tuple(now[name].shape) != tuple(tensor.shape):
-            changed.append(name)
+            changed[name] = tuple(tensor.shape)
     return changed
 
 
-def check_neuron_removal(view: MoEModelView, keep: NeuronKeep) -> int:
-    """Everything checkable before a weight changes: the selection, and that no other tensor follows the width."""
-    width = check_neuron_keep(view, keep)
+SharedKeep = dict[int, torch.Tensor]  # MoE layer -> long [J'] kept neurons of its shared-expert MLP, ascending
+
+
+def following_shared_widths(view: MoEModelView, width: int) -> dict[int, int]:
+    """MoE layer -> the width its shared-expert MLP gets from a config whose expert width is ``width``, for the layers
+    whose shared width follows the experts'. Refused (PlanError): any other tensor that follows the width."""
+    shared = {layer.shared_mlp[0] + ".": layer for layer in view.layers if layer.shared_mlp is not None}
     changed = tensors_following_width(view, width)
-    if changed:
-        shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
-        raise PlanError(f"{view.model_type}: {width_key(view)} also sizes {shown} (shared experts or dense layers "
-                        f"whose width follows the routed experts'); removing routed-expert neurons would change "
-                        "them on reload, and moekit does not select their neurons yet")
+    widths: dict[int, int] = {}
+    others = []
+    for name in changed:
+        owner = next((prefix for prefix in shared if name.startswith(prefix)), None)
+        if owner is None:
+            others.append(name)
+            continue
+        widths[shared[owner].index] = int(changed.get(f"{owner}down_proj.weight", (0, 0))[1])
+    for owner, layer in shared.items():  # the three projections change together, to one new width
+        if layer.index not in widths:
+            continue
+        new_width, hidden = widths[layer.index], int(layer.router_weight.shape[-1])
+        expected = {f"{owner}gate_proj.weight": (new_width, hidden), f"{owner}up_proj.weight": (new_width, hidden),
+                    f"{owner}down_proj.weight": (hidden, new_width)}
+        got = {name: shape for name, shape in changed.items() if name.startswith(owner)}
+        if new_width < 1 or {k: tuple(v) for k, v in got.items() if k.endswith(".weight")} != expected:
+            others.extend(got)
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise PlanError(f"{view.model_type}: {width_key(view)} also sizes {shown} (dense layers whose width follows "
+                        "the routed experts'); removing routed-expert neurons would change them on reload, and "
+                        "moekit does not select dense layers' neurons")
+    return widths
+
+
+def check_neuron_removal(view: MoEModelView, keep: NeuronKeep, shared: SharedKeep | None = None) -> int:
+    """Everything checkable before a weight changes: the selection, and that the shared experts whose width follows
+    the experts' (and only those) get a selection of exactly the width the new config gives them; the new width."""
+    width = check_neuron_keep(view, keep)
+    follows = following_shared_widths(view, width)
+    shared = shared or {}
+    layers = {layer.index: layer for layer in view.layers}
+    if set(shared) != set(follows):
+        if not shared:
+            shown = ", ".join(layers[i].shared_mlp[0] for i in sorted(follows)[:3])  # type: ignore[index]
+            raise PlanError(f"{view.model_type}: {width_key(view)} also sizes the shared experts ({shown}): removing "
+                            "routed-expert neurons changes their width too, so their neurons must be selected as well "
+                            "(moekit prune --neurons does, by the same criterion)")
+        raise PlanError(f"shared-expert neurons are selected for layers {sorted(shared)}, but the shared experts "
+                        f"whose width follows the experts' are those of layers {sorted(follows)}")
+    for index, new_width in follows.items():
+        kept, old = shared[index], layers[index].shared_width
+        if kept.dim() != 1 or kept.dtype not in (torch.int64, torch.int32) or kept.numel() != new_width:
+            raise PlanError(f"layer {index}: the shared experts keep {new_width} of their {old} neurons with this "
+                            f"width; the selection must be that many neuron indices, got {list(kept.shape)}")
+        if bool((kept < 0).any()) or bool((kept >= old).any()) or \
+                (kept.numel() > 1 and not bool((kept[1:] > kept[:-1]).all())):
+            raise PlanError(f"layer {index}: the shared experts' kept neurons must be distinct, ascending and in "
+                            f"0..{old - 1}")
     return width
 
 
-def prune_neurons(view: MoEModelView, keep: NeuronKeep) -> int:
+def prune_neurons(view: MoEModelView, keep: NeuronKeep, shared: SharedKeep | None = None) -> int:
     """Remove every routed expert's neurons not in ``keep`` from the loaded model, in place, the config's width
-    included; the new width."""
-    return _remove_neurons(view, keep, check_neuron_removal(view, keep))
+    included (and, where the shared experts' width follows it, their neurons not in ``shared``); the new width."""
+    return _remove_neurons(view, keep, check_neuron_removal(view, keep, shared), shared or {})
 
 
-def _remove_neurons(view: MoEModelView, keep: NeuronKeep, width: int) -> int:
+def _remove_layer_neurons(layer: Any, keep: NeuronKeep, shared: SharedKeep) -> None:
+    from moekit.arch.experts import keep_shared_neurons
+
+    layer.layout.keep_neurons(layer.experts, keep[layer.index])
+    if layer.index in shared:
+        keep_shared_neurons(layer.shared_mlp[1], shared[layer.index])
+
+
+def _remove_neurons(view: MoEModelView, keep: NeuronKeep, width: int, shared: SharedKeep | None = None) -> int:
     """``prune_neurons`` once ``keep`` was checked (``check_neuron_removal``, which gave ``width``)."""
     before = view.layers[0].intermediate_size
     with torch.no_grad():
         for layer in view.layers:
-            layer.layout.keep_neurons(layer.experts, keep[layer.index])
+            _remove_layer_neurons(layer, keep, shared or {})
     key = width_key(view)
     if config_value(view.model.config, key) == before:
         _set(view.model.config, key, width)
@@ -183,8 +243,9 @@ def make_neuron_plan(source: str | Path, view: MoEModelView, profile: Any, crite
     from ``source``."""
     from tqdm.auto import tqdm
 
+    from moekit.arch.experts import shared_mlp_weights
     from moekit.layerwise import layers_with_expert_weights
-    from moekit.score.neurons import NEURON_CRITERIA, neuron_layer_stats
+    from moekit.score.neurons import NEURON_CRITERIA, neuron_layer_stats, shared_neuron_scores, shared_reads
     from moekit.summary import summarize
 
     if mode not in MODES:
@@ -196,9 +257,24 @@ def make_neuron_plan(source: str | Path, view: MoEModelView, profile: Any, crite
     align = width_alignment(view) if mode == "uniform" else 1
     count = kept_width(width, ratio, align)
     check_profile_holds(profile, view, criterion, method.reads)  # before a weight is read
+    shared_widths: dict[int, int] = {}
     if mode == "uniform":
+        shared_widths = following_shared_widths(view, count)
+        if shared_widths:  # the shared experts' neurons are chosen by the same criterion
+            reads = shared_reads(method)
+            if reads is None:
+                raise PlanError(f"{criterion} cannot score the shared experts' neurons, whose width follows the "
+                                "routed experts' in this family: choose camera_p or heapr")
+            check_profile_holds(profile, view, criterion, reads)
+            before_shared = {layer.shared_width for layer in view.layers if layer.index in shared_widths}
+            after_shared = set(shared_widths.values())
+            if len(before_shared) != 1 or len(after_shared) != 1:
+                raise PlanError(f"the shared experts' widths differ between layers ({sorted(before_shared)}); "
+                                "moekit expects one width, as stock configs give")
+            shared_width_change = {"before": before_shared.pop(), "after": after_shared.pop()}
         check_neuron_removal(view, {layer.index: torch.arange(count).repeat(layer.num_experts, 1)
-                                    for layer in view.layers})
+                                    for layer in view.layers},
+                             {index: torch.arange(new) for index, new in shared_widths.items()})
     if experts_plan is not None:
         from moekit.plan import plan_keep_map
 
@@ -219,12 +295,22 @@ def make_neuron_plan(source: str | Path, view: MoEModelView, profile: Any, crite
         entry = dict(experts_plan["layers"][str(layer.index)]) if experts_plan is not None else \
             {"kept": kept, "removed": []}
         layers[str(layer.index)] = {**entry, "neurons": rows}
+        if layer.index in shared_widths:
+            shared_scores = shared_neuron_scores(profile, layer.index, set_weights, method,
+                                                 shared_mlp_weights(layer.shared_mlp[1]))
+            layers[str(layer.index)]["shared_neurons"] = [
+                int(n) for n in keep_top_neurons(shared_scores[None], shared_widths[layer.index])[0]]
     sets = [{"name": x["name"], "tokens": x["tokens"], "data": x["data"]} for x in profile.meta["sets"]]
     details = {"neuron_criterion": criterion, "neuron_ratio": ratio, "set_weights": set_weights,
                "profile": {"path": profile_path, "sets": sets, "fingerprint": profile.fingerprint},
                "mode": mode, "selection": "the same number of neurons in every expert (stock configs hold one "
                "width), each expert's own highest-scoring ones" if mode == "uniform" else "the layer's "
                "lowest-scoring neurons, from any expert; zeroed, not removed", "criterion_doc": method.doc}
+    if shared_widths:
+        details["shared_experts"] = ("their width follows the routed experts' in this family, so each layer's shared "
+                                     f"MLP keeps its highest-scoring neurons by the same criterion ({criterion}; the "
+                                     "shared MLP scored as one more expert that every token runs through with "
+                                     "weight 1)")
     top_k = None
     if experts_plan is not None:  # the expert pruning this plan does first, as its own plan recorded it
         details["experts"] = {"method": experts_plan["method"], "details": experts_plan.get("details", {})}
@@ -233,6 +319,8 @@ def make_neuron_plan(source: str | Path, view: MoEModelView, profile: Any, crite
     record = plan_envelope(NEURON_PLAN_FORMAT, source_name or profile.meta["model"].get("source", ""),
                            summarize(view), kept_experts, criterion, details, top_k, layers)
     record["width"] = {"before": width, "after": count if mode == "uniform" else width}
+    if shared_widths:
+        record["width"]["shared"] = shared_width_change
     if mode == "uniform" and align > 1 and width % align == 0:
         record["width"]["aligned_to"] = align
         record["width"]["removed_fraction"] = round(1 - count / width, 6)
@@ -300,13 +388,15 @@ def mask_layer_neurons(layer: Any, kept: list[list[int]]) -> None:
         write_expert_weights(layer.layout, layer.experts, expert, replace(w, down=down, **new))
 
 
-def plan_neuron_keep(plan: dict[str, Any], view: MoEModelView, origin: str = "plan") -> NeuronKeep:
-    """A neuron plan's kept neurons, checked against ``view`` (``check_neuron_removal``): the model after the plan's
-    expert pruning (rows are the kept experts', in order)."""
+def plan_neuron_keep(plan: dict[str, Any], view: MoEModelView, origin: str = "plan") -> tuple[NeuronKeep, SharedKeep]:
+    """A neuron plan's kept neurons (the routed experts', and the shared experts' where their width follows), checked
+    against ``view`` (``check_neuron_removal``): the model after the plan's expert pruning (rows are the kept
+    experts', in order)."""
     if plan.get("format") != NEURON_PLAN_FORMAT:
         raise PlanError(f"{origin} is not a neuron plan (format {NEURON_PLAN_FORMAT!r})")
     layers = {int(k): v for k, v in plan["layers"].items()}
     neurons: NeuronKeep = {}
+    shared: SharedKeep = {}
     for index, entry in layers.items():
         rows = entry.get("neurons")
         if not isinstance(rows, list) or not all(isinstance(r, list) and all(isinstance(n, int) and not
@@ -318,13 +408,24 @@ def plan_neuron_keep(plan: dict[str, Any], view: MoEModelView, origin: str = "pl
             raise PlanError(f"{origin}: layer {index} keeps different numbers of neurons in different experts; stock "
                             "configs hold one width")
         neurons[index] = torch.tensor(rows, dtype=torch.long)
-    width = check_neuron_removal(view, neurons)
+        if "shared_neurons" in entry:
+            kept = entry["shared_neurons"]
+            if not isinstance(kept, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in kept):
+                raise PlanError(f"{origin}: layer {index} 'shared_neurons' must be a list of neuron indices")
+            shared[index] = torch.tensor(kept, dtype=torch.long)
+    width = check_neuron_removal(view, neurons, shared)
     stated = plan.get("width")
     if not isinstance(stated, dict) or stated.get("before") != view.layers[0].intermediate_size or \
             stated.get("after") != width:
         raise PlanError(f"{origin}: 'width' must be {{'before': {view.layers[0].intermediate_size}, 'after': "
                         f"{width}}} for the neurons it keeps, got {stated!r}")
-    return neurons
+    if shared:
+        layer = next(layer for layer in view.layers if layer.index in shared)
+        expected = {"before": layer.shared_width, "after": int(shared[layer.index].numel())}
+        if stated.get("shared") != expected:
+            raise PlanError(f"{origin}: 'width' must hold 'shared': {expected} for the shared-expert neurons it "
+                            f"keeps, got {stated.get('shared')!r}")
+    return neurons, shared
 
 
 def render_neuron_card(name: str, source: str, before: Any, after: Any, plan: dict[str, Any], reproduce: str,
@@ -348,6 +449,14 @@ def render_neuron_card(name: str, source: str, before: Any, after: Any, plan: di
         what = (f"**every routed expert of the {len(before.moe_layers)} MoE layers keeps {width['after']} of its "
                 f"{width['before']} neurons** (criterion `{plan['method']}`, each expert its own highest-scoring ones; "
                 "the same count everywhere because the config holds one expert width).")
+    if "shared" in width:
+        shared = (f"**The shared experts keep {width['shared']['after']} of their {width['shared']['before']} "
+                  f"neurons, chosen by the same criterion** (`{plan['method']}`, the shared MLP scored as one more "
+                  "expert that every token runs through with weight 1): in this family their width follows the "
+                  "routed experts' (the config's one key sizes both), so stock `from_pretrained` builds them "
+                  "narrower too.")
+    else:
+        shared = "Shared experts keep their width."
     return f"""---
 library_name: transformers
 tags:
@@ -360,7 +469,7 @@ tags:
 
 Neuron-pruned from `{source}` ({before.model_type}, {before.architecture}) with moekit {v['moekit']}:
 {what} Every expert, router and other weight is the source's; the kept neurons' rows and columns are
-unchanged. Shared experts keep their width. No weights were retrained.
+unchanged. {shared} No weights were retrained.
 
 It loads with plain `AutoModelForCausalLM.from_pretrained`.
 
@@ -392,9 +501,10 @@ def neurons_to_checkpoint(source: str | Path, plan: dict[str, Any], out: str | P
         if masked:
             masks = plan_neuron_masks(plan, structure)
             return ExpertEdit(lambda layer: mask_layer_neurons(layer, masks[layer.index]))
-        keep = plan_neuron_keep(plan, structure)
-        return ExpertEdit(lambda layer: layer.layout.keep_neurons(layer.experts, keep[layer.index]),
-                          reshape=lambda view: _remove_neurons(view, keep, plan["width"]["after"]))
+        keep, shared = plan_neuron_keep(plan, structure)
+        return ExpertEdit(lambda layer: _remove_layer_neurons(layer, keep, shared),
+                          reshape=lambda view: _remove_neurons(view, keep, plan["width"]["after"], shared),
+                          modules=lambda layer: dict([layer.shared_mlp]) if layer.index in shared else {})
 
     def card(name: str, described: str, before: Any, after: Any, base: Path, command: str) -> str:
         return render_neuron_card(name, described, before, after, plan, command, base)
@@ -403,6 +513,6 @@ def neurons_to_checkpoint(source: str | Path, plan: dict[str, Any], out: str | P
                                      dtype=dtype, reproduce=reproduce)
 
 
-__all__ = ["NeuronKeep", "check_neuron_keep", "check_neuron_removal", "check_profile_holds", "keep_top_neurons",
-           "kept_width", "make_neuron_plan", "neurons_to_checkpoint", "plan_neuron_keep", "prune_neurons",
-           "render_neuron_card", "tensors_following_width", "width_key"]
+__all__ = ["NeuronKeep", "SharedKeep", "check_neuron_keep", "check_neuron_removal", "check_profile_holds",
+           "following_shared_widths", "keep_top_neurons", "kept_width", "make_neuron_plan", "neurons_to_checkpoint",
+           "plan_neuron_keep", "prune_neurons", "render_neuron_card", "tensors_following_width", "width_key"]

@@ -25,11 +25,12 @@ from moekit.edit.safetensors_io import Piece, read_header
 
 
 def rewrite_expert_layers(source: str | Path, layers: list[int], edit: Callable[[MoELayer], None],
-                          outputs: list[Any], scratch: Path, what: str, reshape: bool = False) -> None:
+                          outputs: list[Any], scratch: Path, what: str, reshape: bool = False,
+                          modules: Callable[[MoELayer], dict[str, Any]] | None = None) -> None:
     """For each MoE layer in ``layers``: read it, ``edit`` it, write its experts' tensors (stored names and layout)
-    to ``scratch``, and point the matching ``outputs`` at their bytes there. ``reshape``: the edit changes the
-    tensors' shapes (else a shape or dtype that differs from the output's is refused). ``what``: the edit, for
-    errors (e.g. "merged")."""
+    and those of ``modules(layer)`` (other modules the edit changed, by path) to ``scratch``, and point the matching
+    ``outputs`` at their bytes there. ``reshape``: the edit changes the tensors' shapes (else a shape or dtype that
+    differs from the output's is refused). ``what``: the edit, for errors (e.g. "merged")."""
     from safetensors.torch import save_file
 
     from moekit.layerwise import LayerwiseModel
@@ -46,6 +47,8 @@ def rewrite_expert_layers(source: str | Path, layers: list[int], edit: Callable[
                     edit(layer)
                 prefix = f"{layer.path}.{layer.experts_name}."
                 state = {prefix + k: v.detach().contiguous() for k, v in layer.experts.state_dict().items()}
+                for path, module in (modules(layer) if modules is not None else {}).items():
+                    state.update({f"{path}.{k}": v.detach().contiguous() for k, v in module.state_dict().items()})
                 stored = stored_form(run.model, state, by_name, index, what)
                 path = scratch / f"layer-{index}.safetensors"
                 save_file(stored, str(path))
@@ -82,6 +85,9 @@ class ExpertEdit:
 
     layer: Callable[[MoELayer], None]
     reshape: Callable[[MoEModelView], None] | None = None
+    # the layer's modules besides its experts that ``layer`` edits (path relative to the model -> module), written
+    # back too (neuron removal's shared experts)
+    modules: Callable[[MoELayer], dict[str, Any]] | None = None
 
 
 def expert_edit_to_checkpoint(source: str | Path, plan: dict[str, Any], out: str | Path,
@@ -153,7 +159,7 @@ def expert_edit_to_checkpoint(source: str | Path, plan: dict[str, Any], out: str
         scratch = tmp / ".moekit-edited-experts"
         scratch.mkdir()
         rewrite_expert_layers(source, [layer.index for layer in structure.layers], edit_layer, outputs, scratch,
-                              what, reshape=edit.reshape is not None)
+                              what, reshape=edit.reshape is not None, modules=edit.modules)
         card = render_card(out_path.name, described, before, after, out_path, reproduce)
         write_streamed(tmp, source, structure, files, tensors, outputs, dtype, plan, card)
         for file in scratch.iterdir():

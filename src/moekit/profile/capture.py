@@ -74,7 +74,7 @@ class LayerCapture:
         self.input_norms = input_norms
         self.stats = LayerStats(num_sets, layer.num_experts, layer.intermediate_size, neuron_stats, merge_stats,
                                 hidden=int(layer.router_weight.shape[-1]), gradients=gradients,
-                                input_norms=input_norms)
+                                input_norms=input_norms, shared_width=layer.shared_width)
         self.neuron_stats = self.stats.neuron_stats  # --gradients collects them too
         self.scoring = router_scoring(layer.routing)
         self.residuals: dict[int, torch.Tensor] = {}  # norm output storage pointer -> norm input
@@ -90,6 +90,27 @@ class LayerCapture:
     def on_norm(self, _module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if isinstance(output, torch.Tensor) and args and isinstance(args[0], torch.Tensor):
             self.residuals[output.untyped_storage().data_ptr()] = args[0]
+
+    def on_shared_down_input(self, _module: nn.Module, args: tuple[Any, ...]) -> None:
+        """Forward pre-hook on the shared MLP's down projection: its input b_t (every token, weight 1)."""
+        b = args[0].reshape(-1, args[0].shape[-1])
+        with torch.no_grad():
+            self.stats.add_shared_neurons(self.state.set_index, b.detach().float(),
+                                          self.state.valid(b.device, b.shape[0]))
+
+    def on_shared_output(self, module: nn.Module, _args: tuple[Any, ...], output: torch.Tensor) -> None:
+        """Forward hook on the shared MLP's down projection (--gradients): a backward hook on its output that
+        projects d^s_t = dL/d(output_t) onto every column of the down projection, d^s_t . W_down^s[:, m]."""
+        if not output.requires_grad:
+            return
+        set_index = self.state.set_index
+        valid = self.state.valid(output.device, output.reshape(-1, output.shape[-1]).shape[0])
+
+        def hook(grad: torch.Tensor) -> None:
+            with torch.no_grad():
+                projected = grad.reshape(-1, grad.shape[-1]).to(module.weight.dtype) @ module.weight  # [T, J]
+                self.stats.add_shared_gradients(set_index, projected, valid)
+        output.register_hook(hook)
 
     def residual_for(self, hidden: torch.Tensor) -> torch.Tensor:
         """The residual stream whose normalised form is ``hidden``, else ``hidden`` (post-norm families)."""
@@ -330,6 +351,11 @@ def capturing(view: MoEModelView, num_sets: int = 1, neuron_stats: bool = False,
             handles.append(layer.router.register_forward_pre_hook(layer_capture.on_router_input, with_kwargs=True))
             for norm in _residual_norms(model, layer):
                 handles.append(norm.register_forward_hook(layer_capture.on_norm))
+            shared = layer.shared_mlp
+            if shared is not None and layer_capture.neuron_stats:  # the shared experts' own neurons
+                handles.append(shared[1].down_proj.register_forward_pre_hook(layer_capture.on_shared_down_input))
+                if gradients:
+                    handles.append(shared[1].down_proj.register_forward_hook(layer_capture.on_shared_output))
             if layer.call.kind == "llama4":
                 layer.block.forward = _llama4_block_forward(layer.block, layer_capture)
                 instance_patches.append((layer.block, "forward"))

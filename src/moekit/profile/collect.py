@@ -250,8 +250,10 @@ def _finish(view: MoEModelView, capture: Any, sets: Sequence[CalibrationSet], to
     elapsed = time.perf_counter() - start
     set_meta = [{"name": s.name, "tokens": s.num_tokens, "sequences": s.num_sequences, "data": s.description}
                 for s in sets]
-    run = {"neuron_stats": neuron_stats, **({"merge_stats": True} if merge_stats else {}),
-           **({"gradients": True, "loss": "next-token cross-entropy, summed over real tokens"} if gradients else {}),
+    run = {"neuron_stats": neuron_stats, **({"shared_neuron_stats": True} if neuron_stats else {}),
+           **({"merge_stats": True} if merge_stats else {}),
+           **({"gradients": True, "shared_gradients": True,
+               "loss": "next-token cross-entropy, summed over real tokens"} if gradients else {}),
            **({"input_norms": True} if input_norms else {}),
            "batch_size": batch_size, **(options or {})}
     meta = new_meta(view, source, set_meta, run, versions(), easy_ep_input)

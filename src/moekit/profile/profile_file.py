@@ -33,6 +33,7 @@ from moekit.profile.stats import (
     ALL_STATS,
     CHUNK_SIZES,
     COLLECTED_BY,
+    IMPLIED_BY,
     OPTIONAL_STATS,
     SIGNED_STATS,
     STATS,
@@ -185,7 +186,8 @@ class Profile:
                                    f"{sorted(expected)} (corrupted profile)")
             for name, tensor in stats.items():
                 dims = ALL_STATS[name][0]
-                sizes = {"E": experts, "C": len(CHUNK_SIZES), "I": tensor.shape[-1], "H": tensor.shape[-1]}
+                sizes = {"E": experts, "C": len(CHUNK_SIZES), "I": tensor.shape[-1], "H": tensor.shape[-1],
+                         "J": tensor.shape[-1]}
                 if tuple(tensor.shape) != (len(self.set_names), *(sizes[d] for d in dims)):
                     raise ProfileError(f"{where}: layers.{index}.{name} has shape {tuple(tensor.shape)} "
                                        "(corrupted profile)")
@@ -301,6 +303,9 @@ def merge_profiles(first: Profile, second: Profile) -> Profile:
                            "merge")
     for option in OPTIONAL_STATS:
         if first.has_option(option) != second.has_option(option):
+            if option in IMPLIED_BY:
+                raise ProfileError(f"one profile has the shared experts' {profile_flag(option)} statistics and the "
+                                   "other not (an older moekit wrote it); profile both with this moekit")
             raise ProfileError(f"one profile has the {profile_flag(option)} statistics and the other not; profile "
                                "both the same way")
     chunks = [p.meta["options"].get("chunk_sizes", list(CHUNK_SIZES)) for p in (first, second)]

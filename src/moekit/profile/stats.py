@@ -36,6 +36,9 @@ expert_output_sum (opt.)   [S,E,H]     sum_t f_j(x_t) over every token, every ex
 output_grad_energy (opt.)  [S,E,I]     sum_{t in X_j} (d_t . W_down_j[:, n])^2, d_t = dL/dy_t (HEAPr)
 expert_input_energy (opt.) [S,E,H]     sum_{t in X_j} x_{j,t,h}^2, x_{j,t} what expert j's gate/up projections read
 neuron_input_energy (opt.) [S,E,I]     sum_{t in X_j} a_{j,t,n}^2 (ungated: what the down projection reads)
+shared_neuron_energy (opt.) [S,J]      sum_t b_{t,m}^2, b_t what the shared experts' down projection reads
+shared_neuron_max (opt.)   [S,J]       max_t |b_{t,m}|
+shared_output_grad_energy  [S,J]       sum_t (d^s_t . W_down^s[:, m])^2, d^s_t = dL/d(shared experts' output) (opt.)
 =========================  ==========  ======================================================
 
 The last two (``merge_stats``, ``moekit profile --merge-stats``) are for merging: the cosine between
@@ -52,6 +55,11 @@ d_t d_t^T: the empirical Fisher estimate of the loss Hessian in the experts' out
 The last two (``input_norms``, ``moekit profile --input-norms``) are Wanda's input norms, per expert: the squared
 norm over the expert's tokens of every input feature of its projections (x_{j,t} is the experts' input, scaled by
 the gate where the family scales the input, Llama-4; a_{j,t} is not gate-weighted, unlike ``neuron_energy``).
+
+The shared statistics (J = the width of the layer's shared-expert MLP, 0 where it has none; every token runs
+through it, with weight 1) come with ``neuron_stats`` and ``gradients``: the shared experts' own neurons, for
+neuron removal where the shared width follows the routed experts' (DeepSeek-V2/V3, GLM-4-MoE: moe_intermediate_size
+x n_shared_experts). A family that gates the shared output (Qwen2-MoE's sigmoid gate) is recorded ungated.
 
 EASY-EP's h^in is the residual stream entering the MoE sub-layer and h^out = h^in + the routed
 experts' output (shared experts left out), as in its reference code.
@@ -97,6 +105,13 @@ INPUT_NORM_STATS: dict[str, tuple[tuple[str, ...], str]] = {
     "expert_input_energy": (("E", "H"), "sum"),
     "neuron_input_energy": (("E", "I"), "sum"),
 }
+SHARED_NEURON_STATS: dict[str, tuple[tuple[str, ...], str]] = {
+    "shared_neuron_energy": (("J",), "sum"),
+    "shared_neuron_max": (("J",), "max"),
+}
+SHARED_GRADIENT_STATS: dict[str, tuple[tuple[str, ...], str]] = {
+    "shared_output_grad_energy": (("J",), "sum"),
+}
 SIGNED_STATS = frozenset(MERGE_STATS)  # sums of signed values; every other statistic is >= 0
 
 # Statistics a profile holds only when asked, by the ``moekit profile`` option (as a keyword of ``profile_model``,
@@ -104,10 +119,17 @@ SIGNED_STATS = frozenset(MERGE_STATS)  # sums of signed values; every other stat
 OPTIONAL_STATS: dict[str, dict[str, tuple[tuple[str, ...], str]]] = {"neuron_stats": NEURON_STATS,
                                                                      "merge_stats": MERGE_STATS,
                                                                      "gradients": GRADIENT_STATS,
-                                                                     "input_norms": INPUT_NORM_STATS}
-COLLECTED_BY: dict[str, str] = {name: option for option, stats in OPTIONAL_STATS.items() for name in stats}
+                                                                     "input_norms": INPUT_NORM_STATS,
+                                                                     "shared_neuron_stats": SHARED_NEURON_STATS,
+                                                                     "shared_gradients": SHARED_GRADIENT_STATS}
+# Options a profile records that no one asks for: they come with the option named (profiles written before they
+# existed lack them, so they are options of their own).
+IMPLIED_BY = {"shared_neuron_stats": "neuron_stats", "shared_gradients": "gradients"}
+# statistic -> the option a user gives to collect it
+COLLECTED_BY: dict[str, str] = {name: IMPLIED_BY.get(option, option) for option, stats in OPTIONAL_STATS.items()
+                                for name in stats}
 ALL_STATS: dict[str, tuple[tuple[str, ...], str]] = {**STATS, **NEURON_STATS, **MERGE_STATS, **GRADIENT_STATS,
-                                                     **INPUT_NORM_STATS}
+                                                     **INPUT_NORM_STATS, **SHARED_NEURON_STATS, **SHARED_GRADIENT_STATS}
 
 
 def collected_statistics(**options: bool) -> frozenset[str]:
@@ -118,8 +140,9 @@ def collected_statistics(**options: bool) -> frozenset[str]:
 
 
 def profile_flag(option: str) -> str:
-    """The ``moekit profile`` command-line flag of a profile option: ``neuron_stats`` -> ``--neuron-stats``."""
-    return "--" + option.replace("_", "-")
+    """The ``moekit profile`` command-line flag of a profile option: ``neuron_stats`` -> ``--neuron-stats`` (an
+    implied option: the flag that implies it)."""
+    return "--" + IMPLIED_BY.get(option, option).replace("_", "-")
 
 
 def reduction(name: str) -> str:
@@ -153,16 +176,20 @@ class LayerStats:
 
     def __init__(self, num_sets: int, num_experts: int, intermediate: int, neuron_stats: bool,
                  merge_stats: bool = False, hidden: int = 0, gradients: bool = False,
-                 input_norms: bool = False) -> None:
+                 input_norms: bool = False, shared_width: int = 0) -> None:
         self.num_sets, self.num_experts, self.intermediate = num_sets, num_experts, intermediate
+        self.shared_width = shared_width
         self.neuron_stats, self.merge_stats, self.hidden = neuron_stats or gradients, merge_stats, hidden
         self.gradients, self.input_norms = gradients, input_norms
         self.tensors: dict[str, torch.Tensor] = {}
 
     def _allocate(self, device: torch.device) -> None:
-        sizes = {"E": self.num_experts, "I": self.intermediate, "C": len(CHUNK_SIZES), "H": self.hidden}
+        sizes = {"E": self.num_experts, "I": self.intermediate, "C": len(CHUNK_SIZES), "H": self.hidden,
+                 "J": self.shared_width}
         specs = {**STATS, **(NEURON_STATS if self.neuron_stats else {}), **(MERGE_STATS if self.merge_stats else {}),
-                 **(GRADIENT_STATS if self.gradients else {}), **(INPUT_NORM_STATS if self.input_norms else {})}
+                 **(GRADIENT_STATS if self.gradients else {}), **(INPUT_NORM_STATS if self.input_norms else {}),
+                 **(SHARED_NEURON_STATS if self.neuron_stats else {}),
+                 **(SHARED_GRADIENT_STATS if self.gradients else {})}
         for name, (dims, reduce) in specs.items():
             dtype = torch.float64 if reduce == "sum" else torch.float32
             self.tensors[name] = torch.zeros((self.num_sets, *(sizes[d] for d in dims)), dtype=dtype, device=device)
@@ -240,6 +267,20 @@ class LayerStats:
             for name, values in (("expert_input_energy", pairs.inputs), ("neuron_input_energy", pairs.intermediate)):
                 squares = values.float().square() * keep[:, None]
                 acc[name][set_index] += torch.segment_reduce(squares, "sum", lengths=lengths, axis=0).double()
+
+    def add_shared_neurons(self, set_index: int, activations: torch.Tensor, valid: torch.Tensor) -> None:
+        """``activations [T, J]``: what the shared experts' down projection read for each token of the batch."""
+        acc = self._get(activations.device)
+        squares = (activations * valid[:, None]).square_()  # float32 (valid is), padding zeroed
+        acc["shared_neuron_energy"][set_index] += squares.sum(0, dtype=torch.float64)
+        peak = acc["shared_neuron_max"][set_index]
+        torch.maximum(peak, squares.amax(0).sqrt_(), out=peak)
+
+    def add_shared_gradients(self, set_index: int, projected: torch.Tensor, valid: torch.Tensor) -> None:
+        """``projected [T, J]``: d^s_t . W_down^s[:, m] for each token (the shared experts' output gradient)."""
+        acc = self._get(projected.device)
+        acc["shared_output_grad_energy"][set_index] += (projected.float().square() * valid[:, None]).sum(
+            0, dtype=torch.float64)
 
     def add_all_expert_outputs(self, set_index: int, expert: int, outputs: torch.Tensor, valid: torch.Tensor) -> None:
         """``outputs [T, H]``: expert ``expert`` run on every token of the batch (merge statistics)."""

@@ -19,6 +19,7 @@ import torch
 
 from moekit.arch.experts import ExpertWeights
 from moekit.profile.profile_file import Profile
+from moekit.profile.stats import reduction
 from moekit.registry import Registry
 
 CAMERA_RHO = 0.9
@@ -45,12 +46,40 @@ def neuron_layer_stats(profile: Profile, layer: int, weights: dict[str, float] |
     all_tokens = sum(tokens.values())
     out = {}
     for stat in reads:
-        if stat == "neuron_max":
+        if reduction(stat) == "max":
             out[stat] = profile.stat(layer, stat, used).double()
         else:
             out[stat] = sum(profile.stat(layer, stat, name).double() * (weights[name] / total_weight) / tokens[name]
                             for name in used) * all_tokens
     return out
+
+
+# What a criterion reads about the routed experts' neurons -> the same quantity for the shared-expert MLP's neurons,
+# which every token runs through with weight 1 (g = 1, X = every token): a criterion scores the shared neurons with
+# its own formula, the shared MLP taken as one more expert.
+SHARED_EQUIVALENTS = {"neuron_energy": "shared_neuron_energy", "neuron_max": "shared_neuron_max",
+                      "output_grad_energy": "shared_output_grad_energy", "count": "tokens"}
+
+
+def shared_reads(criterion: NeuronCriterion) -> tuple[str, ...] | None:
+    """The profile statistics ``criterion`` reads to score shared-expert neurons (None: it cannot score them)."""
+    if not all(stat in SHARED_EQUIVALENTS for stat in criterion.reads):
+        return None
+    return tuple(SHARED_EQUIVALENTS[stat] for stat in criterion.reads)
+
+
+def shared_neuron_scores(profile: Profile, layer: int, weights: dict[str, float] | None, criterion: NeuronCriterion,
+                         shared: ExpertWeights) -> torch.Tensor:
+    """[J]: ``criterion``'s score of every neuron of layer ``layer``'s shared-expert MLP (``shared``: its weights),
+    the named sets combined as for the routed experts (:func:`neuron_layer_stats`)."""
+    reads = shared_reads(criterion)
+    if reads is None:
+        raise ValueError(f"{criterion.name} reads {criterion.reads}, which have no shared-expert equivalent")
+    stats = neuron_layer_stats(profile, layer, weights, reads)
+    # one expert: [J] -> [1, J], the token count (a scalar) -> [1]
+    as_expert = {name: stats[shared_name].reshape(1, *stats[shared_name].shape)
+                 for name, shared_name in zip(criterion.reads, reads, strict=True)}
+    return criterion.score(as_expert, [shared])[0]
 
 
 def down_column_energy(experts: Sequence[ExpertWeights]) -> torch.Tensor:
@@ -96,5 +125,5 @@ NEURON_CRITERIA.register("heapr")(NeuronCriterion(
     "heapr", ("neuron_energy", "output_grad_energy", "count"), heapr,
     "HEAPr: 1/2 sum_t (g a_n)^2 x mean_t (dL/dy_t . W_down[:, n])^2 over the expert's tokens (needs --gradients)"))
 
-__all__ = ["CAMERA_RHO", "NEURON_CRITERIA", "NeuronCriterion", "camera_p", "down_column_energy", "heapr",
-           "neuron_layer_stats"]
+__all__ = ["CAMERA_RHO", "NEURON_CRITERIA", "SHARED_EQUIVALENTS", "NeuronCriterion", "camera_p", "down_column_energy",
+           "heapr", "neuron_layer_stats", "shared_neuron_scores", "shared_reads"]
