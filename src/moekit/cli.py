@@ -357,7 +357,9 @@ def prune(
         "criterion: camera_p (CAMERA-P; needs a profile with --neuron-stats) or heapr (HEAPr's second-order "
         "importance; needs a profile with --gradients). Every expert keeps the same number "
         "of its own highest-scoring neurons (stock configs hold one expert width), so the checkpoint's expert "
-        "tensors really shrink. With --ratio/--keep too, those experts are removed first, in the same plan.")]
+        "tensors really shrink; where the shared experts' width follows the experts' (DeepSeek-V2/V3, GLM-4-MoE, "
+        "Llama-4, ...), their neurons are chosen too, by the same criterion. With --ratio/--keep too, those experts "
+        "are removed first, in the same plan.")]
     = None,
     neuron_ratio: Annotated[float | None, typer.Option(
         "--neuron-ratio", help="With --neurons: fraction of each expert's neurons removed, e.g. 0.25 (the kept width "
