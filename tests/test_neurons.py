@@ -537,3 +537,66 @@ def test_kept_width_rounds_to_whole_16_byte_rows() -> None:
     assert kept_width(320, 1 - 0.75 / 0.875, align=4) == 276  # 274.3 -> the nearest multiple of 4
     assert kept_width(16, 0.9, align=8) == 8  # at least one row of 8 stays
     assert kept_width(30, 0.25, align=8) == 22  # a width that is no multiple of 8 is not rounded
+
+
+def test_shared_flag_shrinks_shared_experts_with_a_width_key_of_their_own(tmp_path) -> None:
+    """Qwen2-MoE sizes its shared expert by shared_expert_intermediate_size (48): without --shared it keeps its width;
+    with --shared it loses the same quarter of its neurons (48 -> 36), its top camera_p ones, the config key follows,
+    and the checkpoint loads stock and computes the source with exactly those neurons masked. --shared where the
+    shared width has no key of its own, or without --neurons, is refused with exit 2 and nothing written."""
+    from typer.testing import CliRunner
+
+    from moekit.cli import app
+    from moekit.profile import Profile, profile_model
+    from moekit.tiny import save_tiny_model
+
+    runner = CliRunner()
+    source = save_tiny_model("qwen2_moe", tmp_path / "model")
+    (tmp_path / "text.txt").write_text(" ".join(f"word{i % 97} and the {i % 13} line {i}" for i in range(2000)))
+    profile_model(source, [f"prose={tmp_path / 'text.txt'}"], tmp_path / "profile", seq_len=64, max_tokens=1024,
+                  progress=False, neuron_stats=True)
+    args = ["prune", str(source), "--profile", str(tmp_path / "profile"), "--neurons", "camera_p", "--neuron-ratio",
+            "0.25"]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "routed-only")])
+    assert result.exit_code == 0, result.output
+    plan = json.loads((tmp_path / "routed-only" / "moekit_plan.json").read_text())
+    assert "shared" not in plan["width"]
+    assert json.loads((tmp_path / "routed-only" / "config.json").read_text())["shared_expert_intermediate_size"] == 48
+    result = runner.invoke(app, [*args, "--shared", "--out", str(tmp_path / "both")])
+    assert result.exit_code == 0, result.output
+    plan = json.loads((tmp_path / "both" / "moekit_plan.json").read_text())
+    assert plan["width"]["shared"] == {"before": 48, "after": 36}
+    config = json.loads((tmp_path / "both" / "config.json").read_text())
+    assert config["shared_expert_intermediate_size"] == 36 and config["moe_intermediate_size"] == 24
+    profile = Profile.load(tmp_path / "profile")
+    original = AutoModelForCausalLM.from_pretrained(source).eval()
+    shared = {}
+    for layer in MoEModelView.from_model(original).layers:
+        stats = profile.layers[layer.index]
+        score = layer.shared_mlp[1].down_proj.weight.detach().double().square().sum(0) * (
+            0.1 * stats["shared_neuron_energy"][0] + 0.9 * stats["shared_neuron_max"][0].double().square())
+        kept = plan["layers"][str(layer.index)]["shared_neurons"]
+        assert len(kept) == 36 and min(score[kept]) >= max(score[sorted(set(range(48)) - set(kept))])
+        shared[layer.index] = torch.tensor(kept)
+    expected_model = _masked(original, {int(k): torch.tensor(v["neurons"]) for k, v in plan["layers"].items()},
+                             shared)
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "both", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    ids = random_ids()
+    with torch.no_grad():
+        got, expected = model.eval()(input_ids=ids).logits, expected_model(input_ids=ids).logits
+    assert torch.allclose(got, expected, rtol=0, atol=1e-5), float((got - expected).abs().max())
+    assert "asked for with `--shared`" in (tmp_path / "both" / "README.md").read_text()
+    # refusals: a family whose shared width follows the experts' (nothing to ask for), --shared alone
+    deepseek = save_tiny_model("deepseek_v3", tmp_path / "deepseek")
+    profile_model(deepseek, [f"prose={tmp_path / 'text.txt'}"], tmp_path / "deepseek-profile", seq_len=64,
+                  max_tokens=256, progress=False, neuron_stats=True)
+    for argv, message in (
+            (["prune", str(deepseek), "--profile", str(tmp_path / "deepseek-profile"), "--neurons", "camera_p",
+              "--neuron-ratio", "0.25", "--shared"], "no width key of their own"),
+            (["prune", str(source), "--profile", str(tmp_path / "profile"), "--method", "reap", "--ratio", "0.25",
+              "--shared"], "goes with --neurons")):
+        result = runner.invoke(app, [*argv, "--out", str(tmp_path / "refused")])
+        assert result.exit_code == 2, result.output
+        assert message in " ".join(result.output.split())
+        assert not (tmp_path / "refused").exists()

@@ -370,6 +370,12 @@ def prune(
         "and the checkpoint shrinks) or masked (the lowest-scoring fraction of each layer's neurons, from any "
         "expert, as CAMERA selects them; zeroed, not removed: it saves nothing on disk, the card says what "
         "a format storing only the kept neurons would save).")] = "uniform",
+    shared: Annotated[bool, typer.Option(
+        "--shared", help="With --neurons: also remove the same fraction of the shared experts' neurons where the "
+        "family sizes them by a key of their own (Qwen2-MoE, Qwen3-Next: shared_expert_intermediate_size), chosen "
+        "by the same criterion. Without it they keep their width. (Where their width follows the routed experts', "
+        "DeepSeek-V2/V3, GLM-4-MoE, Llama-4, their neurons are always chosen: the config makes them narrower.)")]
+    = False,
     sparsity: Annotated[float | None, typer.Option(
         "--sparsity", help="STUN's second stage: set this fraction of every kept routed expert's weights to zero "
         "(gate, up and down; e.g. 0.5), the lowest-scoring ones of each output row (Wanda's comparison). With "
@@ -429,6 +435,8 @@ def prune(
     if sparsity is not None:
         _check_sparsity_options(profile, method, {"--keep-json": keep_json, "--data": data or None,
                                                   "--neurons": neurons, "--neuron-ratio": neuron_ratio})
+    if shared and not neuron_run:
+        raise PlanError("--shared removes shared-expert neurons, so it goes with --neurons CRITERION --neuron-ratio R")
     if neuron_run:
         _check_neuron_options(neurons, neuron_ratio, profile, method,
                               {"--keep-json": keep_json, "--data": data or None})
@@ -447,7 +455,7 @@ def prune(
                                  dtype, paths, experts_plan)
     if neuron_run:
         return _prune_neurons_command(model, out_dir, inputs, profile, neurons, neuron_ratio, mode, set_weights,
-                                      plan_only, dry_run, overwrite, dtype, paths, experts_plan)
+                                      plan_only, dry_run, overwrite, dtype, paths, experts_plan, shared)
     plan = make_plan(model, request, inputs)
     if dry_run:
         return _print_prune_needs(model, out_dir, kept_per_layer(plan), dtype)
@@ -492,7 +500,8 @@ def _check_neuron_options(criterion: str | None, ratio: float | None, profile: P
 
 def _prune_neurons_command(model: str, out_dir: Path, inputs: Any, profile: Path, criterion: str, ratio: float,
                            mode: str, set_weights: str | None, plan_only: bool, dry_run: bool, overwrite: bool,
-                           dtype: str, paths: list[Any], experts_plan: dict[str, Any] | None) -> None:
+                           dtype: str, paths: list[Any], experts_plan: dict[str, Any] | None,
+                           shared: bool = False) -> None:
     """``moekit prune --neurons``: a neuron plan from the profile (after ``experts_plan``'s experts are removed,
     when given), written or applied."""
     from moekit.arch import MoEModelView
@@ -502,9 +511,11 @@ def _prune_neurons_command(model: str, out_dir: Path, inputs: Any, profile: Path
     view = MoEModelView.from_model(load_structure(model))
     plan = make_neuron_plan(model, view, inputs.profile, criterion, ratio, inputs.set_weights(set_weights),
                             str(Path(profile).resolve()), describe_source(model), progress=True, mode=mode,
-                            experts_plan=experts_plan)
+                            experts_plan=experts_plan, shrink_shared=shared)
     width = plan["width"]
-    what = (f"keep {width['after']} of {width['before']} neurons in every routed expert ({criterion})"
+    also = (f" and {width['shared']['after']} of {width['shared']['before']} in the shared experts"
+            if "shared" in width else "")
+    what = (f"keep {width['after']} of {width['before']} neurons in every routed expert{also} ({criterion})"
             if mode == "uniform" else f"zero {plan['masked_neurons']['per_layer']} of the "
             f"{plan['masked_neurons']['of']} routed-expert neurons of every MoE layer ({criterion}; saves nothing on "
             "disk)")

@@ -46,6 +46,21 @@ def width_key(view: MoEModelView) -> str:
     return keys[0]
 
 
+# Config keys that size the shared experts by a width of their own (Qwen2-MoE, Qwen3-Next, GraniteMoE-Shared, ...).
+SHARED_WIDTH_KEYS = ("shared_expert_intermediate_size", "moe_shared_expert_intermediate_size",
+                     "shared_intermediate_size")
+
+
+def shared_width_key(view: MoEModelView) -> str | None:
+    """The config key holding the shared experts' width where the family sizes them by a key of their own (None
+    without shared experts, or where their width follows the routed experts')."""
+    width = {layer.shared_width for layer in view.layers} - {0}
+    if len(width) != 1:
+        return None
+    value = width.pop()
+    return next((key for key in SHARED_WIDTH_KEYS if config_value(view.model.config, key) == value), None)
+
+
 def check_neuron_keep(view: MoEModelView, keep: NeuronKeep) -> int:
     """The experts' new width if ``keep`` is a valid neuron selection for ``view`` (else a PlanError)."""
     layers = {layer.index: layer for layer in view.layers}
@@ -75,15 +90,21 @@ def check_neuron_keep(view: MoEModelView, keep: NeuronKeep) -> int:
     return widths.pop()
 
 
-def tensors_following_width(view: MoEModelView, width: int) -> dict[str, tuple[int, ...]]:
+def tensors_following_width(view: MoEModelView, width: int,
+                            shared_width: int | None = None) -> dict[str, tuple[int, ...]]:
     """Tensors outside the routed experts whose shape would change if the config's expert width became
-    ``width`` (the model built on the meta device from the edited config, every shape compared): name -> new
-    shape."""
+    ``width`` (and, with ``shared_width``, the shared experts' own width key that: ``shared_width_key``), the model
+    built on the meta device from the edited config, every shape compared: name -> new shape."""
     from transformers import AutoModelForCausalLM
 
     key = width_key(view)
     config = copy.deepcopy(view.model.config)
     _set(config, key, width)
+    if shared_width is not None:
+        shared_key = shared_width_key(view)
+        if shared_key is None:
+            raise PlanError(f"--shared: {view.model_type} has no shared experts with a width key of their own")
+        _set(config, shared_key, shared_width)
     with torch.device("meta"):
         rebuilt = AutoModelForCausalLM.from_config(config)
     experts = tuple(f"{layer.path}.{layer.experts_name}." for layer in view.layers)
@@ -100,11 +121,12 @@ def tensors_following_width(view: MoEModelView, width: int) -> dict[str, tuple[i
 SharedKeep = dict[int, torch.Tensor]  # MoE layer -> long [J'] kept neurons of its shared-expert MLP, ascending
 
 
-def following_shared_widths(view: MoEModelView, width: int) -> dict[int, int]:
-    """MoE layer -> the width its shared-expert MLP gets from a config whose expert width is ``width``, for the layers
-    whose shared width follows the experts'. Refused (PlanError): any other tensor that follows the width."""
+def following_shared_widths(view: MoEModelView, width: int, shared_width: int | None = None) -> dict[int, int]:
+    """MoE layer -> the width its shared-expert MLP gets from a config whose expert width is ``width`` (and whose
+    shared experts' own width key is ``shared_width``, when given), for the layers whose shared MLP changes width.
+    Refused (PlanError): any other tensor that follows the width."""
     shared = {layer.shared_mlp[0] + ".": layer for layer in view.layers if layer.shared_mlp is not None}
-    changed = tensors_following_width(view, width)
+    changed = tensors_following_width(view, width, shared_width)
     widths: dict[int, int] = {}
     others = []
     for name in changed:
@@ -130,11 +152,13 @@ def following_shared_widths(view: MoEModelView, width: int) -> dict[int, int]:
     return widths
 
 
-def check_neuron_removal(view: MoEModelView, keep: NeuronKeep, shared: SharedKeep | None = None) -> int:
+def check_neuron_removal(view: MoEModelView, keep: NeuronKeep, shared: SharedKeep | None = None,
+                         shared_width: int | None = None) -> int:
     """Everything checkable before a weight changes: the selection, and that the shared experts whose width follows
-    the experts' (and only those) get a selection of exactly the width the new config gives them; the new width."""
+    the experts' (and only those; with ``shared_width``, also those the family sizes by a key of their own, made
+    that wide) get a selection of exactly the width the new config gives them; the new width."""
     width = check_neuron_keep(view, keep)
-    follows = following_shared_widths(view, width)
+    follows = following_shared_widths(view, width, shared_width)
     shared = shared or {}
     layers = {layer.index: layer for layer in view.layers}
     if set(shared) != set(follows):
@@ -157,10 +181,13 @@ def check_neuron_removal(view: MoEModelView, keep: NeuronKeep, shared: SharedKee
     return width
 
 
-def prune_neurons(view: MoEModelView, keep: NeuronKeep, shared: SharedKeep | None = None) -> int:
+def prune_neurons(view: MoEModelView, keep: NeuronKeep, shared: SharedKeep | None = None,
+                  shared_width: int | None = None) -> int:
     """Remove every routed expert's neurons not in ``keep`` from the loaded model, in place, the config's width
-    included (and, where the shared experts' width follows it, their neurons not in ``shared``); the new width."""
-    return _remove_neurons(view, keep, check_neuron_removal(view, keep, shared), shared or {})
+    included (and, where the shared experts' width follows it, or ``shared_width`` is given for a family that sizes
+    them by a key of their own, their neurons not in ``shared``); the new width."""
+    width = check_neuron_removal(view, keep, shared, shared_width)
+    return _remove_neurons(view, keep, width, shared or {}, shared_width)
 
 
 def _remove_layer_neurons(layer: Any, keep: NeuronKeep, shared: SharedKeep) -> None:
@@ -171,15 +198,19 @@ def _remove_layer_neurons(layer: Any, keep: NeuronKeep, shared: SharedKeep) -> N
         keep_shared_neurons(layer.shared_mlp[1], shared[layer.index])
 
 
-def _remove_neurons(view: MoEModelView, keep: NeuronKeep, width: int, shared: SharedKeep | None = None) -> int:
+def _remove_neurons(view: MoEModelView, keep: NeuronKeep, width: int, shared: SharedKeep | None = None,
+                    shared_width: int | None = None) -> int:
     """``prune_neurons`` once ``keep`` was checked (``check_neuron_removal``, which gave ``width``)."""
     before = view.layers[0].intermediate_size
+    shared_key = shared_width_key(view) if shared_width is not None else None
     with torch.no_grad():
         for layer in view.layers:
             _remove_layer_neurons(layer, keep, shared or {})
     key = width_key(view)
     if config_value(view.model.config, key) == before:
         _set(view.model.config, key, width)
+    if shared_key is not None:
+        _set(view.model.config, shared_key, shared_width)
     return width
 
 
@@ -231,7 +262,7 @@ def keep_layer_top_neurons(scores: torch.Tensor, removed: int) -> list[list[int]
 def make_neuron_plan(source: str | Path, view: MoEModelView, profile: Any, criterion: str, ratio: float,
                      set_weights: dict[str, float] | None = None, profile_path: str | None = None,
                      source_name: str | None = None, progress: bool = False, mode: str = "uniform",
-                     experts_plan: dict[str, Any] | None = None) -> dict[str, Any]:
+                     experts_plan: dict[str, Any] | None = None, shrink_shared: bool = False) -> dict[str, Any]:
     """The neuron plan record (``moekit_plan.json``, format ``NEURON_PLAN_FORMAT``) of ``criterion`` (a key of
     ``moekit.score.neurons.NEURON_CRITERIA``); every expert is kept. ``mode`` "uniform": every expert keeps the same
     number of neurons, its highest-scoring ones, and the checkpoint shrinks. "masked": the lowest-scoring
@@ -239,8 +270,10 @@ def make_neuron_plan(source: str | Path, view: MoEModelView, profile: Any, crite
     not removed, since a stock config holds one width: the checkpoint is as large as the source (its card says
     what a format holding only the kept neurons would save). With ``experts_plan`` (a pruning plan record of the
     same model, ``moekit.plan.make_prune_plan``) the plan removes those experts first and selects neurons in the
-    experts it keeps: one plan, applied in one pass. The experts' weights are read one decoder layer at a time
-    from ``source``."""
+    experts it keeps: one plan, applied in one pass. Shared experts whose width follows the routed experts' lose
+    neurons as the config says, chosen by the same criterion; ``shrink_shared`` (``--shared``) does the same for
+    shared experts the family sizes by a key of their own, removing the same fraction of theirs. The experts'
+    weights are read one decoder layer at a time from ``source``."""
     from tqdm.auto import tqdm
 
     from moekit.arch.experts import shared_mlp_weights
@@ -258,8 +291,19 @@ def make_neuron_plan(source: str | Path, view: MoEModelView, profile: Any, crite
     count = kept_width(width, ratio, align)
     check_profile_holds(profile, view, criterion, method.reads)  # before a weight is read
     shared_widths: dict[int, int] = {}
+    own_shared_width = own_key = None
+    if shrink_shared:
+        own_key = shared_width_key(view)
+        if mode != "uniform":
+            raise PlanError("--shared removes shared-expert neurons, so it needs --mode uniform (masking leaves the "
+                            "shared experts whole)")
+        if own_key is None:
+            raise PlanError(f"--shared: the shared experts of {view.model_type} have no width key of their own "
+                            "(where their width follows the routed experts', moekit chooses their neurons anyway; "
+                            "a model without shared experts has none to shrink): drop --shared")
+        own_shared_width = kept_width(config_value(view.model.config, own_key), ratio, align)
     if mode == "uniform":
-        shared_widths = following_shared_widths(view, count)
+        shared_widths = following_shared_widths(view, count, own_shared_width)
         if shared_widths:  # the shared experts' neurons are chosen by the same criterion
             reads = shared_reads(method)
             if reads is None:
@@ -274,7 +318,7 @@ def make_neuron_plan(source: str | Path, view: MoEModelView, profile: Any, crite
             shared_width_change = {"before": before_shared.pop(), "after": after_shared.pop()}
         check_neuron_removal(view, {layer.index: torch.arange(count).repeat(layer.num_experts, 1)
                                     for layer in view.layers},
-                             {index: torch.arange(new) for index, new in shared_widths.items()})
+                             {index: torch.arange(new) for index, new in shared_widths.items()}, own_shared_width)
     if experts_plan is not None:
         from moekit.plan import plan_keep_map
 
@@ -307,10 +351,13 @@ def make_neuron_plan(source: str | Path, view: MoEModelView, profile: Any, crite
                "width), each expert's own highest-scoring ones" if mode == "uniform" else "the layer's "
                "lowest-scoring neurons, from any expert; zeroed, not removed", "criterion_doc": method.doc}
     if shared_widths:
-        details["shared_experts"] = ("their width follows the routed experts' in this family, so each layer's shared "
-                                     f"MLP keeps its highest-scoring neurons by the same criterion ({criterion}; the "
-                                     "shared MLP scored as one more expert that every token runs through with "
-                                     "weight 1)")
+        why = (f"asked with --shared ({own_key} {shared_width_change['before']} -> {shared_width_change['after']})"
+               if own_key is not None else "their width follows the routed experts' in this family")
+        details["shared_experts"] = (f"{why}, so each layer's shared MLP keeps its highest-scoring neurons by the same "
+                                     f"criterion ({criterion}; the shared MLP scored as one more expert that every "
+                                     "token runs through with weight 1)")
+        if own_key is not None:
+            details["shrink_shared"] = own_key
     top_k = None
     if experts_plan is not None:  # the expert pruning this plan does first, as its own plan recorded it
         details["experts"] = {"method": experts_plan["method"], "details": experts_plan.get("details", {})}
@@ -395,6 +442,12 @@ def plan_neuron_keep(plan: dict[str, Any], view: MoEModelView, origin: str = "pl
     if plan.get("format") != NEURON_PLAN_FORMAT:
         raise PlanError(f"{origin} is not a neuron plan (format {NEURON_PLAN_FORMAT!r})")
     layers = {int(k): v for k, v in plan["layers"].items()}
+    stated = plan.get("width")
+    own_shared_width = None
+    if (plan.get("details") or {}).get("shrink_shared"):  # --shared: the shared experts' own width key changes too
+        own_shared_width = (stated.get("shared") or {}).get("after") if isinstance(stated, dict) else None
+        if not isinstance(own_shared_width, int) or isinstance(own_shared_width, bool):
+            raise PlanError(f"{origin}: a plan made with --shared must give 'width': {{'shared': {{'after': N}}}}")
     neurons: NeuronKeep = {}
     shared: SharedKeep = {}
     for index, entry in layers.items():
@@ -413,8 +466,7 @@ def plan_neuron_keep(plan: dict[str, Any], view: MoEModelView, origin: str = "pl
             if not isinstance(kept, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in kept):
                 raise PlanError(f"{origin}: layer {index} 'shared_neurons' must be a list of neuron indices")
             shared[index] = torch.tensor(kept, dtype=torch.long)
-    width = check_neuron_removal(view, neurons, shared)
-    stated = plan.get("width")
+    width = check_neuron_removal(view, neurons, shared, own_shared_width)
     if not isinstance(stated, dict) or stated.get("before") != view.layers[0].intermediate_size or \
             stated.get("after") != width:
         raise PlanError(f"{origin}: 'width' must be {{'before': {view.layers[0].intermediate_size}, 'after': "
@@ -449,12 +501,14 @@ def render_neuron_card(name: str, source: str, before: Any, after: Any, plan: di
         what = (f"**every routed expert of the {len(before.moe_layers)} MoE layers keeps {width['after']} of its "
                 f"{width['before']} neurons** (criterion `{plan['method']}`, each expert its own highest-scoring ones; "
                 "the same count everywhere because the config holds one expert width).")
+    own_key = (plan.get("details") or {}).get("shrink_shared")
     if "shared" in width:
+        why = (f"asked for with `--shared` (the config's `{own_key}` gives their width)" if own_key else
+               "in this family their width follows the routed experts' (the config's one key sizes both), so stock "
+               "`from_pretrained` builds them narrower too")
         shared = (f"**The shared experts keep {width['shared']['after']} of their {width['shared']['before']} "
                   f"neurons, chosen by the same criterion** (`{plan['method']}`, the shared MLP scored as one more "
-                  "expert that every token runs through with weight 1): in this family their width follows the "
-                  "routed experts' (the config's one key sizes both), so stock `from_pretrained` builds them "
-                  "narrower too.")
+                  f"expert that every token runs through with weight 1): {why}.")
     else:
         shared = "Shared experts keep their width."
     return f"""---
@@ -502,8 +556,10 @@ def neurons_to_checkpoint(source: str | Path, plan: dict[str, Any], out: str | P
             masks = plan_neuron_masks(plan, structure)
             return ExpertEdit(lambda layer: mask_layer_neurons(layer, masks[layer.index]))
         keep, shared = plan_neuron_keep(plan, structure)
+        own_shared_width = plan["width"]["shared"]["after"] if plan["details"].get("shrink_shared") else None
         return ExpertEdit(lambda layer: _remove_layer_neurons(layer, keep, shared),
-                          reshape=lambda view: _remove_neurons(view, keep, plan["width"]["after"], shared),
+                          reshape=lambda view: _remove_neurons(view, keep, plan["width"]["after"], shared,
+                                                               own_shared_width),
                           modules=lambda layer: dict([layer.shared_mlp]) if layer.index in shared else {})
 
     def card(name: str, described: str, before: Any, after: Any, base: Path, command: str) -> str:
@@ -515,4 +571,5 @@ def neurons_to_checkpoint(source: str | Path, plan: dict[str, Any], out: str | P
 
 __all__ = ["NeuronKeep", "SharedKeep", "check_neuron_keep", "check_neuron_removal", "check_profile_holds",
            "following_shared_widths", "keep_top_neurons", "kept_width", "make_neuron_plan", "neurons_to_checkpoint",
-           "plan_neuron_keep", "prune_neurons", "render_neuron_card", "tensors_following_width", "width_key"]
+           "plan_neuron_keep", "prune_neurons", "render_neuron_card", "shared_width_key", "tensors_following_width",
+           "width_key"]
