@@ -1,0 +1,145 @@
+"""Routing contrast (``moekit.profile.contrast``, ``moekit contrast``): hand-computed formulas and a planted model
+whose routers send one set's tokens to known experts."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from moekit.arch import MoEModelView
+from moekit.cli import app
+from moekit.profile import Profile, profile_model
+from moekit.profile.contrast import (
+    ContrastError,
+    contrast_profile,
+    experts_carrying,
+    js_divergence_bits,
+    log_odds_z,
+    top_contrast_experts,
+)
+from moekit.tiny import build_tiny_model, byte_tokenizer
+
+FIRST_HALF, SECOND_HALF = "abcdefghijklm", "nopqrstuvwxyz"
+
+
+def planted_experts(layer: int, experts: int) -> list[int]:
+    """The two experts layer ``layer``'s router sends every first-half letter to (a different pair per layer)."""
+    return sorted({(3 * layer + 1) % experts, (3 * layer + 4) % experts})
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """A tiny Qwen3-MoE whose residual stream is each token's embedding at every layer (attention and expert outputs
+    zeroed), first-half letters embedded along +u and second-half letters along -u, and whose routers give the
+    planted experts of each layer a logit of 8 u.x: first-half tokens always choose them, second-half tokens never.
+    Profiled on two sets of random letters from each half."""
+    root = tmp_path_factory.mktemp("planted")
+    model = build_tiny_model("qwen3_moe")
+    tokenizer = byte_tokenizer()
+    gen = torch.Generator().manual_seed(0)
+    hidden = model.config.hidden_size
+    u = torch.randn(hidden, generator=gen)
+    u /= u.norm()
+    with torch.no_grad():
+        embedding = model.get_input_embeddings().weight
+        embedding.copy_(0.05 * torch.randn(embedding.shape, generator=gen))
+        for letters, sign in ((FIRST_HALF, 1.0), (SECOND_HALF, -1.0)):
+            for token in tokenizer(letters)["input_ids"]:
+                embedding[token] += sign * 3 * u
+        view = MoEModelView.from_model(model)
+        for layer in view.layers:
+            decoder = model.model.layers[layer.index]
+            decoder.self_attn.o_proj.weight.zero_()
+            layer.experts.down_proj.zero_()
+            router = layer.router_weight
+            router.copy_(0.05 * torch.randn(router.shape, generator=gen))
+            for expert in planted_experts(layer.index, layer.num_experts):
+                router[expert] = 8 * u
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    rng = random.Random(0)
+    for name, letters in (("first", FIRST_HALF), ("second", SECOND_HALF)):
+        (root / f"{name}.txt").write_text("".join(rng.choice(letters) for _ in range(3000)))
+    profile_model(root / "model", [f"first={root / 'first.txt'}", f"second={root / 'second.txt'}"],
+                  root / "profile", seq_len=64, max_tokens=1024, progress=False)
+    return root
+
+
+def test_the_planted_experts_top_the_contrast_in_every_layer(planted) -> None:
+    profile = Profile.load(planted / "profile")
+    report = contrast_profile(profile, "first", "second")
+    assert [row["layer"] for row in report["layers"]] == profile.fingerprint["moe_layers"]
+    for row in report["layers"]:
+        experts = len(row["log_odds"])
+        expected = planted_experts(row["layer"], experts)
+        assert sorted(e["expert"] for e in row["top_a"][:2]) == expected
+        assert all(e["z"] > 10 and e["share_b"] == 0 for e in row["top_a"][:2])
+        assert all(row["log_odds"][j] <= 1e-9 for j in range(experts) if j not in expected)  # 0: unused in both
+        # disjoint routing: total variation 1, JS divergence 1 bit, half of the difference in the planted pair
+        assert row["total_variation"] == pytest.approx(1.0)
+        assert row["js_divergence_bits"] == pytest.approx(1.0)
+        assert row["experts_carrying"]["50%"] == 2
+    reverse = contrast_profile(profile, "second", "first")
+    for row in reverse["layers"]:
+        assert sorted(e["expert"] for e in row["top_b"][:2]) == planted_experts(row["layer"], len(row["log_odds"]))
+    assert top_contrast_experts(profile, "first", "second", 2) == {
+        layer: planted_experts(layer, 8) for layer in profile.fingerprint["moe_layers"]}
+
+
+def test_log_odds_and_z_are_the_fightin_words_formula_by_hand() -> None:
+    y_a, y_b, prior = [30.0, 10.0, 0.0, 60.0], [10.0, 10.0, 20.0, 60.0], 2.0
+    n_a, n_b, alpha_0 = 100.0, 100.0, 2.0 * 4
+    delta, z = log_odds_z(torch.tensor(y_a), torch.tensor(y_b), prior)
+    for j in range(4):
+        alpha = alpha_0 * (y_a[j] + y_b[j]) / (n_a + n_b)
+        by_hand = (math.log((y_a[j] + alpha) / (n_a + alpha_0 - y_a[j] - alpha))
+                   - math.log((y_b[j] + alpha) / (n_b + alpha_0 - y_b[j] - alpha)))
+        assert float(delta[j]) == pytest.approx(by_hand, rel=1e-12)
+        assert float(z[j]) == pytest.approx(by_hand / math.sqrt(1 / (y_a[j] + alpha) + 1 / (y_b[j] + alpha)),
+                                            rel=1e-12)
+    # the prior pulls a rare expert toward 0: 3 against 1 selections ranks below 300 against 100
+    small, _ = log_odds_z(torch.tensor([3.0, 997.0]), torch.tensor([1.0, 999.0]), 10.0)
+    large, _ = log_odds_z(torch.tensor([300.0, 700.0]), torch.tensor([100.0, 900.0]), 10.0)
+    assert 0 < float(small[0]) < float(large[0])
+    with pytest.raises(ContrastError, match="--prior"):
+        log_odds_z(torch.tensor(y_a), torch.tensor(y_b), 0.0)
+
+
+def test_divergence_and_experts_carrying_by_hand() -> None:
+    p, q = torch.tensor([0.5, 0.5, 0.0]), torch.tensor([0.0, 0.5, 0.5])
+    m = [0.25, 0.5, 0.25]
+    by_hand = 0.5 * (0.5 * math.log2(0.5 / m[0]) + 0.5 * math.log2(0.5 / m[1])) \
+        + 0.5 * (0.5 * math.log2(0.5 / m[1]) + 0.5 * math.log2(0.5 / m[2]))
+    assert js_divergence_bits(p, q) == pytest.approx(by_hand) == pytest.approx(0.5)
+    assert js_divergence_bits(p, p) == 0
+    difference = torch.tensor([0.4, -0.3, 0.2, -0.1])  # sum |d| = 1.0
+    assert experts_carrying(difference, 0.5) == 2 and experts_carrying(difference, 0.9) == 3
+    assert experts_carrying(torch.zeros(3), 0.5) == 0
+
+
+def test_moekit_contrast_prints_and_writes_json_and_refuses_bad_sets(planted, tmp_path) -> None:
+    runner = CliRunner()
+    profile = str(planted / "profile")
+    result = runner.invoke(app, ["contrast", profile, "--a", "first", "--b", "second"])
+    assert result.exit_code == 0, result.output
+    assert "first" in result.output and "JS" in result.output
+    result = runner.invoke(app, ["contrast", profile, "--a", "first", "--b", "second", "--json", "-"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["a"] == "first" and report["method"]["prior_per_expert"] == 10.0
+    out = tmp_path / "contrast.json"
+    assert runner.invoke(app, ["contrast", profile, "--a", "first", "--b", "second", "--json", str(out)]).exit_code == 0
+    assert json.loads(out.read_text())["layers"] == report["layers"]
+    for argv, message in ((["--a", "first", "--b", "third"], "its sets: first, second"),
+                          (["--a", "first", "--b", "first"], "two different sets"),
+                          (["--a", "first", "--b", "second", "--top", "0"], "--top"),
+                          (["--a", "first", "--b", "second", "--prior", "-1"], "--prior")):
+        result = runner.invoke(app, ["contrast", profile, *argv, "--json", str(tmp_path / "refused.json")])
+        assert result.exit_code == 2, result.output
+        assert message in " ".join(result.output.split())
+        assert not (tmp_path / "refused.json").exists()
