@@ -307,6 +307,17 @@ def compare(testbed: Path, corpus: Path, seq_len: int, calibration_tokens: int, 
     return snapshot(True)
 
 
+def measured_fractions(rows: list[dict[str, Any]], edits: tuple[str, ...]) -> str:
+    """'ratio 0.25: 0.245-0.248, ...': the range over methods and seeds of the routed-parameter fraction the rows of
+    ``edits`` measured, per ratio."""
+    by_ratio: dict[float, list[float]] = {}
+    for row in rows:
+        if row.get("edit") in edits:
+            by_ratio.setdefault(row["ratio"], []).append(row["routed_parameters_removed"])
+    return ", ".join(f"ratio {ratio}: {min(v):.3f}" + (f"-{max(v):.3f}" if round(max(v), 3) != round(min(v), 3)
+                                                       else "") for ratio, v in sorted(by_ratio.items()))
+
+
 def combine(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """One result from runs of the same testbed that covered different methods or seeds (run side by side on one
     GPU): their rows together; the runs must agree on the testbed, the measurement and the original model."""
@@ -388,20 +399,18 @@ def markdown(result: dict[str, Any]) -> str:
                       "(their profiles also collected `--neuron-stats`" + (", and `--gradients` for heapr: a "
                       "backward pass; batch 4 instead of 16" if result.get("profile_gradients") else "") + ")."]
     if combined_rows:
-        removed = sorted({(r["ratio"], round(r["routed_parameters_removed"], 3)) for r in result["rows"]
-                          if r.get("edit") == "experts+neurons"})
+        removed = measured_fractions(result["rows"], ("experts+neurons",))
         lines += ["", f"Combined rows ({', '.join(combined_rows)}): round(E x ratio / 2) experts per layer removed by "
                       "the expert criterion, then the neurons of the kept experts by the neuron criterion, so that the "
                       "routed-expert parameters removed match the ratio (measured: " +
-                      ", ".join(f"ratio {a}: {b}" for a, b in removed) + ")."]
+                      removed + ")."]
     if sparse_rows:
-        zeroed = sorted({(r["ratio"], round(r["routed_parameters_removed"], 3)) for r in result["rows"]
-                         if r.get("edit") in ("sparsity", "experts+sparsity")})
+        zeroed = measured_fractions(result["rows"], ("sparsity", "experts+sparsity"))
         lines += ["", f"Sparsity rows ({', '.join(sparse_rows)}): weights of the kept experts set to zero by the "
                       "weight criterion, within each output row, at OWL's layer sparsities (M 5, lambda 0.08; STUN's "
                       "second stage); `stun+...` first removes round(E x ratio / 2) experts per layer by STUN's first "
                       "stage, so that removed plus zeroed routed parameters match the ratio (measured: " +
-                      ", ".join(f"ratio {a}: {b}" for a, b in zeroed) + "). **The zeros are stored densely: these "
+                      zeroed + "). **The zeros are stored densely: these "
                       "models are as large as the original (minus removed experts) and save memory only with a sparse "
                       "format or kernel**; their profiles also collected `--input-norms`."]
     if not result.get("complete", True):
