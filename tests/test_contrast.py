@@ -67,6 +67,9 @@ def planted(tmp_path_factory):
         (root / f"{name}.txt").write_text("".join(rng.choice(letters) for _ in range(3000)))
     profile_model(root / "model", [f"first={root / 'first.txt'}", f"second={root / 'second.txt'}"],
                   root / "profile", seq_len=64, max_tokens=1024, progress=False)
+    # the same texts as a safety contrast: every plan from this profile is audited against it
+    profile_model(root / "model", [f"harmful={root / 'first.txt'}", f"harmless={root / 'second.txt'}"],
+                  root / "safety-profile", seq_len=64, max_tokens=1024, progress=False)
     return root
 
 
@@ -143,3 +146,60 @@ def test_moekit_contrast_prints_and_writes_json_and_refuses_bad_sets(planted, tm
         assert result.exit_code == 2, result.output
         assert message in " ".join(result.output.split())
         assert not (tmp_path / "refused.json").exists()
+
+
+def test_plans_are_audited_against_the_safety_contrast_and_protect_contrast_keeps_its_experts(planted,
+                                                                                              tmp_path) -> None:
+    """Frequency on the harmless set alone removes the planted experts (harmless text never reaches them): the plan
+    records it, the command warns, the card says so; --protect-contrast harmful:harmless:2 keeps exactly them."""
+    runner = CliRunner()
+    model, profile = str(planted / "model"), str(planted / "safety-profile")
+    base = ["prune", model, "--profile", profile, "--method", "frequency", "--ratio", "0.5", "--set-weights",
+            "harmless=1"]
+    result = runner.invoke(app, [*base, "--out", str(tmp_path / "unprotected")])
+    assert result.exit_code == 0, result.output
+    plan = json.loads((tmp_path / "unprotected" / "moekit_plan.json").read_text())
+    (audit,) = plan["details"]["contrast_audits"]
+    layers = Profile.load(planted / "safety-profile").fingerprint["moe_layers"]
+    assert audit["per_layer"] == 2 and audit["of"] == 2 * len(layers)  # top-k of the model per layer
+    assert audit["top_experts"] == {str(layer): planted_experts(layer, 8) for layer in layers}
+    # the planted experts the plan drops (harmless text never reaches them: frequency 0, kept only on a tie)
+    lost = [[layer, e] for layer in layers for e in planted_experts(layer, 8)
+            if e not in plan["layers"][str(layer)]["kept"]]
+    assert audit["not_kept"] == lost and audit["not_kept_count"] == len(lost) >= 4
+    output = " ".join(result.output.split())
+    assert f"removes or merges {len(lost)} of the 6 experts that 'harmful' routes to most" in output
+    assert "--protect-contrast harmful:harmless:2" in output
+    card = (tmp_path / "unprotected" / "README.md").read_text()
+    assert f"this plan **removes or merges {len(lost)} of them**" in card
+    result = runner.invoke(app, [*base, "--protect-contrast", "harmful:harmless:2", "--out",
+                                 str(tmp_path / "kept")])
+    assert result.exit_code == 0, result.output
+    plan = json.loads((tmp_path / "kept" / "moekit_plan.json").read_text())
+    for layer in layers:
+        assert set(planted_experts(layer, 8)) <= set(plan["layers"][str(layer)]["kept"])
+    assert plan["details"]["contrast_audits"][0]["not_kept_count"] == 0
+    assert plan["details"]["protections"]["contrast"] == sorted([layer, e] for layer in layers
+                                                                 for e in planted_experts(layer, 8))
+    assert "warning" not in result.output
+    applied = runner.invoke(app, ["apply", model, str(tmp_path / "kept" / "moekit_plan.json"), "--out",
+                                  str(tmp_path / "applied")])  # the recorded plan checks out when applied again
+    assert applied.exit_code == 0, applied.output
+    merged = runner.invoke(app, ["merge", model, "--profile", profile, "--method", "dern", "--ratio", "0.5",
+                                 "--set-weights", "harmless=1", "--out", str(tmp_path / "merged")])
+    assert merged.exit_code == 0, merged.output
+    merge_audit = json.loads((tmp_path / "merged" / "moekit_plan.json").read_text())["details"]["contrast_audits"]
+    assert merge_audit[0]["of"] == 6 and "removes or merges" in " ".join(merged.output.split())
+
+
+def test_bad_protect_contrast_is_refused_with_nothing_written(planted, tmp_path) -> None:
+    runner = CliRunner()
+    base = ["prune", str(planted / "model"), "--profile", str(planted / "safety-profile"), "--method", "frequency",
+            "--ratio", "0.5"]
+    for value, message in (("harmful:nope:2", "its sets: harmful, harmless"), ("harmful:harmless:0", "SET_A:SET_B:N"),
+                           ("harmful:harmless", "SET_A:SET_B:N"), ("harmful:harmful:2", "two different sets"),
+                           ("harmful:harmless:8", "every expert")):
+        result = runner.invoke(app, [*base, "--protect-contrast", value, "--out", str(tmp_path / "out")])
+        assert result.exit_code == 2, (value, result.output)
+        assert message in " ".join(result.output.split()), (value, result.output)
+        assert not (tmp_path / "out").exists()

@@ -318,6 +318,10 @@ def prune(
     no_protect_super: Annotated[bool, typer.Option(
         "--no-protect-super", help="Allow removing super experts (extreme activations; protected by default).")]
     = False,
+    protect_contrast: Annotated[str | None, typer.Option(
+        "--protect-contrast", metavar="A:B:N", help="Keep the N experts of every layer that profile set A routes to "
+        "most more than set B (moekit contrast), e.g. harmful:harmless:4. A profile with sets named harmful and "
+        "harmless is audited anyway: the plan says how many of their top experts it removes.")] = None,
     top_k: Annotated[int | None, typer.Option(
         "--top-k", help="Also lower the experts each token is routed to (at most the kept experts). NAEE's "
         "dynamic skipping cannot be written into a stock checkpoint and is not offered.")] = None,
@@ -422,7 +426,7 @@ def prune(
     from moekit.edit import PlanError
     from moekit.outputs import check_output
     from moekit.pipeline import RunOptions, kept_per_layer, make_plan, read_inputs
-    from moekit.plan import PlanRequest, parse_protect
+    from moekit.plan import PlanRequest, parse_protect, parse_protect_contrast
 
     _quiet_transformers()
     protect_file = Path(protect) if protect and Path(protect).is_file() else None
@@ -446,7 +450,8 @@ def prune(
                          options={"search": naee_search, "tokens": naee_tokens, "progressive": progressive})
     request = PlanRequest(method=method, ratio=ratio, keep=keep, protect_super=not no_protect_super,
                           protect=parse_protect(protect_text), set_weights=inputs.set_weights(set_weights),
-                          seed=seed, top_k=top_k, allow_regroup=allow_regroup)
+                          seed=seed, top_k=top_k, allow_regroup=allow_regroup,
+                          protect_contrast=parse_protect_contrast(protect_contrast))
     if neuron_run or sparsity is not None:  # with --ratio/--keep the experts are pruned first, in the same plan
         experts_plan = make_plan(model, request, inputs) if ratio is not None or keep is not None else None
     if sparsity is not None:
@@ -466,8 +471,13 @@ def prune(
 
 def _write_or_apply(model: str, plan: dict[str, Any], out_dir: Path, plan_only: bool, overwrite: bool, dtype: str,
                     paths: list[Any], what: str) -> None:
-    """The end of moekit prune and moekit merge: write the plan (--plan-only), or apply it and say what changed."""
+    """The end of moekit prune and moekit merge: write the plan (--plan-only), or apply it and say what changed
+    (with the contrast audit's warnings first)."""
     from moekit.pipeline import apply_plan, write_plan
+    from moekit.plan import audit_warnings
+
+    for warning in audit_warnings(plan):
+        err.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
 
     if plan_only:
         write_plan(plan, out_dir, overwrite=overwrite, sources=[model], inputs=paths)
@@ -670,6 +680,9 @@ def merge(
     = None,
     no_protect_super: Annotated[bool, typer.Option(
         "--no-protect-super", help="Allow merging super experts (kept alone by default).")] = False,
+    protect_contrast: Annotated[str | None, typer.Option(
+        "--protect-contrast", metavar="A:B:N", help="Keep alone the N experts of every layer that profile set A "
+        "routes to most more than set B (moekit contrast), e.g. harmful:harmless:4.")] = None,
     top_k: Annotated[int | None, typer.Option(
         "--top-k", help="Also lower the experts each token is routed to.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of sub_moe's k-means seeding.")] = 0,
@@ -709,7 +722,7 @@ def merge(
     from moekit.model_io import check_device
     from moekit.outputs import check_output
     from moekit.pipeline import RunOptions, make_plan, read_inputs
-    from moekit.plan import PlanRequest, parse_protect
+    from moekit.plan import PlanRequest, parse_protect, parse_protect_contrast
 
     _quiet_transformers()
     protect_file = Path(protect) if protect and Path(protect).is_file() else None
@@ -727,7 +740,8 @@ def merge(
     extra = method_options(method, svd_rank, threshold)
     request = PlanRequest(method=method, ratio=ratio, keep=keep, protect_super=not no_protect_super,
                           protect=parse_protect(protect_text), set_weights=inputs.set_weights(set_weights),
-                          seed=seed, top_k=top_k, allow_regroup=allow_regroup, extra=extra)
+                          seed=seed, top_k=top_k, allow_regroup=allow_regroup, extra=extra,
+                          protect_contrast=parse_protect_contrast(protect_contrast))
     plan = make_plan(model, request, inputs, kind="merge")
     _write_or_apply(model, plan, out_dir, plan_only, overwrite, dtype, paths,
                     f"merge {plan['num_experts']['before']} experts into {plan['num_experts']['after']} per layer "

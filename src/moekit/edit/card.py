@@ -94,10 +94,21 @@ def _details_text(details: dict[str, Any], base: Path | None = None) -> str:
     protections = details.get("protections", {})
     supers = ", ".join(f"{layer}:{expert}" for layer, expert in protections.get("super_experts", [])) or "none"
     user = ", ".join(f"{layer}:{expert}" for layer, expert in protections.get("user", [])) or "none"
+    contrast = ""
+    if protections.get("contrast_sets"):
+        c = protections["contrast_sets"]
+        contrast = (f"- protected by contrast: the {c['per_layer']} experts per layer that `{c['a']}` routes to most "
+                    f"more than `{c['b']}` ({len(protections.get('contrast', []))} experts)\n")
+    for audit in details.get("contrast_audits", []):
+        verdict = (f"**removes or merges {audit['not_kept_count']} of them** (layer:expert "
+                   + ", ".join(f"{layer}:{e}" for layer, e in audit["not_kept"]) + ")"
+                   if audit["not_kept_count"] else "keeps every one of them")
+        contrast += (f"- contrast audit: of the {audit['of']} experts that `{audit['a']}` routes to most more than "
+                     f"`{audit['b']}` (top {audit['per_layer']} per layer), this plan {verdict}\n")
     return (f"\n- criterion: `{details['criterion']}` — {details.get('criterion_doc', '')}\n- budget: {budget}\n"
             f"- calibration data: {data}\n- protected super experts (layer:expert): {supers}"
             f"{'' if protections.get('protect_super', True) else ' (protection turned off)'}\n"
-            f"- protected by the user: {user}\n")
+            f"- protected by the user: {user}\n{contrast}")
 
 
 def _data_path(data: Any, base: Path | None = None) -> str:

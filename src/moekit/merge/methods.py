@@ -449,7 +449,8 @@ def make_merge_plan(source: str | Path, view: MoEModelView, profile: Profile, re
             raise PlanError(f"layer {layer.index}: {request.method} made {len(plan.groups)} groups, not {kept}")
         groups[layer.index] = ordered(plan.groups)
         details[layer.index] = plan.entries()
-    record = plan_details(profile, request, kept, supers, profile_path, method.doc)
+    intact = {layer: {g.router for g in layer_groups if g.is_copy} for layer, layer_groups in groups.items()}
+    record = plan_details(profile, request, kept, supers, profile_path, method.doc, intact)
     record["merge"] = {"router": "each output expert keeps its router expert's row",
                        **({"threshold": threshold} if request.method == "dern" else {}),
                        **({"svd_rank": svd_rank} if request.method == "sub_moe" else {})}

@@ -8,12 +8,17 @@ Rules, per MoE layer (every layer keeps the same number, as stock configs need):
 
 - the budget: ``ratio`` = fraction of experts removed (E * ratio rounded half up), or ``keep`` = experts kept;
 - protected experts are kept first: super experts (``moekit.profile.analyze.super_experts``) unless
-  ``protect_super`` is off, and the user's ``protect`` list ((layer, expert) pairs);
+  ``protect_super`` is off, the user's ``protect`` list ((layer, expert) pairs), and with ``protect_contrast``
+  (A, B, N) the N experts of every layer that set A routes to most more than set B (``moekit.profile.contrast``);
 - the rest are kept by score, highest first; ties go to the lower expert id;
 - group-limited routers (``n_group > 1``): the same number is kept in every group (each group's
   best), unless ``allow_regroup``, so routing groups stay intact.
 
 Every expert's entry says its score, its rank in the layer and the reason for the decision.
+
+The contrast audit: a plan made from a profile with both a ``harmful`` and a ``harmless`` set (or with
+``protect_contrast``) records, in ``details.contrast_audits``, which of the top experts of that contrast (top-k of
+the model per layer, or N) it removes or merges; the command line warns and the card says so.
 """
 
 from __future__ import annotations
@@ -46,6 +51,77 @@ class PlanRequest:
     top_k: int | None = None
     allow_regroup: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    protect_contrast: tuple[str, str, int] | None = None  # (set A, set B, experts kept per layer)
+
+
+# The two named sets of a safety contrast: every plan from a profile that has both is audited against it.
+SAFETY_CONTRAST = ("harmful", "harmless")
+
+
+def parse_protect_contrast(text: str | None) -> tuple[str, str, int] | None:
+    """``"harmful:harmless:4"`` -> ("harmful", "harmless", 4)."""
+    if not text:
+        return None
+    parts = text.split(":")
+    if len(parts) != 3 or not all(p.strip() for p in parts[:2]) or not parts[2].strip().isdigit() or \
+            int(parts[2]) < 1:
+        raise PlanError(f"--protect-contrast {text!r}: expected SET_A:SET_B:N (the N experts per layer that set A "
+                        "routes to most more than set B are kept), e.g. harmful:harmless:4")
+    return parts[0].strip(), parts[1].strip(), int(parts[2])
+
+
+def contrast_protections(view: MoEModelView, profile: Profile, request: PlanRequest) -> dict[tuple[int, int], str]:
+    """{(layer, expert): reason} of ``request.protect_contrast`` (checked: sets in the profile, N below E)."""
+    if request.protect_contrast is None:
+        return {}
+    from moekit.profile.contrast import check_contrast_sets, top_contrast_experts
+
+    a, b, per_layer = request.protect_contrast
+    check_contrast_sets(profile, a, b)
+    if per_layer >= view.num_experts:
+        raise PlanError(f"--protect-contrast {a}:{b}:{per_layer} would protect every expert of a layer (it has "
+                        f"{view.num_experts}): give fewer")
+    why = f"protected: one of the {per_layer} experts of its layer that {a!r} routes to most more than {b!r}"
+    return {(layer, e): why for layer, experts in top_contrast_experts(profile, a, b, per_layer).items()
+            for e in experts}
+
+
+def contrast_audits(profile: Profile, request: PlanRequest, intact: dict[int, set[int]],
+                    top_k: int) -> list[dict[str, Any]]:
+    """For the profile's safety contrast (``SAFETY_CONTRAST``, top ``top_k`` per layer) and the requested
+    ``protect_contrast``: which of the contrast's top experts the plan does not leave ``intact`` (removed, or
+    merged with others)."""
+    from moekit.profile.contrast import top_contrast_experts
+
+    wanted = []
+    if request.protect_contrast is not None:
+        wanted.append(request.protect_contrast)
+    if all(name in profile.set_names for name in SAFETY_CONTRAST) and \
+            not any((a, b) == SAFETY_CONTRAST for a, b, _ in wanted):
+        wanted.append((*SAFETY_CONTRAST, top_k))
+    audits = []
+    for a, b, per_layer in wanted:
+        top = top_contrast_experts(profile, a, b, per_layer)
+        lost = [[layer, e] for layer, experts in top.items() for e in experts if e not in intact.get(layer, set())]
+        audits.append({"a": a, "b": b, "per_layer": per_layer, "top_experts": {str(k): v for k, v in top.items()},
+                       "not_kept": lost, "not_kept_count": len(lost),
+                       "of": sum(len(v) for v in top.values())})
+    return audits
+
+
+def audit_warnings(plan: dict[str, Any]) -> list[str]:
+    """One sentence per contrast audit of ``plan`` that loses some of the contrast's top experts."""
+    out = []
+    for audit in (plan.get("details") or {}).get("contrast_audits", []):
+        if not audit["not_kept_count"]:
+            continue
+        shown = ", ".join(f"{layer}:{e}" for layer, e in audit["not_kept"][:8])
+        more = f" and {audit['not_kept_count'] - 8} more" if audit["not_kept_count"] > 8 else ""
+        out.append(f"this plan removes or merges {audit['not_kept_count']} of the {audit['of']} experts that "
+                   f"{audit['a']!r} routes to most more than {audit['b']!r} (top {audit['per_layer']} per layer; "
+                   f"layer:expert {shown}{more}); keep them with --protect-contrast "
+                   f"{audit['a']}:{audit['b']}:{audit['per_layer']}")
+    return out
 
 
 def parse_protect(text: str | None) -> tuple[tuple[int, int], ...]:
@@ -108,6 +184,7 @@ def protections(view: MoEModelView, profile: Profile, request: PlanRequest) -> t
         if request.protect_super else set()
     check_protect(view, request.protect)
     reasons = {pair: "protected: super expert (extreme down-projection activation)" for pair in supers}
+    reasons.update(contrast_protections(view, profile, request))
     reasons.update({pair: "protected: named by the user" for pair in request.protect})
     return supers, reasons
 
@@ -136,14 +213,28 @@ def layer_entries(scores: list[float], chosen: set[int], reasons: dict[int, str]
 
 
 def plan_details(profile: Profile, request: PlanRequest, kept: int, supers: set[tuple[int, int]],
-                 profile_path: str | None, criterion_doc: str) -> dict[str, Any]:
+                 profile_path: str | None, criterion_doc: str,
+                 intact: dict[int, set[int]] | None = None) -> dict[str, Any]:
+    """The plan's ``details``; ``intact``: the experts each layer leaves as they are (for the contrast audits)."""
     weights = set_weights_of(profile, request)
+    contrast = {}
+    if request.protect_contrast is not None:
+        a, b, per_layer = request.protect_contrast
+        from moekit.profile.contrast import top_contrast_experts
+
+        contrast = {"contrast": sorted([layer, e] for layer, experts in
+                                       top_contrast_experts(profile, a, b, per_layer).items() for e in experts),
+                    "contrast_sets": {"a": a, "b": b, "per_layer": per_layer}}
+    audits = contrast_audits(profile, request, intact, int(profile.fingerprint["top_k"])) if intact is not None \
+        else []
     return {
         "criterion": request.method, "criterion_doc": " ".join(criterion_doc.split()),
         "ratio": request.ratio, "keep": request.keep, "kept_per_layer": kept,
         "set_weights": weights, "seed": request.seed,
         "protections": {"super_experts": sorted([list(p) for p in supers]),
-                        "user": [list(p) for p in request.protect], "protect_super": request.protect_super},
+                        "user": [list(p) for p in request.protect], "protect_super": request.protect_super,
+                        **contrast},
+        **({"contrast_audits": audits} if audits else {}),
         "profile": {"path": profile_path, "sets": [{"name": s["name"], "tokens": s["tokens"], "data": s["data"]}
                                                    for s in profile.meta["sets"]],
                     "fingerprint": profile.fingerprint},
@@ -185,7 +276,8 @@ def make_prune_plan(view: MoEModelView, profile: Profile, request: PlanRequest,
         details[layer.index] = layer_entries(scores, chosen, reasons, "score rank {rank} of {experts}" + in_group,
                                              "score rank {rank} of {experts}: below the cut" + in_group)
     validate_keep(view, keep, allow_regroup=request.allow_regroup)
-    record = plan_details(profile, request, kept, supers, profile_path, criterion.doc)
+    record = plan_details(profile, request, kept, supers, profile_path, criterion.doc,
+                          {layer: set(experts) for layer, experts in keep.items()})
     return prune_plan_record(source or profile.meta["model"].get("source", ""), summarize(view), keep,
                              request.method, record, details, top_k=request.top_k)
 

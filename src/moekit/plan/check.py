@@ -196,7 +196,7 @@ def _check_protections(protections: Any, keep: KeepMap, origin: str) -> None:
     """Every expert recorded as protected must be kept: the record would lie otherwise."""
     if not isinstance(protections, dict) or not isinstance(protections.get("protect_super", True), bool):
         raise PlanError(f"{origin}: details protections must be an object, got {protections!r}")
-    for kind in ("super_experts", "user"):
+    for kind in ("super_experts", "user", "contrast"):
         pairs = protections.get(kind, [])
         if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 and all(map(_is_int, p))
                                                   for p in pairs):

@@ -341,7 +341,8 @@ class _Search:
 
     def record(self, progressive: bool, max_tokens: int, source: str, **extra: Any) -> dict[str, Any]:
         validate_keep(self.view, self.keep, allow_regroup=self.request.allow_regroup)
-        record = plan_details(self.profile, self.request, self.kept, self.supers, None, __doc__.split("\n\n")[0])
+        record = plan_details(self.profile, self.request, self.kept, self.supers, None, __doc__.split("\n\n")[0],
+                              {layer: set(experts) for layer, experts in self.keep.items()})
         record["naee"] = {"search": self.search, "progressive": progressive, "max_tokens": max_tokens,
                           "tokens_per_set": self.tokens_per_set,
                           "objective": "pruned block on the inputs after the earlier layers were pruned vs the "

@@ -154,7 +154,8 @@ def stun_plan(source: str | Path, profile: Profile, request: PlanRequest,
             entry["cluster"] = clusters_of[entry["expert"]]
         details[layer.index] = entries
     validate_keep(view, keep, allow_regroup=request.allow_regroup)
-    record = plan_details(profile, request, kept, supers, profile_path, STUN_DOC)
+    record = plan_details(profile, request, kept, supers, profile_path, STUN_DOC,
+                          {layer: set(experts) for layer, experts in keep.items()})
     record["stun"] = {"distance": "-coactivation / mean off-diagonal coactivation", "clustering": "greedy, closest "
                       "pair first, until the kept count of clusters", "representative": "closest to the cluster's "
                       "mean weights", "score": "the expert's largest co-activation with another expert, relative to "
