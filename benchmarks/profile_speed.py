@@ -7,7 +7,8 @@ same packed batches (``--batch`` x ``--seq-len`` tokens) with ``logits_to_keep=1
 
 - plain: the model's own forward (its default experts implementation, grouped_mm);
 - moekit: the same forward with moekit's capture attached (every profile statistic);
-- moekit + neuron stats: the same with per-neuron statistics (``--neuron-stats``);
+- moekit + neuron stats: the same with per-neuron statistics (``--neuron-stats``), by the fused Triton kernel
+  (``moekit.profile.kernels``), and again by the torch ops it replaces (``_unfused``); their statistics compared;
 - moekit + input norms: the same with Wanda's per-expert input norms (``--input-norms``, for ``--sparsity``);
 - moekit + merge stats: the same with the merging methods' statistics (``--merge-stats``: the router-logit Gram
   matrix, and every expert run on every token for its mean output, E/k times the expert FLOPs);
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -141,13 +143,24 @@ def main() -> None:
     results: dict[str, dict] = {}
     plain = run_batches(model, batches)
     results["plain"] = {"tokens": tokens, "seconds": plain, "tokens_per_second": tokens / plain}
+    neuron_tensors: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
     for name, options in (("moekit", {}), ("moekit_neuron_stats", {"neuron_stats": True}),
+                          ("moekit_neuron_stats_unfused", {"neuron_stats": True}),
                           ("moekit_input_norms", {"input_norms": True}), ("moekit_merge_stats", {"merge_stats": True})):
+        os.environ["MOEKIT_FUSED_STATS"] = "0" if name.endswith("_unfused") else "1"  # the torch path, for comparison
         with capturing(view, 1, **options) as capture:
             seconds = run_batches(model, batches, lambda ids, c=capture: c.state.begin_batch(0, mask))
             counts = sum(float(c.stats.tensors["count"].sum()) for c in capture.layers.values())
+            if options.get("neuron_stats"):
+                neuron_tensors[name] = {i: {k: c.stats.tensors[k].clone() for k in ("neuron_energy", "neuron_max")}
+                                        for i, c in capture.layers.items()}
         results[name] = {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
                          "routed_pairs_counted": counts}
+    os.environ.pop("MOEKIT_FUSED_STATS", None)
+    fused, unfused = neuron_tensors["moekit_neuron_stats"], neuron_tensors["moekit_neuron_stats_unfused"]
+    fused_vs_torch = {stat: max(float(((fused[i][stat] - unfused[i][stat]).abs()
+                                       / unfused[i][stat].abs().clamp(min=1e-30)).max()) for i in fused)
+                      for stat in ("neuron_energy", "neuron_max")}
     gradient_batches = batches[: max(1, args.gradient_tokens // per_batch)]
     gradient_tokens = len(gradient_batches) * per_batch
     seconds = run_backward_batches(model, gradient_batches, mask)
@@ -185,6 +198,9 @@ def main() -> None:
         "benchmark": "profile_speed", "device": torch.cuda.get_device_name(), "dtype": "bfloat16",
         "model": f"Qwen3-30B-A3B shape, {args.layers} of 48 layers, random weights",
         "batch": args.batch, "seq_len": args.seq_len, "results": results, "max_logit_difference": exact,
+        "fused_kernel_vs_torch_max_relative_difference": fused_vs_torch,
+        "fused_kernel": "moekit_neuron_stats uses moekit.profile.kernels (Triton); moekit_neuron_stats_unfused the "
+                        "torch ops (MOEKIT_FUSED_STATS=0), on the same batches",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
     }
@@ -196,7 +212,10 @@ def main() -> None:
     for name, entry in results.items():
         lines.append(f"| {name} | {entry['tokens']:,} | {entry['tokens_per_second']:,.0f} | "
                      f"{entry['ratio_to_plain']:.3f} |")
-    lines += ["", f"Largest logit difference, plain vs captured forward: {exact:.3g}"]
+    lines += ["", f"Largest logit difference, plain vs captured forward: {exact:.3g}", "",
+              "moekit_neuron_stats runs the fused Triton kernel (moekit.profile.kernels), moekit_neuron_stats_unfused "
+              "the torch ops it replaces, on the same batches; largest relative difference of their statistics: "
+              + ", ".join(f"{k} {v:.3g}" for k, v in fused_vs_torch.items())]
     (args.out / "profile_speed-cuda.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

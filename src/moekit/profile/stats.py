@@ -71,6 +71,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moekit.profile.kernels import fused_stats_available, segment_square_stats
+
 CHUNK_SIZES = (8, 16, 32)
 
 # name -> (shape after the set dim, using E / I / C, reduction)
@@ -256,11 +258,15 @@ class LayerStats:
             acc[name][set_index].scatter_reduce_(0, expert, values, reduce="amax")
         lengths = expert_lengths(expert, self.num_experts) if self.neuron_stats or self.input_norms else None
         if self.neuron_stats and pairs.intermediate is not None:
-            # [P, I] (g a)^2 in float32: one promoting multiply, squared in place (no float copy of a, no |g a|)
-            squares = (pairs.intermediate * (pairs.gate * keep)[:, None]).square_()
-            # the pairs are sorted by expert: one segmented reduction per statistic, no atomic adds into E rows
-            energy = torch.segment_reduce(squares, "sum", lengths=lengths, axis=0)
-            peak = torch.segment_reduce(squares, "max", lengths=lengths, axis=0, initial=0.0).sqrt_()
+            if fused_stats_available(pairs.intermediate):  # one read of a, sums and maxima in registers
+                energy, peak = segment_square_stats(pairs.intermediate, pairs.gate * keep, lengths)
+                peak.sqrt_()
+            else:
+                # [P, I] (g a)^2 in float32: one promoting multiply, squared in place (no float copy of a, no |g a|)
+                squares = (pairs.intermediate * (pairs.gate * keep)[:, None]).square_()
+                # the pairs are sorted by expert: one segmented reduction per statistic, no atomic adds into E rows
+                energy = torch.segment_reduce(squares, "sum", lengths=lengths, axis=0)
+                peak = torch.segment_reduce(squares, "max", lengths=lengths, axis=0, initial=0.0).sqrt_()
             acc["neuron_energy"][set_index] += energy.double()
             torch.maximum(acc["neuron_max"][set_index], peak, out=acc["neuron_max"][set_index])
         if self.input_norms and pairs.intermediate is not None and pairs.inputs is not None:
