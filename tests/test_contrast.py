@@ -203,3 +203,31 @@ def test_bad_protect_contrast_is_refused_with_nothing_written(planted, tmp_path)
         assert result.exit_code == 2, (value, result.output)
         assert message in " ".join(result.output.split()), (value, result.output)
         assert not (tmp_path / "out").exists()
+
+
+def test_the_report_shows_the_contrast_coactivation_and_sparsity(planted, tmp_path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["report", "--profile", str(planted / "profile"), "--contrast", "first:second",
+                                 "--out", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "Contrast of first" in text and "Co-activation of layer" in text and "CLS-L" in text
+    for name in ("contrast_0.png", "contrast_0_layer.png", "coactivation.png", "sparsity.png"):
+        assert (tmp_path / "report" / "figures" / name).read_bytes()[:4] == b"\x89PNG"
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 5  # the load heatmap and the four routing figures
+    # the planted experts head the table row of every layer
+    for layer in Profile.load(planted / "profile").fingerprint["moe_layers"]:
+        first, second = planted_experts(layer, 8)
+        row = next(line for line in text.splitlines() if line.startswith(f"| {layer} | 1.000"))
+        assert row.split("|")[5].strip().startswith((f"{first} (", f"{second} ("))
+    # the safety contrast appears by itself
+    auto = runner.invoke(app, ["report", "--profile", str(planted / "safety-profile"), "--out", str(tmp_path / "a")])
+    assert auto.exit_code == 0 and "Contrast of harmful" in (tmp_path / "a" / "report.md").read_text()
+    for argv, message in ((["--profile", str(planted / "profile"), "--contrast", "first:third"], "its sets"),
+                          (["--profile", str(planted / "profile"), "--contrast", "first"], "SET_A:SET_B"),
+                          (["--contrast", "first:second", "--plan", str(tmp_path / "report")], "give --profile")):
+        bad = runner.invoke(app, ["report", *argv, "--out", str(tmp_path / "bad")])
+        assert bad.exit_code == 2, bad.output
+        assert message in " ".join(bad.output.split())
+        assert not (tmp_path / "bad").exists()

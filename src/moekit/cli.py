@@ -1240,13 +1240,18 @@ def report(
         "--speed", help="A moekit speed --json file: the memory and speed table.")] = None,
     demo_dir: Annotated[Path | None, typer.Option(
         "--demo", help="Everything from a moekit demo output directory.")] = None,
+    contrast: Annotated[list[str] | None, typer.Option(
+        "--contrast", metavar="A:B", help="With --profile: the routing contrast of set A against set B (moekit "
+        "contrast) as heatmaps and a table; repeatable. Default: harmful:harmless when the profile has both.")]
+    = None,
     title: Annotated[str, typer.Option(help="Report title.")] = "moekit report",
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace OUT if it holds an earlier moekit report.")] = False,
 ) -> None:
     """Write a report: markdown plus a self-contained HTML page with figures.
 
-    Sections appear for what you give: expert load heatmaps (--profile), score distributions with
+    Sections appear for what you give: expert load heatmaps, routing contrasts, co-activation and
+    token/chunk sparsity (--profile, --contrast), score distributions with
     the pruning cut (--plan), quality against compression across methods and ratios (--result),
     and everything from a demo run (--demo).
 
@@ -1257,6 +1262,8 @@ def report(
     from moekit.report import ReportError, build_report, report_inputs_from_demo, result_point
     from moekit.report.inputs import read_json
 
+    if contrast and profile is None and demo_dir is None:
+        raise ReportError("--contrast compares two named sets of a profile: give --profile too")
     inputs: dict[str, Any] = report_inputs_from_demo(demo_dir) if demo_dir else {}
     read: list[Any] = [demo_dir, speed_json]
     if profile is not None:
@@ -1279,7 +1286,13 @@ def report(
             raise ReportError(f"speed results {speed_json} do not exist (moekit speed --json writes them)")
         inputs["speed"] = read_json(speed_json, "speed results file")
     inputs["title"] = title if title != "moekit report" else inputs.get("title", title)
-    md, html = build_report(out_dir, **inputs, overwrite=overwrite, inputs=read)
+    pairs = []
+    for item in contrast or []:
+        a, sep, b = item.partition(":")
+        if not sep or not a or not b or ":" in b:
+            raise ReportError(f"--contrast {item!r}: expected SET_A:SET_B, e.g. code:prose")
+        pairs.append((a, b))
+    md, html = build_report(out_dir, **inputs, overwrite=overwrite, inputs=read, contrasts=pairs)
     _wrote(f"{md} and {html}")
 
 

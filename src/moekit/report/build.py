@@ -3,6 +3,8 @@
 Sections, each present only when its input is given:
 
 - ``expert-load``: a profile's per-set expert load heatmaps and per-layer balance;
+- ``routing``: with a profile, each contrast of two named sets (``contrasts``; harmful against harmless when the
+  profile has both), a co-activation heatmap and token/chunk sparsity per layer;
 - ``scores``: each plan's sorted scores per layer with the kept/dropped cut;
 - ``quality``: metric against the fraction of experts removed, one line per method, and a table;
 - ``speed``: memory/speed numbers per model (whatever numeric fields are given);
@@ -33,7 +35,8 @@ from moekit.report.inputs import (
     plan_title,
 )
 
-SECTION_TITLES = {"expert-load": "Expert load", "scores": "Expert scores and the pruning cut",
+SECTION_TITLES = {"expert-load": "Expert load", "routing": "Routing: contrasts, co-activation and sparsity",
+                  "scores": "Expert scores and the pruning cut",
                   "quality": "Quality vs compression", "speed": "Memory and speed", "samples": "Generation samples"}
 
 
@@ -95,6 +98,52 @@ def load_section(profile: Any, base: Path | None = None) -> Section:
         Table(["layer", "load entropy", "max/mean load", "router entropy", "experts < 1/4 of the mean",
                "dead experts"], rows, [True, True, True, True, True, False]),
     ])
+
+
+def routing_section(profile: Any, contrasts: Sequence[tuple[str, str]] = ()) -> Section:
+    """Each contrast (set A against set B: ``moekit.profile.contrast``; the profile's harmful against harmless sets
+    when none is given and it has both), the co-activation of one layer (the most divergent one of the first
+    contrast, else the middle MoE layer) and token- and chunk-level sparsity per layer."""
+    from moekit.plan import SAFETY_CONTRAST
+    from moekit.profile.contrast import contrast_profile
+
+    if not contrasts and all(name in profile.set_names for name in SAFETY_CONTRAST):
+        contrasts = [SAFETY_CONTRAST]
+    blocks: list[Block] = []
+    layers = profile.fingerprint["moe_layers"]
+    focus = layers[len(layers) // 2]
+    for index, (a, b) in enumerate(contrasts):
+        report = contrast_profile(profile, a, b)
+        strongest = report["most_divergent_layer"]
+        focus = strongest if index == 0 else focus
+        blocks += [
+            Text(f"Contrast of {a} ({report['tokens'][a]:,} tokens) against {b} ({report['tokens'][b]:,}): per layer "
+                 "and expert, the log-odds ratio of its routing selections with an informative Dirichlet prior (10 "
+                 "pseudo-selections per expert, so rarely routed experts are pulled toward 0); z treats selections "
+                 "as independent and so overstates significance. JS divergence: 0 bits = the sets route alike, 1 = "
+                 f"disjoint experts (mean {report['mean_js_divergence_bits']:.3f}; most divergent layer "
+                 f"{strongest})."),
+            Image(f"contrast_{index}.png", figures.contrast_heatmap(report), f"log-odds of {a} against {b}"),
+            Image(f"contrast_{index}_layer.png", figures.contrast_bars(report, strongest),
+                  f"top experts of layer {strongest}, {a} against {b}"),
+            Table(["layer", "JS (bits)", "TV", "experts for 50% / 90%", f"more in {a}: expert (log-odds, z)",
+                   f"more in {b}"],
+                  [[str(row["layer"]), f"{row['js_divergence_bits']:.3f}", f"{row['total_variation']:.3f}",
+                    f"{row['experts_carrying']['50%']} / {row['experts_carrying']['90%']}",
+                    ", ".join(f"{e['expert']} ({e['log_odds']:+.2f}, {e['z']:+.1f})" for e in row["top_a"][:3]),
+                    ", ".join(f"{e['expert']} ({e['log_odds']:+.2f}, {e['z']:+.1f})" for e in row["top_b"][:3])]
+                   for row in report["layers"]],
+                  [True, True, True, False, False, False]),
+        ]
+    blocks += [
+        Text(f"Co-activation of layer {focus} over all sets: how often expert j is chosen for a token that chose "
+             "expert i (pairs that fire together are what STUN's first stage clusters)."),
+        Image("coactivation.png", figures.coactivation_heatmap(profile, focus), f"co-activation of layer {focus}"),
+        Text("Token-level sparsity TLS (1 - the share of experts a token uses) and chunk-level sparsity CLS-L (1 - "
+             "the share of experts a chunk of L consecutive tokens uses; BlockFFN) per MoE layer, all sets."),
+        Image("sparsity.png", figures.sparsity_lines(profile), "token- and chunk-level sparsity per layer"),
+    ]
+    return Section("routing", SECTION_TITLES["routing"], blocks)
 
 
 def scores_section(plans: Sequence[dict[str, Any]], base: Path | None = None) -> Section:
@@ -323,7 +372,8 @@ def render_html(title: str, sections: Sequence[Section]) -> str:
 def build_report(out_dir: str | Path, *, profile: Any = None, plans: Sequence[Any] = (),
                  results: Sequence[ResultPoint | Mapping[str, Any]] = (), speed: Mapping[str, Any] | None = None,
                  samples: Sequence[Mapping[str, Any]] | None = None, title: str = "moekit report",
-                 overwrite: bool = False, inputs: Sequence[str | Path | None] = ()) -> tuple[Path, Path]:
+                 overwrite: bool = False, inputs: Sequence[str | Path | None] = (),
+                 contrasts: Sequence[tuple[str, str]] = ()) -> tuple[Path, Path]:
     """Write ``report.md`` (figures in ``figures/``) and a self-contained ``report.html`` into the directory
     ``out_dir`` atomically; return both paths.
 
@@ -343,7 +393,8 @@ def build_report(out_dir: str | Path, *, profile: Any = None, plans: Sequence[An
     out = check_output(out_dir, kind="report", overwrite=overwrite,
                        sources=[*models, *(p for p in paths if Path(p).is_dir() and p is not profile)],
                        inputs=[*paths, *inputs])
-    sections = report_sections(profile=profile, plans=plans, results=results, speed=speed, samples=samples, base=out)
+    sections = report_sections(profile=profile, plans=plans, results=results, speed=speed, samples=samples, base=out,
+                               contrasts=contrasts)
     with writing_directory(out, "report") as tmp:
         write_report_files(tmp, title, sections)
     return out / "report.md", out / "report.html"
@@ -360,12 +411,17 @@ def _load_profile(path: str | Path) -> Any:
 
 def report_sections(*, profile: Any = None, plans: Sequence[Any] = (),
                     results: Sequence[ResultPoint | Mapping[str, Any]] = (), speed: Mapping[str, Any] | None = None,
-                    samples: Sequence[Mapping[str, Any]] | None = None, base: Path | None = None) -> list[Section]:
+                    samples: Sequence[Mapping[str, Any]] | None = None, base: Path | None = None,
+                    contrasts: Sequence[tuple[str, str]] = ()) -> list[Section]:
     """The report's sections (tables and figures) for what is given; every input is checked here. ``base``: the
     report's folder, to show local paths relative to it rather than as this machine's absolute paths."""
     sections: list[Section] = []
     if profile is not None:
-        sections.append(load_section(_load_profile(profile) if isinstance(profile, (str, Path)) else profile, base))
+        loaded = _load_profile(profile) if isinstance(profile, (str, Path)) else profile
+        sections.append(load_section(loaded, base))
+        sections.append(routing_section(loaded, contrasts))
+    elif contrasts:
+        raise ReportError("--contrast compares two named sets of a profile: give --profile too")
     if plans:
         sections.append(scores_section([load_plan(p) for p in plans], base))
     if results:

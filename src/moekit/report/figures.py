@@ -5,6 +5,9 @@
   the cut drawn after the last kept position.
 - ``quality_figure``: per metric, value against the fraction of experts removed, one line per method;
   the original model (method ``original``, ratio 0) starts every line.
+- ``contrast_heatmap`` / ``contrast_bars``: a routing contrast of two named sets (log-odds per layer and expert,
+  JS divergence per layer; the top experts of one layer with both sets' shares).
+- ``coactivation_heatmap``: P(j chosen | i chosen) of one layer; ``sparsity_lines``: TLS and CLS-L per layer.
 """
 
 from __future__ import annotations
@@ -234,5 +237,96 @@ def speed_figure(models: Mapping[str, Mapping[str, Any]], reference: str, labels
         names.append("inside the timing noise")
     if handles:
         ax.legend(handles, names, loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def contrast_heatmap(contrast: Mapping[str, Any]) -> bytes:
+    """Layers x experts log-odds of set A against set B (``moekit.profile.contrast.contrast_profile``), red = more in
+    A, blue = more in B, one symmetric colour scale; beside it the per-layer Jensen-Shannon divergence."""
+    import numpy as np
+
+    layers = contrast["layers"]
+    experts = max(len(row["log_odds"]) for row in layers)
+    grid = np.full((len(layers), experts), np.nan)
+    for i, row in enumerate(layers):
+        grid[i, :len(row["log_odds"])] = row["log_odds"]
+    bound = float(np.nanmax(np.abs(grid))) or 1.0
+    width = min(5 + experts * 0.12, 15)
+    fig, (ax, side) = plt.subplots(1, 2, figsize=(width, 1.2 + 0.28 * len(layers)),
+                                   gridspec_kw={"width_ratios": [6, 1]}, squeeze=True)
+    image = ax.imshow(grid, aspect="auto", cmap="RdBu_r", interpolation="nearest", vmin=-bound, vmax=bound)
+    a, b = contrast["a"], contrast["b"]
+    ax.set_title(f"log-odds of routing: {a} (red) against {b} (blue)", fontsize=10)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    names = [str(row["layer"]) for row in layers]
+    ax.set_yticks(range(len(layers)), names if len(layers) <= 24 else None)
+    if len(layers) > 24:
+        ax.set_yticks([])
+    fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02, label="log-odds")
+    side.barh(range(len(layers)), [row["js_divergence_bits"] for row in layers], color=KEPT_COLOUR)
+    side.set_ylim(len(layers) - 0.5, -0.5)  # layer order as in the heatmap
+    side.set_yticks([])
+    side.set_xlim(0, 1)
+    side.set_xlabel("JS divergence (bits)")
+    side.set_title("per layer", fontsize=10)
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def contrast_bars(contrast: Mapping[str, Any], layer: int, top: int = 8) -> bytes:
+    """The ``top`` experts of one layer that set A routes to most more than set B: their share of each set's
+    routing selections side by side."""
+    import numpy as np
+
+    row = next(r for r in contrast["layers"] if r["layer"] == layer)
+    order = sorted(range(len(row["log_odds"])), key=lambda j: (-row["log_odds"][j], j))[:top]
+    x = np.arange(len(order))
+    fig, ax = plt.subplots(figsize=(1.5 + 0.6 * len(order), 3.2))
+    ax.bar(x - 0.2, [row["share_a"][j] for j in order], 0.4, label=contrast["a"], color=DROPPED_COLOUR)
+    ax.bar(x + 0.2, [row["share_b"][j] for j in order], 0.4, label=contrast["b"], color=KEPT_COLOUR)
+    ax.set_xticks(x, [str(j) for j in order])
+    ax.set_xlabel(f"expert (layer {layer}, highest log-odds first)")
+    ax.set_ylabel("share of routing selections")
+    ax.set_title(f"layer {layer}: experts {contrast['a']} routes to more than {contrast['b']}", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def coactivation_heatmap(profile: Any, layer: int) -> bytes:
+    """P(j chosen | i chosen) for every pair of experts of one layer, all sets together (the diagonal is 1)."""
+    counts = profile.stat(layer, "coactivation").double()
+    conditional = counts / counts.diagonal().clamp(min=1)[:, None]
+    experts = counts.shape[0]
+    size = min(3 + experts * 0.08, 11)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(conditional.numpy(), cmap="magma", interpolation="nearest", vmin=0, vmax=1)
+    ax.set_title(f"co-activation, layer {layer}: P(column expert | row expert)", fontsize=10)
+    ax.set_xlabel("expert j")
+    ax.set_ylabel("expert i")
+    fig.colorbar(image, ax=ax, fraction=0.04, label="P(j also chosen | i chosen)")
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def sparsity_lines(profile: Any) -> bytes:
+    """Token- and chunk-level sparsity per MoE layer (``moekit.profile.analyze.layer_summary``: TLS, CLS-L)."""
+    from moekit.profile.analyze import layer_summary
+
+    summaries = [layer_summary(profile, layer) for layer in profile.fingerprint["moe_layers"]]
+    layers = [s["layer"] for s in summaries]
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    ax.plot(layers, [s["token_sparsity"] for s in summaries], marker="o", label="TLS (per token)")
+    for size in summaries[0]["chunk_sparsity"]:
+        ax.plot(layers, [s["chunk_sparsity"][size] for s in summaries], marker=".", label=f"CLS-{size}")
+    ax.set_xlabel("MoE layer")
+    if len(layers) <= 24:
+        ax.set_xticks(layers)
+    ax.set_ylabel("sparsity (1 - share of experts used)")
+    ax.set_ylim(0, 1)
+    ax.set_title("experts left unused per token and per chunk of L tokens", fontsize=10)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return to_png(fig)
