@@ -231,3 +231,16 @@ def test_the_report_shows_the_contrast_coactivation_and_sparsity(planted, tmp_pa
         assert bad.exit_code == 2, bad.output
         assert message in " ".join(bad.output.split())
         assert not (tmp_path / "bad").exists()
+
+
+def test_mask_from_contrast_takes_the_contrasts_top_experts(planted, tmp_path) -> None:
+    """moekit mask --from-contrast first:second:2 names each layer's planted pair (Qwen3-MoE has no selection bias:
+    they are removed, as --allow-remove asks)."""
+    result = CliRunner().invoke(app, ["mask", str(planted / "model"), "--from-contrast", "first:second:2",
+                                      "--profile", str(planted / "profile"), "--allow-remove", "--out",
+                                      str(tmp_path / "ablated")])
+    assert result.exit_code == 0, result.output
+    plan = json.loads((tmp_path / "ablated" / "moekit_plan.json").read_text())
+    assert {int(k): v["removed"] for k, v in plan["layers"].items()} == {
+        layer: planted_experts(layer, 8) for layer in Profile.load(planted / "profile").fingerprint["moe_layers"]}
+    assert "'first' routes to most more than 'second'" in plan["details"]["chosen"]

@@ -600,6 +600,12 @@ def _print_pruned(result: Any) -> None:
     from moekit.summary import format_count
 
     b, a = result.before, result.after
+    if isinstance(result.plan, dict) and result.plan.get("details", {}).get("mechanism") in ("correction_bias",
+                                                                                              "router_bias"):
+        count = sum(len(e.get("masked", [])) for e in result.plan["layers"].values())
+        _wrote(f"{result.out}: {count} experts masked (never selected; their {result.plan['details']['mechanism']} "
+               "entries are -inf); every weight kept")
+        return
     width = result.plan.get("width") if isinstance(result.plan, dict) else None
     masked = result.plan.get("masked_neurons") if isinstance(result.plan, dict) else None
     measured = result.plan.get("measured_sparsity") if isinstance(result.plan, dict) else None
@@ -746,6 +752,86 @@ def merge(
     _write_or_apply(model, plan, out_dir, plan_only, overwrite, dtype, paths,
                     f"merge {plan['num_experts']['before']} experts into {plan['num_experts']['after']} per layer "
                     f"({method})")
+
+
+@app.command()
+def mask(
+    model: Annotated[str, typer.Argument(help="Model directory or hub id.")],
+    out_dir: Annotated[Path, typer.Option(
+        "--out", help="New directory for the masked checkpoint (with --plan-only: the plan JSON file).")],
+    experts: Annotated[str | None, typer.Option(
+        "--experts", help="Experts never selected: LAYER:EXPERT pairs, e.g. 3:17,3:40,5:2.")] = None,
+    from_contrast: Annotated[str | None, typer.Option(
+        "--from-contrast", metavar="A:B:N", help="Mask the N experts of every layer that profile set A routes to "
+        "most more than set B (moekit contrast), e.g. harmful:harmless:2 (an ablation of those experts).")] = None,
+    profile: Annotated[Path | None, typer.Option(help="The profile --from-contrast reads.")] = None,
+    allow_remove: Annotated[bool, typer.Option(
+        "--allow-remove", help="Where the family has no selection bias to hold a mask, remove the experts instead "
+        "(a prune: the same number in every layer; the card says so).")] = False,
+    plan_only: Annotated[bool, typer.Option("--plan-only", help="Write the plan JSON only.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it is an earlier moekit output.")]
+    = False,
+) -> None:
+    """Write a stock checkpoint whose routers never select the given experts (a routing mask).
+
+    Exact where the family has a selection bias: the masked experts' entries of the correction bias
+    (DeepSeek-V3, GLM-4-MoE, ERNIE-4.5, ...) or of the router's logit bias (GPT-OSS) become -inf, so
+    they are never chosen; every weight stays. Families without one cannot hold a mask in a stock
+    config: --allow-remove removes the experts instead. Streamed one decoder layer at a time.
+
+    Example: moekit mask MODEL --from-contrast harmful:harmless:2 --profile prof --out masked
+    """
+    from moekit.arch import MoEModelView
+    from moekit.edit import PlanError
+    from moekit.edit.mask import check_mask, make_mask_plan, mask_mechanism, parse_mask
+    from moekit.model_io import describe_source, load_structure
+    from moekit.outputs import check_output
+
+    _quiet_transformers()
+    check_output(out_dir, kind="file" if plan_only else "checkpoint", overwrite=overwrite, sources=[model],
+                 inputs=[profile])
+    if (experts is None) == (from_contrast is None):
+        raise PlanError("give the experts to mask: --experts LAYER:EXPERT,... or --from-contrast A:B:N --profile P "
+                        "(one of the two)")
+    view = MoEModelView.from_model(load_structure(model))
+    if experts is not None:
+        masked, why = parse_mask(experts), "named by the user"
+    else:
+        from moekit.plan import parse_protect_contrast
+        from moekit.profile import Profile
+        from moekit.profile.contrast import top_contrast_experts
+
+        a, b, per_layer = parse_protect_contrast(from_contrast) or ("", "", 0)
+        if profile is None:
+            raise PlanError("--from-contrast reads a profile: give --profile PROFILE")
+        loaded = Profile.load(profile)
+        loaded.check_model(view)
+        masked = top_contrast_experts(loaded, a, b, per_layer)
+        why = f"the {per_layer} experts per layer that {a!r} routes to most more than {b!r} (moekit contrast)"
+    check_mask(view, masked)
+    source = describe_source(model)
+    if mask_mechanism(view) is None:
+        if not allow_remove:
+            raise PlanError(f"{view.model_type} has no selection bias (correction bias or router logit bias) in which "
+                            "a stock config can hold a mask: give --allow-remove to remove the experts instead (a "
+                            "prune)")
+        from moekit.edit.card import prune_plan_record
+        from moekit.summary import summarize
+
+        counts = {len(set(masked.get(layer.index, []))) for layer in view.layers}
+        if len(counts) != 1:
+            raise PlanError(f"--allow-remove removes the masked experts, and stock configs hold one expert count: mask "
+                            f"the same number in every MoE layer (now {sorted(counts)})")
+        keep = {layer.index: [e for e in range(layer.num_experts) if e not in set(masked.get(layer.index, []))]
+                for layer in view.layers}
+        plan = prune_plan_record(source, summarize(view), keep, "routing-mask-removed",
+                                 {"chosen": why, "removed": "the family has no selection bias to hold a mask, so the "
+                                  "masked experts were removed (moekit mask --allow-remove)"})
+        what = f"remove {next(iter(counts))} experts per layer ({why}; no selection bias to hold a mask)"
+    else:
+        plan = make_mask_plan(view, masked, source, why)
+        what = f"mask {sum(len(set(v)) for v in masked.values())} experts ({why}) through the {mask_mechanism(view)}"
+    _write_or_apply(model, plan, out_dir, plan_only, overwrite, "auto", [profile], what)
 
 
 class _DefaultCollectGroup(TyperGroup):

@@ -21,7 +21,7 @@ from typing import Any
 
 from moekit.arch.view import MoEModelView
 from moekit.edit import PruneResult, prune_to_checkpoint
-from moekit.edit.card import NEURON_PLAN_FORMAT, SPARSITY_PLAN_FORMAT, prune_plan_record
+from moekit.edit.card import MASK_PLAN_FORMAT, NEURON_PLAN_FORMAT, SPARSITY_PLAN_FORMAT, prune_plan_record
 from moekit.edit.checkpoint import check_output_dir
 from moekit.edit.keep import PlanError, check_plan_format, parse_keep, read_json_plan, validate_keep
 from moekit.edit.prune import validate_top_k
@@ -170,6 +170,10 @@ def apply_plan(source: str | Path, plan: dict[str, Any], out: str | Path, *, ove
 
         return sparsity_to_checkpoint(source, plan, out, overwrite=overwrite, dtype=dtype, reproduce=reproduce,
                                       profile=profile)
+    if plan.get("format") == MASK_PLAN_FORMAT:  # experts never selected (moekit.edit.mask)
+        from moekit.edit.mask import mask_to_checkpoint
+
+        return mask_to_checkpoint(source, plan, out, overwrite=overwrite, dtype=dtype, reproduce=reproduce)
     checked = checked_plan(plan, MoEModelView.from_model(load_structure(source)))
     groups = plan_groups(checked)
     if groups is not None:

@@ -15,6 +15,7 @@ PLAN_FORMAT = "moekit.expert_prune_plan/1"
 MERGE_PLAN_FORMAT = "moekit.expert_merge_plan/1"  # a pruning plan whose layers also hold groups (moekit.merge)
 NEURON_PLAN_FORMAT = "moekit.neuron_prune_plan/1"  # a pruning plan whose layers also hold kept neurons (edit.neurons)
 SPARSITY_PLAN_FORMAT = "moekit.sparsity_plan/1"  # a pruning plan whose layers also hold a sparsity (edit.sparsity)
+MASK_PLAN_FORMAT = "moekit.routing_mask_plan/1"  # every expert kept; layers list experts never selected (edit.mask)
 QUALITY_HEADING = "## Quality"
 NOT_MEASURED = "Not measured by this step. Measure before serving."
 

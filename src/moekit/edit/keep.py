@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from moekit.arch.view import MoEModelView
-from moekit.edit.card import MERGE_PLAN_FORMAT, NEURON_PLAN_FORMAT, PLAN_FORMAT, SPARSITY_PLAN_FORMAT
+from moekit.edit.card import (
+    MASK_PLAN_FORMAT,
+    MERGE_PLAN_FORMAT,
+    NEURON_PLAN_FORMAT,
+    PLAN_FORMAT,
+    SPARSITY_PLAN_FORMAT,
+)
 from moekit.errors import UserError
 
 
@@ -73,14 +79,15 @@ def check_plan_format(plan: dict[str, Any], origin: str = "plan") -> None:
     a merge plan (``MERGE_PLAN_FORMAT``), a neuron plan (``NEURON_PLAN_FORMAT``) or a sparsity plan
     (``SPARSITY_PLAN_FORMAT``), whose ``kept``/``removed`` lists mean what a pruning plan's do."""
     fmt = plan.get("format")
-    if fmt in (PLAN_FORMAT, MERGE_PLAN_FORMAT, NEURON_PLAN_FORMAT, SPARSITY_PLAN_FORMAT):
+    if fmt in (PLAN_FORMAT, MERGE_PLAN_FORMAT, NEURON_PLAN_FORMAT, SPARSITY_PLAN_FORMAT, MASK_PLAN_FORMAT):
         return
     what = OTHER_RECORDS.get(fmt) if isinstance(fmt, str) else None
     raise PlanError(f"{origin} has format {fmt!r}" + (f", {what}, not a pruning plan" if what else "")
                     + f"; moekit applies pruning plans of format {PLAN_FORMAT!r} (moekit prune --plan-only writes "
                     f"one), merge plans of format {MERGE_PLAN_FORMAT!r} (moekit merge --plan-only), neuron plans of "
                     f"format {NEURON_PLAN_FORMAT!r} (moekit prune --neurons --plan-only), sparsity plans of format "
-                    f"{SPARSITY_PLAN_FORMAT!r} (moekit prune --sparsity --plan-only) or plain keep "
+                    f"{SPARSITY_PLAN_FORMAT!r} (moekit prune --sparsity --plan-only), routing masks of format "
+                    f"{MASK_PLAN_FORMAT!r} (moekit mask --plan-only) or plain keep "
                     'maps {"<layer>": [expert ids to keep], ...}')
 
 

@@ -1,0 +1,210 @@
+"""Routing masks: a stock checkpoint in which chosen experts are never selected (MASCing-style configuration,
+GateBreaker-style ablation for audits), and in-process masks and boosts for experiments.
+
+Written exactly where the family's routing has a selection bias, by setting the masked experts' entries to -inf:
+
+- a correction bias (DeepSeek-V3, GLM-4-MoE, ...: added to the scores for the top-k choice only): a masked expert
+  is never chosen, and the chosen experts' weights are computed from the unbiased scores as before;
+- a router bias added to the logits (GPT-OSS): the masked expert's logit is -inf, so it is never among the top-k
+  (and has probability 0 where the softmax runs over every expert).
+
+Both equal the view's masked routing, ``MoELayer.route(hidden, available)``, which moekit's analyses use (tested),
+where the family scores each expert on its own (sigmoid) or selects on the biased logits. Where a softmax over every
+expert comes before a biased choice (ERNIE-4.5: probabilities + correction bias), the masked expert is never chosen
+but the others are chosen from probabilities normalised over every expert, as the model computes them, not over the
+rest as removal would (``equals_removal`` false in the plan and said in the card).
+A family with neither tensor cannot express a mask in a stock config: ``moekit mask --allow-remove`` removes the
+experts instead (a pruning plan; its card says it is a prune), otherwise it is refused.
+
+    masked = {3: [17, 40], 5: [2]}          # MoE layer -> experts never selected
+    plan = make_mask_plan(view, masked, source, why="named by the user")
+    mask_to_checkpoint(source, plan, out)   # streamed one decoder layer at a time
+
+In memory, ``MoELayer.route(hidden, available)`` is the masked routing for analyses; in-process masks and boosts
+of a running model (additive logit biases) are not built yet.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moekit.arch.view import MoELayer, MoEModelView
+from moekit.edit.card import MASK_PLAN_FORMAT, _param_rows, plan_envelope, shown_path, versions
+from moekit.edit.keep import PlanError
+
+MaskMap = dict[int, list[int]]  # MoE layer -> experts never selected
+# routing kinds in which a -inf selection bias gives exactly the routing of the model without those experts
+EQUALS_REMOVAL = frozenset({"sigmoid_topk", "topk_softmax", "softmax_topk", "topk_sigmoid"})
+
+
+def mask_mechanism(view: MoEModelView) -> str | None:
+    """How a stock checkpoint of ``view``'s family can express a routing mask: "correction_bias", "router_bias", or
+    None (only by removing the experts)."""
+    layer = view.layers[0]
+    if layer.correction_bias_name is not None:
+        return "correction_bias"
+    if layer.router_bias_name is not None:
+        return "router_bias"
+    return None
+
+
+def parse_mask(text: str | None) -> MaskMap:
+    """``"3:17,3:40,5:2"`` -> {3: [17, 40], 5: [2]}."""
+    from moekit.plan import parse_protect
+
+    masked: MaskMap = {}
+    try:
+        pairs = parse_protect(text)
+    except PlanError:
+        raise PlanError(f"--experts {text!r}: expected LAYER:EXPERT pairs separated by commas, e.g. 3:17,5:2") from None
+    for layer, expert in pairs:
+        masked.setdefault(layer, []).append(expert)
+    return masked
+
+
+def check_mask(view: MoEModelView, masked: MaskMap) -> None:
+    """Every entry names an expert of an MoE layer, and every layer keeps at least top-k experts selectable."""
+    layers = {layer.index: layer for layer in view.layers}
+    if not masked or not any(masked.values()):
+        raise PlanError("a mask must name at least one expert (--experts LAYER:EXPERT,... or --from-contrast)")
+    for index, experts in masked.items():
+        if index not in layers:
+            raise PlanError(f"layer {index} is not an MoE layer of this model (MoE layers: {sorted(layers)})")
+        layer = layers[index]
+        bad = [e for e in experts if not 0 <= e < layer.num_experts]
+        if bad:
+            raise PlanError(f"layer {index}: experts {bad} are out of range (0..{layer.num_experts - 1})")
+        if layer.num_experts - len(set(experts)) < layer.top_k:
+            raise PlanError(f"layer {index}: masking {len(set(experts))} of {layer.num_experts} experts leaves fewer "
+                            f"than the {layer.top_k} each token needs")
+
+
+def mask_bias(layer: MoELayer) -> torch.Tensor:
+    """The tensor a mask writes to (the correction bias, else the router bias)."""
+    bias = layer.correction_bias if layer.correction_bias_name is not None else layer.router_bias
+    if bias is None:
+        raise PlanError(f"{layer.path}: no selection bias to express a mask")
+    return bias
+
+
+def mask_layer(layer: MoELayer, experts: list[int]) -> None:
+    """Set the selection bias of ``experts`` of ``layer`` to -inf, in place."""
+    bias = mask_bias(layer)
+    with torch.no_grad():
+        bias.view(-1)[torch.tensor(sorted(set(experts)), dtype=torch.long, device=bias.device)] = float("-inf")
+
+
+def make_mask_plan(view: MoEModelView, masked: MaskMap, source: str, why: str) -> dict[str, Any]:
+    """The mask record (``moekit_plan.json``, format ``MASK_PLAN_FORMAT``): every expert is kept; each layer lists
+    its masked experts. ``why``: how they were chosen, for the card."""
+    from moekit.summary import summarize
+
+    check_mask(view, masked)
+    mechanism = mask_mechanism(view)
+    if mechanism is None:
+        raise PlanError(f"{view.model_type} has no selection bias (correction bias or router bias) in which a stock "
+                        "config can hold a mask; give --allow-remove to remove the experts instead (a prune)")
+    layers = {str(layer.index): {"kept": list(range(layer.num_experts)), "removed": [],
+                                 "masked": sorted(set(masked.get(layer.index, [])))} for layer in view.layers}
+    first = view.layers[0]
+    bias_name = first.correction_bias_name if mechanism == "correction_bias" else first.router_bias_name
+    details = {"mechanism": mechanism, "bias": bias_name, "value": "-inf", "chosen": why,
+               "equals_removal": first.routing.kind in EQUALS_REMOVAL}
+    return plan_envelope(MASK_PLAN_FORMAT, source, summarize(view), view.num_experts, "routing-mask", details, None,
+                         layers)
+
+
+def plan_mask_map(plan: dict[str, Any], view: MoEModelView, origin: str = "plan") -> MaskMap:
+    """A mask plan's masked experts, checked against ``view``."""
+    masked: MaskMap = {}
+    for key, entry in plan["layers"].items():
+        experts = entry.get("masked")
+        if not isinstance(experts, list) or not all(isinstance(e, int) and not isinstance(e, bool) for e in experts):
+            raise PlanError(f"{origin}: layer {key} 'masked' must be a list of expert ids")
+        if experts:
+            masked[int(key)] = experts
+    check_mask(view, masked)
+    if mask_mechanism(view) is None:
+        raise PlanError(f"{origin}: {view.model_type} has no selection bias to hold a mask")
+    return masked
+
+
+def render_mask_card(name: str, source: str, before: Any, after: Any, plan: dict[str, Any], reproduce: str,
+                     base: Path | None = None) -> str:
+    """The checkpoint's README.md after masking."""
+    reproduce = reproduce.replace(source, shown_path(source, base))
+    source = shown_path(source, base)
+    v = versions()
+    today = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    details = plan["details"]
+    masked = {int(k): e["masked"] for k, e in plan["layers"].items() if e["masked"]}
+    listed = "; ".join(f"layer {k}: {', '.join(map(str, v))}" for k, v in sorted(masked.items()))
+    same = ("The other experts are routed exactly as in the source without the masked ones." if
+            details.get("equals_removal") else "The other experts are chosen from router probabilities normalised over "
+            "every expert, as the model computes them (removing the masked experts would renormalise over the rest).")
+    how = ("its correction bias (added to the scores for the top-k choice only)" if details["mechanism"] ==
+           "correction_bias" else "its router bias (added to the logits)")
+    return f"""---
+library_name: transformers
+tags:
+- moekit
+- mixture-of-experts
+- routing-mask
+---
+
+# {name}
+
+Routing-masked from `{source}` ({before.model_type}, {before.architecture}) with moekit {v['moekit']}:
+**{sum(len(v) for v in masked.values())} experts are never selected** ({listed}; {details['chosen']}). Each masked
+expert's entry in {how} is set to -inf, so the router never chooses it; every weight is the source's. {same}
+The experts are still stored (the checkpoint is as large as the source); remove
+them with `moekit prune` to save memory. No weights were retrained.
+
+It loads with plain `AutoModelForCausalLM.from_pretrained`.
+
+| | before | after | after / before |
+|---|---:|---:|---:|
+{_param_rows(before, after)}
+
+Made {today} with torch {v['torch']}, transformers {v['transformers']}. Reproduce:
+
+```
+{reproduce}
+```
+"""
+
+
+def mask_to_checkpoint(source: str | Path, plan: dict[str, Any], out: str | Path, overwrite: bool = False,
+                       dtype: str = "auto", reproduce: str | None = None) -> Any:
+    """Write ``source`` with ``plan``'s masks to ``out`` (streamed one decoder layer at a time from a local
+    safetensors checkpoint: each MoE layer's router is rewritten with the masked bias, every other tensor's bytes
+    copied), with the plan and a card; checked before a weight is read, written atomically."""
+    from moekit.edit.rewrite import ExpertEdit, expert_edit_to_checkpoint
+
+    def prepare(structure: MoEModelView) -> ExpertEdit:
+        masked = plan_mask_map(plan, structure)
+
+        def edit(layer: MoELayer) -> None:
+            if layer.index in masked:
+                mask_layer(layer, masked[layer.index])
+
+        def modules(layer: MoELayer) -> dict[str, Any]:  # the module holding the bias, written back
+            name = layer.correction_bias_name or layer.router_bias_name or ""
+            owner = name.rpartition(".")[0]
+            path = f"{layer.path}.{owner}" if owner else layer.path
+            return {path: layer.block.get_submodule(owner) if owner else layer.block}
+        return ExpertEdit(edit, modules=modules)
+
+    def card(name: str, described: str, before: Any, after: Any, base: Path, command: str) -> str:
+        return render_mask_card(name, described, before, after, plan, command, base)
+
+    return expert_edit_to_checkpoint(source, plan, out, prepare, card, "masked", overwrite=overwrite, dtype=dtype,
+                                     reproduce=reproduce)
+
+
+__all__ = ["MaskMap", "check_mask", "make_mask_plan", "mask_layer", "mask_mechanism", "mask_to_checkpoint",
+           "parse_mask", "plan_mask_map", "render_mask_card"]

@@ -1,0 +1,120 @@
+"""Routing masks (``moekit mask``, ``moekit.edit.mask``): written through the family's selection bias, equal to the
+view's masked routing, stock-loadable; removal only when asked; bad input refused with nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import capture_transformers_log, random_ids
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from moekit.arch import MoEModelView
+from moekit.cli import app
+from moekit.tiny import save_tiny_model
+
+MASKED = (1, 5)
+
+
+def _sorted_routing(layer, hidden, available=None):
+    routing = layer.route(hidden, available)
+    order = routing.index.sort(-1)
+    return order.values, routing.weights.gather(1, order.indices)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe", "gpt_oss"])
+def test_a_mask_is_the_views_masked_routing_and_reloads_stock(family, tmp_path) -> None:
+    source = save_tiny_model(family, tmp_path / "model")
+    view = MoEModelView.from_model(AutoModelForCausalLM.from_pretrained(source))
+    spec = ",".join(f"{layer.index}:{e}" for layer in view.layers for e in MASKED)
+    result = CliRunner().invoke(app, ["mask", str(source), "--experts", spec, "--out", str(tmp_path / "masked")])
+    assert result.exit_code == 0, result.output
+    with capture_transformers_log() as log:
+        model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "masked", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert log.getvalue() == ""
+    masked_view = MoEModelView.from_model(model)
+    hidden = torch.randn(200, view.layers[0].router_weight.shape[-1], generator=torch.Generator().manual_seed(0))
+    for original, masked in zip(view.layers, masked_view.layers, strict=True):
+        available = torch.ones(original.num_experts, dtype=torch.bool)
+        available[list(MASKED)] = False
+        want_index, want_weights = _sorted_routing(original, hidden, available)
+        got_index, got_weights = _sorted_routing(masked, hidden)
+        assert torch.equal(got_index, want_index)
+        assert torch.equal(got_weights, want_weights)
+        assert not torch.isin(got_index, torch.tensor(MASKED)).any()
+        # without the mask the original does route to them: the mask changed something
+        assert torch.isin(original.route(hidden).index, torch.tensor(MASKED)).any()
+    plan = json.loads((tmp_path / "masked" / "moekit_plan.json").read_text())
+    assert plan["format"] == "moekit.routing_mask_plan/1" and plan["details"]["equals_removal"] is True
+    assert all(entry["masked"] == list(MASKED) for entry in plan["layers"].values())
+    card = " ".join((tmp_path / "masked" / "README.md").read_text().split())
+    assert f"{2 * len(view.layers)} experts are never selected" in card and "routed exactly as" in card
+    original = AutoModelForCausalLM.from_pretrained(source).eval()
+    with torch.no_grad():  # every weight is the source's: only the bias entries changed
+        for (name, a), (_, b) in zip(original.state_dict().items(), model.state_dict().items(), strict=True):
+            if not torch.equal(a, b):
+                assert "bias" in name and torch.isinf(b).sum() == len(MASKED), name
+        assert torch.isfinite(model.eval()(input_ids=random_ids()).logits).all()
+    # apply: the plan gives the same checkpoint
+    applied = CliRunner().invoke(app, ["apply", str(source), str(tmp_path / "masked" / "moekit_plan.json"), "--out",
+                                       str(tmp_path / "applied")])
+    assert applied.exit_code == 0, applied.output
+    assert (tmp_path / "applied" / "model.safetensors").read_bytes() == \
+        (tmp_path / "masked" / "model.safetensors").read_bytes()
+
+
+def test_where_a_softmax_precedes_the_biased_choice_the_card_says_the_routing_differs_from_removal(tmp_path) -> None:
+    """ERNIE-4.5 chooses from softmax probabilities plus its correction bias: the masked experts are never chosen,
+    the others are chosen from probabilities normalised over every expert (what the stock model computes)."""
+    source = save_tiny_model("ernie4_5_moe", tmp_path / "model")
+    view = MoEModelView.from_model(AutoModelForCausalLM.from_pretrained(source))
+    spec = ",".join(f"{layer.index}:{e}" for layer in view.layers for e in MASKED)
+    result = CliRunner().invoke(app, ["mask", str(source), "--experts", spec, "--out", str(tmp_path / "masked")])
+    assert result.exit_code == 0, result.output
+    masked_view = MoEModelView.from_model(AutoModelForCausalLM.from_pretrained(tmp_path / "masked"))
+    hidden = torch.randn(200, view.layers[0].router_weight.shape[-1], generator=torch.Generator().manual_seed(0))
+    for original, masked in zip(view.layers, masked_view.layers, strict=True):
+        index = masked.route(hidden).index
+        assert not torch.isin(index, torch.tensor(MASKED)).any()
+        # by hand: the stock choice, probabilities over every expert plus the bias, masked experts at -inf
+        probs = torch.softmax(original.router_logits(hidden).float(), dim=-1)
+        choice = probs + original.correction_bias.float().reshape(-1)
+        choice[:, list(MASKED)] = float("-inf")
+        assert torch.equal(index.sort(-1).values, choice.topk(original.top_k, dim=-1).indices.sort(-1).values)
+    plan = json.loads((tmp_path / "masked" / "moekit_plan.json").read_text())
+    assert plan["details"]["equals_removal"] is False
+    assert "removing the masked experts would renormalise" in " ".join(
+        (tmp_path / "masked" / "README.md").read_text().split())
+
+
+def test_families_without_a_selection_bias_mask_only_by_removal_when_asked(tmp_path) -> None:
+    runner = CliRunner()
+    source = save_tiny_model("qwen3_moe", tmp_path / "model")
+    view = MoEModelView.from_model(AutoModelForCausalLM.from_pretrained(source))
+    spec = ",".join(f"{layer.index}:{e}" for layer in view.layers for e in MASKED)
+    refused = runner.invoke(app, ["mask", str(source), "--experts", spec, "--out", str(tmp_path / "out")])
+    assert refused.exit_code == 2 and "--allow-remove" in refused.output
+    assert not (tmp_path / "out").exists()
+    removed = runner.invoke(app, ["mask", str(source), "--experts", spec, "--allow-remove", "--out",
+                                  str(tmp_path / "out")])
+    assert removed.exit_code == 0, removed.output
+    plan = json.loads((tmp_path / "out" / "moekit_plan.json").read_text())
+    assert plan["format"] == "moekit.expert_prune_plan/1" and plan["method"] == "routing-mask-removed"
+    assert all(entry["removed"] == list(MASKED) for entry in plan["layers"].values())
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.num_experts == view.num_experts - 2
+
+
+def test_bad_masks_are_refused_with_nothing_written(tmp_path) -> None:
+    runner = CliRunner()
+    source = save_tiny_model("deepseek_v3", tmp_path / "model")
+    for argv, message in ((["--experts", "1:99"], "out of range"), (["--experts", "0:1"], "not an MoE layer"),
+                          (["--experts", "1:x"], "LAYER:EXPERT"), ([], "give the experts to mask"),
+                          (["--experts", ",".join(f"1:{e}" for e in range(7))], "fewer than the"),
+                          (["--from-contrast", "a:b:2"], "give --profile")):
+        result = runner.invoke(app, ["mask", str(source), *argv, "--out", str(tmp_path / "out")])
+        assert result.exit_code == 2, (argv, result.output)
+        assert message in " ".join(result.output.split()), (argv, result.output)
+        assert not (tmp_path / "out").exists()
