@@ -529,6 +529,14 @@ def _prune_neurons_command(model: str, out_dir: Path, inputs: Any, profile: Path
             if mode == "uniform" else f"zero {plan['masked_neurons']['per_layer']} of the "
             f"{plan['masked_neurons']['of']} routed-expert neurons of every MoE layer ({criterion}; saves nothing on "
             "disk)")
+    _finish_inner_plan(model, plan, experts_plan, what, dry_run, out_dir, plan_only, overwrite, dtype, paths)
+
+
+def _finish_inner_plan(model: str, plan: dict[str, Any], experts_plan: dict[str, Any] | None, what: str,
+                       dry_run: bool, out_dir: Path, plan_only: bool, overwrite: bool, dtype: str,
+                       paths: list[Any]) -> None:
+    """The end of ``prune --neurons`` and ``prune --sparsity``: say what the plan does (after its expert pruning,
+    when it has one) and stop (--dry-run), or write or apply it."""
     if experts_plan is not None:
         what = (f"keep {plan['num_experts']['after']} of {plan['num_experts']['before']} experts per layer "
                 f"({experts_plan['method']}), then " + what)
@@ -575,14 +583,7 @@ def _sparsify_command(model: str, out_dir: Path, inputs: Any, profile: Path, spa
     what = (f"zero {sparsity:g} of every kept routed expert's weights ({criterion}, {pattern}, "
             + (f"OWL layer sparsities {min(layers):.3f} to {max(layers):.3f}" if owl else "uniform")
             + "; dense zeros save nothing on disk)")
-    if experts_plan is not None:
-        what = (f"keep {plan['num_experts']['after']} of {plan['num_experts']['before']} experts per layer "
-                f"({experts_plan['method']}), then " + what)
-    if dry_run:
-        _note(what)
-        out.print("dry run: nothing was written", highlight=False)
-        return
-    _write_or_apply(model, plan, out_dir, plan_only, overwrite, dtype, paths, what)
+    _finish_inner_plan(model, plan, experts_plan, what, dry_run, out_dir, plan_only, overwrite, dtype, paths)
 
 
 def _print_prune_needs(model: str, out_dir: Path, kept: int, dtype: str) -> None:

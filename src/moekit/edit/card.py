@@ -73,6 +73,25 @@ def _param_rows(before: ModelSummary, after: ModelSummary) -> str:
     return "\n".join(rows)
 
 
+def card_tail(before: ModelSummary, after: ModelSummary, reproduce: str, note: str = "") -> str:
+    """The end every edited checkpoint's card shares: that it loads stock, the parameter table, the versions and
+    the command that reproduces it (``note``: a sentence before the versions)."""
+    v = versions()
+    today = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"""It loads with plain `AutoModelForCausalLM.from_pretrained`.
+
+| | before | after | after / before |
+|---|---:|---:|---:|
+{_param_rows(before, after)}
+
+{note}Made {today} with torch {v['torch']}, transformers {v['transformers']}. Reproduce:
+
+```
+{reproduce}
+```
+"""
+
+
 def _top_k_text(before: ModelSummary, after: ModelSummary) -> str:
     if before.top_k == after.top_k:
         return f"top-{after.top_k} routing unchanged"

@@ -26,14 +26,13 @@ of a running model (additive logit biases) are not built yet.
 
 from __future__ import annotations
 
-import datetime as _dt
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from moekit.arch.view import MoELayer, MoEModelView
-from moekit.edit.card import MASK_PLAN_FORMAT, _param_rows, plan_envelope, shown_path, versions
+from moekit.edit.card import MASK_PLAN_FORMAT, card_tail, plan_envelope, shown_path, versions
 from moekit.edit.keep import PlanError
 
 MaskMap = dict[int, list[int]]  # MoE layer -> experts never selected
@@ -139,7 +138,6 @@ def render_mask_card(name: str, source: str, before: Any, after: Any, plan: dict
     reproduce = reproduce.replace(source, shown_path(source, base))
     source = shown_path(source, base)
     v = versions()
-    today = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     details = plan["details"]
     masked = {int(k): e["masked"] for k, e in plan["layers"].items() if e["masked"]}
     listed = "; ".join(f"layer {k}: {', '.join(map(str, v))}" for k, v in sorted(masked.items()))
@@ -164,18 +162,7 @@ expert's entry in {how} is set to -inf, so the router never chooses it; every we
 The experts are still stored (the checkpoint is as large as the source); remove
 them with `moekit prune` to save memory. No weights were retrained.
 
-It loads with plain `AutoModelForCausalLM.from_pretrained`.
-
-| | before | after | after / before |
-|---|---:|---:|---:|
-{_param_rows(before, after)}
-
-Made {today} with torch {v['torch']}, transformers {v['transformers']}. Reproduce:
-
-```
-{reproduce}
-```
-"""
+{card_tail(before, after, reproduce)}"""
 
 
 def mask_to_checkpoint(source: str | Path, plan: dict[str, Any], out: str | Path, overwrite: bool = False,

@@ -24,14 +24,13 @@ block scales span neurons), and any other tensor that follows the width (Jamba's
 from __future__ import annotations
 
 import copy
-import datetime as _dt
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from moekit.arch.view import MoEModelView, _set, config_value
-from moekit.edit.card import NEURON_PLAN_FORMAT, _param_rows, plan_envelope, shown_path, versions
+from moekit.edit.card import NEURON_PLAN_FORMAT, card_tail, plan_envelope, shown_path, versions
 from moekit.edit.keep import PlanError
 
 NeuronKeep = dict[int, torch.Tensor]  # MoE layer -> long [E, I'] kept neurons of each expert, ascending
@@ -486,7 +485,6 @@ def render_neuron_card(name: str, source: str, before: Any, after: Any, plan: di
     reproduce = reproduce.replace(source, shown_path(source, base))
     source = shown_path(source, base)
     v = versions()
-    today = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     width = plan["width"]
     if (plan.get("details") or {}).get("mode") == "masked":
         share = plan["masked_neurons"]
@@ -525,18 +523,7 @@ Neuron-pruned from `{source}` ({before.model_type}, {before.architecture}) with 
 {what} Every expert, router and other weight is the source's; the kept neurons' rows and columns are
 unchanged. {shared} No weights were retrained.
 
-It loads with plain `AutoModelForCausalLM.from_pretrained`.
-
-| | before | after | after / before |
-|---|---:|---:|---:|
-{_param_rows(before, after)}
-
-Made {today} with torch {v['torch']}, transformers {v['transformers']}. Reproduce:
-
-```
-{reproduce}
-```
-
+{card_tail(before, after, reproduce)}
 The plan (`moekit_plan.json`) lists every expert's kept neurons.
 """
 

@@ -28,14 +28,13 @@ layer at a time.
 
 from __future__ import annotations
 
-import datetime as _dt
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from moekit.arch.view import MoEModelView
-from moekit.edit.card import SPARSITY_PLAN_FORMAT, _param_rows, plan_envelope, shown_path, versions
+from moekit.edit.card import SPARSITY_PLAN_FORMAT, card_tail, plan_envelope, shown_path, versions
 from moekit.edit.keep import PlanError
 
 ALLOCATIONS = ("uniform", "owl")
@@ -319,7 +318,6 @@ def render_sparsity_card(name: str, source: str, before: Any, after: Any, plan: 
     reproduce = reproduce.replace(source, shown_path(source, base))
     source = shown_path(source, base)
     v = versions()
-    today = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     details = plan.get("details") or {}
     measured = plan.get("measured_sparsity") or {}
     layers = [entry["sparsity"] for entry in plan["layers"].values()]
@@ -349,19 +347,7 @@ other weight are the source's. No weights were retrained.
 **The zeros are stored densely: this checkpoint is as large as one without them and runs no faster, unless a
 sparse format or kernel uses them** (2:4 is the pattern sparse tensor cores accelerate).
 
-It loads with plain `AutoModelForCausalLM.from_pretrained`.
-
-| | before | after | after / before |
-|---|---:|---:|---:|
-{_param_rows(before, after)}
-
-(Parameter counts include the zeros.) Made {today} with torch {v['torch']}, transformers {v['transformers']}.
-Reproduce:
-
-```
-{reproduce}
-```
-
+{card_tail(before, after, reproduce, "(Parameter counts include the zeros.) ")}
 The plan (`moekit_plan.json`) lists every layer's sparsity, as planned and as measured.
 """
 
