@@ -28,8 +28,9 @@ from moekit.report import (
 from moekit.tiny import build_tiny_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-SECTIONS = ("expert-load", "scores", "quality", "speed", "samples")
-HEADINGS = {"expert-load": "## Expert load", "scores": "## Expert scores and the pruning cut",
+SECTIONS = ("expert-load", "routing", "scores", "quality", "speed", "samples")
+HEADINGS = {"expert-load": "## Expert load", "routing": "## Routing: contrasts, co-activation and sparsity",
+            "scores": "## Expert scores and the pruning cut",
             "quality": "## Quality vs compression", "speed": "## Memory and speed", "samples": "## Generation samples"}
 
 
@@ -85,10 +86,10 @@ def test_full_report_is_self_contained(tmp_path: Path, pipeline: dict[str, Any])
     assert md == tmp_path / "r" / "report.md" and html_path == tmp_path / "r" / "report.html"
     html, text = html_path.read_text(), md.read_text()
     pngs = _check_self_contained(html)
-    assert len(pngs) == 1 + 2 + 1  # heatmap, one score figure per plan, quality
+    assert len(pngs) == 1 + 2 + 2 + 1  # heatmap, co-activation and sparsity, one score figure per plan, quality
     for name in re.findall(r"\]\((figures/[^)]+\.png)\)", text):
         assert (md.parent / name).read_bytes().startswith(PNG_MAGIC)
-    assert len(re.findall(r"\]\(figures/", text)) == 4
+    assert len(re.findall(r"\]\(figures/", text)) == 6
     for section in SECTIONS:
         assert html.count(f'<section id="{section}">') == 1
         assert text.count(HEADINGS[section] + "\n") == 1
@@ -116,7 +117,7 @@ def test_sections_appear_exactly_when_given(tmp_path: Path, pipeline: dict[str, 
     md, html_path = build_report(tmp_path, **kwargs)
     html, text = html_path.read_text(), md.read_text()
     for section in SECTIONS:
-        expected = int(section in given)
+        expected = int(section in given or (section == "routing" and "expert-load" in given))  # both from a profile
         assert html.count(f'<section id="{section}">') == expected, section
         assert text.count(HEADINGS[section] + "\n") == expected, section
     _check_self_contained(html)
