@@ -1379,7 +1379,8 @@ def report(
         if not sep or not a or not b or ":" in b:
             raise ReportError(f"--contrast {item!r}: expected SET_A:SET_B, e.g. code:prose")
         pairs.append((a, b))
-    md, html = build_report(out_dir, **inputs, overwrite=overwrite, inputs=read, contrasts=pairs)
+    demo_contrasts = inputs.pop("contrasts", [])
+    md, html = build_report(out_dir, **inputs, overwrite=overwrite, inputs=read, contrasts=pairs or demo_contrasts)
     _wrote(f"{md} and {html}")
 
 

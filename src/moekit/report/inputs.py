@@ -173,7 +173,8 @@ def report_inputs_from_demo(demo_dir: str | Path) -> dict[str, Any]:
     """``build_report`` keyword arguments from a ``moekit demo`` output directory.
 
     The profile, each pruned variant's plan, per-domain perplexity of every model as result
-    points (the original at ratio 0) and a size table (parameters, experts per layer).
+    points (the original at ratio 0), a size table (parameters, experts per layer) and the contrast of the
+    profile's first two sets.
     """
     from moekit.profile.profile_file import Profile, ProfileError
 
@@ -208,4 +209,7 @@ def report_inputs_from_demo(demo_dir: str | Path) -> dict[str, Any]:
     speed: dict[str, Any] = {"models": sizes}
     if (demo_dir / "speed.json").is_file():  # memory and speed measured by the demo (moekit speed's result)
         speed = read_json(demo_dir / "speed.json", "the demo's speed results")
-    return {"profile": profile, "plans": plans, "results": points, "speed": speed, "title": "moekit demo report"}
+    names = profile.set_names
+    contrasts = [(names[0], names[1])] if len(names) >= 2 else []  # how the demo's two sets route apart
+    return {"profile": profile, "plans": plans, "results": points, "speed": speed, "title": "moekit demo report",
+            "contrasts": contrasts}
