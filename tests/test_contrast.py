@@ -244,3 +244,62 @@ def test_mask_from_contrast_takes_the_contrasts_top_experts(planted, tmp_path) -
     assert {int(k): v["removed"] for k, v in plan["layers"].items()} == {
         layer: planted_experts(layer, 8) for layer in Profile.load(planted / "profile").fingerprint["moe_layers"]}
     assert "'first' routes to most more than 'second'" in plan["details"]["chosen"]
+
+
+@pytest.fixture(scope="module")
+def bilingual(tmp_path_factory):
+    """The planted model's construction with a shared middle layer: every token also carries +2v (v orthogonal to
+    u), layers 0 and 2 route by u (first-half letters to their planted pair, the others never) and layer 1 sends every
+    token to experts 0 and 1 along v. Profiled on 'en' (first-half letters) and 'xx' (second-half letters)."""
+    root = tmp_path_factory.mktemp("bilingual")
+    model = build_tiny_model("qwen3_moe")
+    tokenizer = byte_tokenizer()
+    gen = torch.Generator().manual_seed(1)
+    hidden = model.config.hidden_size
+    u, v = torch.linalg.qr(torch.randn(hidden, 2, generator=gen)).Q.T  # orthonormal
+    with torch.no_grad():
+        embedding = model.get_input_embeddings().weight
+        embedding.copy_(0.05 * torch.randn(embedding.shape, generator=gen) + 2 * v)
+        for letters, sign in ((FIRST_HALF, 1.0), (SECOND_HALF, -1.0)):
+            for token in tokenizer(letters)["input_ids"]:
+                embedding[token] += sign * 3 * u
+        for layer in MoEModelView.from_model(model).layers:
+            model.model.layers[layer.index].self_attn.o_proj.weight.zero_()
+            layer.experts.down_proj.zero_()
+            router = layer.router_weight
+            router.copy_(0.05 * torch.randn(router.shape, generator=gen))
+            shared_layer = layer.index == 1
+            for expert in ([0, 1] if shared_layer else planted_experts(layer.index, layer.num_experts)):
+                router[expert] = 8 * (v if shared_layer else u)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    rng = random.Random(1)
+    for name, letters in (("en", FIRST_HALF), ("xx", SECOND_HALF)):
+        (root / f"{name}.txt").write_text("".join(rng.choice(letters) for _ in range(3000)))
+    profile_model(root / "model", [f"en={root / 'en.txt'}", f"xx={root / 'xx.txt'}"], root / "profile", seq_len=64,
+                  max_tokens=1024, progress=False)
+    return root
+
+
+def test_routing_similarity_finds_the_shared_middle_layer(bilingual, tmp_path) -> None:
+    from moekit.profile.contrast import routing_similarity
+
+    profile = Profile.load(bilingual / "profile")
+    result = routing_similarity(profile, "en")
+    assert result["layers"] == [0, 1, 2] and list(result["similarity"]) == ["xx"]
+    low, shared, high = result["similarity"]["xx"]
+    assert shared == pytest.approx(1.0, abs=1e-9)  # every token routes to experts 0 and 1
+    assert low < 0.2 and high < 0.2  # language-specific layers: disjoint planted pairs
+    runner = CliRunner()
+    analysed = runner.invoke(app, ["analyze", str(bilingual / "profile"), "--similarity-to", "en", "--json", "-"])
+    assert analysed.exit_code == 0, analysed.output
+    assert json.loads(analysed.output)["similarity"]["similarity"]["xx"] == result["similarity"]["xx"]
+    report = runner.invoke(app, ["report", "--profile", str(bilingual / "profile"), "--out", str(tmp_path / "r")])
+    assert report.exit_code == 0, report.output  # en is in the profile: the similarity plot comes by itself
+    assert (tmp_path / "r" / "figures" / "similarity.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Routing similarity of every set to en" in (tmp_path / "r" / "report.md").read_text()
+    for argv, message in ((["analyze", str(bilingual / "profile"), "--similarity-to", "fr"], "its sets: en, xx"),
+                          (["report", "--similarity-to", "en", "--out", str(tmp_path / "bad")], "give --profile")):
+        bad = runner.invoke(app, argv)
+        assert bad.exit_code == 2 and message in " ".join(bad.output.split()), bad.output
+    assert not (tmp_path / "bad").exists()

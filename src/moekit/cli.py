@@ -980,6 +980,9 @@ def analyze(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the --json file if it exists.")] = False,
     sets: Annotated[list[str] | None, typer.Option(
         "--set", help="Analyse only these named sets (repeatable); default: all together.")] = None,
+    similarity_to: Annotated[str | None, typer.Option(
+        "--similarity-to", metavar="SET", help="Also every other set's routing similarity to this one per layer (1 - "
+        "JS divergence of their routing shares; e.g. each language to en on parallel text).")] = None,
 ) -> None:
     """Explain routing from a profile: load balance, entropy, sparsity, super experts, specialisation.
 
@@ -999,9 +1002,22 @@ def analyze(
     for name in sets or []:
         loaded.set_index(name)
     report = analyze_profile(loaded, sets or None)
+    if similarity_to is not None:
+        from moekit.profile.contrast import routing_similarity
+
+        report["similarity"] = routing_similarity(loaded, similarity_to)
     if _json_to_stdout(json_out, report):
         return
     _print_analysis(report)
+    if similarity_to is not None:
+        sim = report["similarity"]
+        table = Table(title=f"routing similarity to {sim['reference']} per layer (1 - JS divergence, bits)")
+        table.add_column("set")
+        for layer in sim["layers"]:
+            table.add_column(str(layer), justify="right")
+        for name, values in sim["similarity"].items():
+            table.add_row(escape(name), *(f"{v:.3f}" for v in values))
+        out.print(table)
     _write_json(json_out, report)
 
 
@@ -1331,6 +1347,9 @@ def report(
         "--contrast", metavar="A:B", help="With --profile: the routing contrast of set A against set B (moekit "
         "contrast) as heatmaps and a table; repeatable. Default: harmful:harmless when the profile has both.")]
     = None,
+    similarity_to: Annotated[str | None, typer.Option(
+        "--similarity-to", metavar="SET", help="With --profile: every set's routing similarity to this one per layer "
+        "(e.g. each language to en on parallel text). Default: en when the profile has it.")] = None,
     title: Annotated[str, typer.Option(help="Report title.")] = "moekit report",
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace OUT if it holds an earlier moekit report.")] = False,
@@ -1349,8 +1368,8 @@ def report(
     from moekit.report import ReportError, build_report, report_inputs_from_demo, result_point
     from moekit.report.inputs import read_json
 
-    if contrast and profile is None and demo_dir is None:
-        raise ReportError("--contrast compares two named sets of a profile: give --profile too")
+    if (contrast or similarity_to) and profile is None and demo_dir is None:
+        raise ReportError("--contrast and --similarity-to compare named sets of a profile: give --profile too")
     inputs: dict[str, Any] = report_inputs_from_demo(demo_dir) if demo_dir else {}
     read: list[Any] = [demo_dir, speed_json]
     if profile is not None:
@@ -1380,7 +1399,8 @@ def report(
             raise ReportError(f"--contrast {item!r}: expected SET_A:SET_B, e.g. code:prose")
         pairs.append((a, b))
     demo_contrasts = inputs.pop("contrasts", [])
-    md, html = build_report(out_dir, **inputs, overwrite=overwrite, inputs=read, contrasts=pairs or demo_contrasts)
+    md, html = build_report(out_dir, **inputs, overwrite=overwrite, inputs=read, contrasts=pairs or demo_contrasts,
+                            reference=similarity_to)
     _wrote(f"{md} and {html}")
 
 

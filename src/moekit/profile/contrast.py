@@ -152,5 +152,32 @@ def top_contrast_experts(profile: Profile, a: str, b: str, per_layer: int,
     return out
 
 
+def routing_similarity(profile: Profile, reference: str, sets: list[str] | None = None) -> dict[str, Any]:
+    """Per MoE layer, how alike every other named set routes to ``reference`` (e.g. each language to English on
+    parallel text: Multilingual Routing in MoE finds language-specific early and late layers and shared middle
+    ones): similarity = 1 - the Jensen-Shannon divergence of the two sets' routing shares, in bits (1 = the same
+    distribution over experts, 0 = disjoint experts). JSON-serialisable."""
+    if reference not in profile.set_names:
+        raise ContrastError(f"no calibration set {reference!r} in this profile; its sets: "
+                            f"{', '.join(profile.set_names)}")
+    others = [name for name in (sets or profile.set_names) if name != reference]
+    if not others:
+        raise ContrastError(f"routing similarity to {reference!r} needs at least one other set; the profile has "
+                            f"{', '.join(profile.set_names)}")
+    for name in others:
+        profile.set_index(name)  # an unknown set lists the valid ones
+    layers = profile.fingerprint["moe_layers"]
+    similarity: dict[str, list[float]] = {}
+    for name in others:
+        row = []
+        for layer in layers:
+            ref, own = profile.stat(layer, "count", reference).double(), profile.stat(layer, "count", name).double()
+            row.append(round(1 - js_divergence_bits(ref / ref.sum().clamp(min=1), own / own.sum().clamp(min=1)), 6))
+        similarity[name] = row
+    return {"reference": reference, "layers": layers, "similarity": similarity,
+            "measure": "1 - Jensen-Shannon divergence (bits) of the two sets' routing shares, per layer"}
+
+
 __all__ = ["CARRIED_FRACTIONS", "DEFAULT_PRIOR", "ContrastError", "check_contrast_sets", "contrast_layer",
-           "contrast_profile", "experts_carrying", "js_divergence_bits", "log_odds_z", "top_contrast_experts"]
+           "contrast_profile", "experts_carrying", "js_divergence_bits", "log_odds_z", "routing_similarity",
+           "top_contrast_experts"]

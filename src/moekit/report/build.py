@@ -100,7 +100,7 @@ def load_section(profile: Any, base: Path | None = None) -> Section:
     ])
 
 
-def routing_section(profile: Any, contrasts: Sequence[tuple[str, str]] = ()) -> Section:
+def routing_section(profile: Any, contrasts: Sequence[tuple[str, str]] = (), reference: str | None = None) -> Section:
     """Each contrast (set A against set B: ``moekit.profile.contrast``; the profile's harmful against harmless sets
     when none is given and it has both), the co-activation of one layer (the most divergent one of the first
     contrast, else the middle MoE layer) and token- and chunk-level sparsity per layer."""
@@ -134,6 +134,19 @@ def routing_section(profile: Any, contrasts: Sequence[tuple[str, str]] = ()) -> 
                     ", ".join(f"{e['expert']} ({e['log_odds']:+.2f}, {e['z']:+.1f})" for e in row["top_b"][:3])]
                    for row in report["layers"]],
                   [True, True, True, False, False, False]),
+        ]
+    if reference is None and "en" in profile.set_names and len(profile.set_names) > 1:
+        reference = "en"
+    if reference is not None:
+        from moekit.profile.contrast import routing_similarity
+
+        similarity = routing_similarity(profile, reference)
+        blocks += [
+            Text(f"Routing similarity of every set to {reference} per MoE layer: 1 - the Jensen-Shannon divergence "
+                 "(bits) of their routing shares (1 = the same experts in the same proportions). On parallel text in "
+                 "several languages, low values in early and late layers and high ones in the middle are the "
+                 "pattern Multilingual Routing in MoE reports."),
+            Image("similarity.png", figures.similarity_lines(similarity), f"routing similarity to {reference}"),
         ]
     blocks += [
         Text(f"Co-activation of layer {focus} over all sets: how often expert j is chosen for a token that chose "
@@ -373,7 +386,7 @@ def build_report(out_dir: str | Path, *, profile: Any = None, plans: Sequence[An
                  results: Sequence[ResultPoint | Mapping[str, Any]] = (), speed: Mapping[str, Any] | None = None,
                  samples: Sequence[Mapping[str, Any]] | None = None, title: str = "moekit report",
                  overwrite: bool = False, inputs: Sequence[str | Path | None] = (),
-                 contrasts: Sequence[tuple[str, str]] = ()) -> tuple[Path, Path]:
+                 contrasts: Sequence[tuple[str, str]] = (), reference: str | None = None) -> tuple[Path, Path]:
     """Write ``report.md`` (figures in ``figures/``) and a self-contained ``report.html`` into the directory
     ``out_dir`` atomically; return both paths.
 
@@ -394,7 +407,7 @@ def build_report(out_dir: str | Path, *, profile: Any = None, plans: Sequence[An
                        sources=[*models, *(p for p in paths if Path(p).is_dir() and p is not profile)],
                        inputs=[*paths, *inputs])
     sections = report_sections(profile=profile, plans=plans, results=results, speed=speed, samples=samples, base=out,
-                               contrasts=contrasts)
+                               contrasts=contrasts, reference=reference)
     with writing_directory(out, "report") as tmp:
         write_report_files(tmp, title, sections)
     return out / "report.md", out / "report.html"
@@ -412,16 +425,16 @@ def _load_profile(path: str | Path) -> Any:
 def report_sections(*, profile: Any = None, plans: Sequence[Any] = (),
                     results: Sequence[ResultPoint | Mapping[str, Any]] = (), speed: Mapping[str, Any] | None = None,
                     samples: Sequence[Mapping[str, Any]] | None = None, base: Path | None = None,
-                    contrasts: Sequence[tuple[str, str]] = ()) -> list[Section]:
+                    contrasts: Sequence[tuple[str, str]] = (), reference: str | None = None) -> list[Section]:
     """The report's sections (tables and figures) for what is given; every input is checked here. ``base``: the
     report's folder, to show local paths relative to it rather than as this machine's absolute paths."""
     sections: list[Section] = []
     if profile is not None:
         loaded = _load_profile(profile) if isinstance(profile, (str, Path)) else profile
         sections.append(load_section(loaded, base))
-        sections.append(routing_section(loaded, contrasts))
-    elif contrasts:
-        raise ReportError("--contrast compares two named sets of a profile: give --profile too")
+        sections.append(routing_section(loaded, contrasts, reference))
+    elif contrasts or reference:
+        raise ReportError("--contrast and --similarity-to compare named sets of a profile: give --profile too")
     if plans:
         sections.append(scores_section([load_plan(p) for p in plans], base))
     if results:

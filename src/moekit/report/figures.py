@@ -7,7 +7,8 @@
   the original model (method ``original``, ratio 0) starts every line.
 - ``contrast_heatmap`` / ``contrast_bars``: a routing contrast of two named sets (log-odds per layer and expert,
   JS divergence per layer; the top experts of one layer with both sets' shares).
-- ``coactivation_heatmap``: P(j chosen | i chosen) of one layer; ``sparsity_lines``: TLS and CLS-L per layer.
+- ``coactivation_heatmap``: P(j chosen | i chosen) of one layer; ``sparsity_lines``: TLS and CLS-L per layer;
+  ``similarity_lines``: routing similarity of every set to a reference set per layer.
 """
 
 from __future__ import annotations
@@ -327,6 +328,23 @@ def sparsity_lines(profile: Any) -> bytes:
     ax.set_ylabel("sparsity (1 - share of experts used)")
     ax.set_ylim(0, 1)
     ax.set_title("experts left unused per token and per chunk of L tokens", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def similarity_lines(similarity: Mapping[str, Any]) -> bytes:
+    """Routing similarity of every set to the reference set per MoE layer (``routing_similarity``)."""
+    layers = similarity["layers"]
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    for name, values in similarity["similarity"].items():
+        ax.plot(layers, values, marker="o", label=name)
+    ax.set_xlabel("MoE layer")
+    if len(layers) <= 24:
+        ax.set_xticks(layers)
+    ax.set_ylabel("1 - JS divergence (bits)")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"routing similarity to {similarity['reference']} per layer", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return to_png(fig)
