@@ -1094,21 +1094,23 @@ def contrast(
     if _json_to_stdout(json_out, report):
         return
     table = Table(title=f"routing of {a} against {b} ({report['tokens'][a]:,} and {report['tokens'][b]:,} tokens)")
-    for col in ("layer", "JS (bits)", "TV", "experts for 50% / 90%", f"more in {a}: expert (log-odds, z)",
-                f"more in {b}"):
-        table.add_column(col, justify="right" if col in ("layer", "JS (bits)", "TV") else "left")
+    for col in ("layer", "JS bits", "50/90%"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for col in (f"more in {a}", f"more in {b}"):
+        table.add_column(col)
 
-    def listed(entries: list[dict[str, Any]]) -> str:
-        return ", ".join(f"{e['expert']} ({e['log_odds']:+.2f}, {e['z']:+.1f})" for e in entries[:3])
+    def listed(entries: list[dict[str, Any]]) -> str:  # expert id and log-odds
+        return " ".join(f"{e['expert']}:{e['log_odds']:+.1f}" for e in entries[:3])
     for row in report["layers"]:
         carrying = row["experts_carrying"]
-        table.add_row(str(row["layer"]), f"{row['js_divergence_bits']:.3f}", f"{row['total_variation']:.3f}",
-                      f"{carrying['50%']} / {carrying['90%']}", escape(listed(row["top_a"])),
+        table.add_row(str(row["layer"]), f"{row['js_divergence_bits']:.3f}",
+                      f"{carrying['50%']}/{carrying['90%']}", escape(listed(row["top_a"])),
                       escape(listed(row["top_b"])))
     out.print(table)
-    out.print(f"mean JS divergence {report['mean_js_divergence_bits']:.3f} bits; most divergent layer "
-              f"{report['most_divergent_layer']}. z treats routing selections as independent (overstated "
-              "significance); --json has every expert.", highlight=False)
+    out.print(f"expert:log-odds, top 3 each way; 50/90%: experts carrying that share of the difference. Mean JS "
+              f"divergence {report['mean_js_divergence_bits']:.3f} bits; most divergent layer "
+              f"{report['most_divergent_layer']}. --json has every expert, its z-score (which treats routing "
+              "selections as independent, so it overstates significance) and the total variation.", highlight=False)
     _write_json(json_out, report)
 
 
