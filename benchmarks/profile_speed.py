@@ -146,21 +146,27 @@ def main() -> None:
     neuron_tensors: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
     for name, options in (("moekit", {}), ("moekit_neuron_stats", {"neuron_stats": True}),
                           ("moekit_neuron_stats_unfused", {"neuron_stats": True}),
-                          ("moekit_input_norms", {"input_norms": True}), ("moekit_merge_stats", {"merge_stats": True})):
+                          ("moekit_input_norms", {"input_norms": True}),
+                          ("moekit_input_norms_unfused", {"input_norms": True}),
+                          ("moekit_merge_stats", {"merge_stats": True})):
         os.environ["MOEKIT_FUSED_STATS"] = "0" if name.endswith("_unfused") else "1"  # the torch path, for comparison
         with capturing(view, 1, **options) as capture:
             seconds = run_batches(model, batches, lambda ids, c=capture: c.state.begin_batch(0, mask))
             counts = sum(float(c.stats.tensors["count"].sum()) for c in capture.layers.values())
-            if options.get("neuron_stats"):
-                neuron_tensors[name] = {i: {k: c.stats.tensors[k].clone() for k in ("neuron_energy", "neuron_max")}
+            if options.get("neuron_stats") or options.get("input_norms"):
+                keys = ("neuron_energy", "neuron_max") if options.get("neuron_stats") else \
+                    ("expert_input_energy", "neuron_input_energy")
+                neuron_tensors[name] = {i: {k: c.stats.tensors[k].clone() for k in keys}
                                         for i, c in capture.layers.items()}
         results[name] = {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
                          "routed_pairs_counted": counts}
     os.environ.pop("MOEKIT_FUSED_STATS", None)
-    fused, unfused = neuron_tensors["moekit_neuron_stats"], neuron_tensors["moekit_neuron_stats_unfused"]
-    fused_vs_torch = {stat: max(float(((fused[i][stat] - unfused[i][stat]).abs()
-                                       / unfused[i][stat].abs().clamp(min=1e-30)).max()) for i in fused)
-                      for stat in ("neuron_energy", "neuron_max")}
+    fused_vs_torch = {}
+    for variant in ("moekit_neuron_stats", "moekit_input_norms"):
+        fused, unfused = neuron_tensors[variant], neuron_tensors[variant + "_unfused"]
+        for stat in next(iter(fused.values())):
+            fused_vs_torch[stat] = max(float(((fused[i][stat] - unfused[i][stat]).abs()
+                                              / unfused[i][stat].abs().clamp(min=1e-30)).max()) for i in fused)
     gradient_batches = batches[: max(1, args.gradient_tokens // per_batch)]
     gradient_tokens = len(gradient_batches) * per_batch
     seconds = run_backward_batches(model, gradient_batches, mask)
@@ -199,8 +205,8 @@ def main() -> None:
         "model": f"Qwen3-30B-A3B shape, {args.layers} of 48 layers, random weights",
         "batch": args.batch, "seq_len": args.seq_len, "results": results, "max_logit_difference": exact,
         "fused_kernel_vs_torch_max_relative_difference": fused_vs_torch,
-        "fused_kernel": "moekit_neuron_stats uses moekit.profile.kernels (Triton); moekit_neuron_stats_unfused the "
-                        "torch ops (MOEKIT_FUSED_STATS=0), on the same batches",
+        "fused_kernel": "moekit_neuron_stats and moekit_input_norms use moekit.profile.kernels (Triton); the "
+                        "_unfused variants the torch ops (MOEKIT_FUSED_STATS=0), on the same batches",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
     }
@@ -213,8 +219,9 @@ def main() -> None:
         lines.append(f"| {name} | {entry['tokens']:,} | {entry['tokens_per_second']:,.0f} | "
                      f"{entry['ratio_to_plain']:.3f} |")
     lines += ["", f"Largest logit difference, plain vs captured forward: {exact:.3g}", "",
-              "moekit_neuron_stats runs the fused Triton kernel (moekit.profile.kernels), moekit_neuron_stats_unfused "
-              "the torch ops it replaces, on the same batches; largest relative difference of their statistics: "
+              "moekit_neuron_stats and moekit_input_norms run the fused Triton kernel (moekit.profile.kernels), the "
+              "_unfused variants the torch ops it replaces, on the same batches; largest relative difference of "
+              "their statistics: "
               + ", ".join(f"{k} {v:.3g}" for k, v in fused_vs_torch.items())]
     (args.out / "profile_speed-cuda.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

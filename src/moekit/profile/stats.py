@@ -271,8 +271,12 @@ class LayerStats:
             torch.maximum(acc["neuron_max"][set_index], peak, out=acc["neuron_max"][set_index])
         if self.input_norms and pairs.intermediate is not None and pairs.inputs is not None:
             for name, values in (("expert_input_energy", pairs.inputs), ("neuron_input_energy", pairs.intermediate)):
-                squares = values.float().square() * keep[:, None]
-                acc[name][set_index] += torch.segment_reduce(squares, "sum", lengths=lengths, axis=0).double()
+                if fused_stats_available(values):  # the same kernel, scale = the padding mask (its maxima unused)
+                    energy = segment_square_stats(values, keep, lengths)[0]
+                else:
+                    squares = values.float().square() * keep[:, None]
+                    energy = torch.segment_reduce(squares, "sum", lengths=lengths, axis=0)
+                acc[name][set_index] += energy.double()
 
     def add_shared_neurons(self, set_index: int, activations: torch.Tensor, valid: torch.Tensor) -> None:
         """``activations [T, J]``: what the shared experts' down projection read for each token of the batch."""
