@@ -647,8 +647,8 @@ def apply(
         "--profile", help="A sparsity plan (moekit prune --sparsity --plan-only) computes its masks from the "
         "profile it was made from, read from the path the plan records; give it here if it has moved.")] = None,
 ) -> None:
-    """Apply a saved pruning, merge, neuron or sparsity plan to a model: the same plan gives the same checkpoint,
-    byte for byte.
+    """Apply a saved pruning, merge, neuron, sparsity or routing-mask plan to a model: the same plan gives the
+    same checkpoint, byte for byte.
 
     Example: moekit apply ./model plan.json --out ./model-pruned
     """
