@@ -59,3 +59,20 @@ def test_the_torch_path_is_used_off_cuda_and_when_turned_off(monkeypatch) -> Non
     assert not kernels.fused_stats_available(torch.zeros(2, 2))  # CPU: the torch path
     monkeypatch.setenv("MOEKIT_FUSED_STATS", "0")
     assert not kernels.fused_stats_available(torch.zeros(2, 2, device="meta"))
+
+
+def test_a_kernel_that_fails_falls_back_to_the_torch_ops_with_one_warning(monkeypatch) -> None:
+    from moekit.profile import kernels
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("no kernel for this GPU")
+
+    calls = []
+    monkeypatch.setattr(kernels, "_FAILED", [])
+    monkeypatch.setattr(kernels, "segment_square_stats", lambda *a, **k: calls.append(1) or broken())
+    monkeypatch.setattr(kernels, "fused_stats_available", lambda _t: not kernels._FAILED)  # as on a CUDA machine
+    values = torch.zeros(4, 3)
+    with pytest.warns(UserWarning, match="no kernel for this GPU"):
+        assert kernels.fused_or_none(values, torch.ones(4), torch.tensor([4])) is None
+    assert kernels.fused_or_none(values, torch.ones(4), torch.tensor([4])) is None  # not tried again, no warning
+    assert len(calls) == 1

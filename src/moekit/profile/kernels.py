@@ -55,15 +55,36 @@ def _kernel():  # compiled on first use: importing moekit never needs Triton
     return segment_square_stats_kernel
 
 
+_FAILED: list[str] = []  # why the kernel failed once in this process (then the torch ops run)
+
+
 def fused_stats_available(tensor: torch.Tensor) -> bool:
-    """Whether :func:`segment_square_stats` can run on ``tensor`` (CUDA, Triton importable, not turned off)."""
-    if tensor.device.type != "cuda" or os.environ.get("MOEKIT_FUSED_STATS", "1") == "0":
+    """Whether :func:`segment_square_stats` can run on ``tensor`` (CUDA, Triton importable, not turned off, not
+    failed before in this process)."""
+    if tensor.device.type != "cuda" or os.environ.get("MOEKIT_FUSED_STATS", "1") == "0" or _FAILED:
         return False
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+def fused_or_none(values: torch.Tensor, scale: torch.Tensor,
+                  lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`segment_square_stats` where it can run, else None (the caller's torch ops run). A kernel that fails to
+    compile or launch (an unsupported GPU, a Triton too old) is reported once as a warning and not tried again."""
+    if not fused_stats_available(values):
+        return None
+    try:
+        return segment_square_stats(values, scale, lengths)
+    except Exception as err:  # any compile or launch failure: fall back, and say so once
+        import warnings
+
+        _FAILED.append(f"{type(err).__name__}: {err}")
+        warnings.warn(f"moekit's fused neuron-statistics kernel failed ({_FAILED[0][:300]}); the torch ops run "
+                      "instead (slower, same statistics). MOEKIT_FUSED_STATS=0 silences this.", stacklevel=2)
+        return None
 
 
 def segment_square_stats(values: torch.Tensor, scale: torch.Tensor, lengths: torch.Tensor,
@@ -85,4 +106,4 @@ def segment_square_stats(values: torch.Tensor, scale: torch.Tensor, lengths: tor
     return energy, peak
 
 
-__all__ = ["fused_stats_available", "segment_square_stats"]
+__all__ = ["fused_or_none", "fused_stats_available", "segment_square_stats"]

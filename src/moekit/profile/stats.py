@@ -71,7 +71,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moekit.profile.kernels import fused_stats_available, segment_square_stats
+from moekit.profile.kernels import fused_or_none
 
 CHUNK_SIZES = (8, 16, 32)
 
@@ -258,8 +258,9 @@ class LayerStats:
             acc[name][set_index].scatter_reduce_(0, expert, values, reduce="amax")
         lengths = expert_lengths(expert, self.num_experts) if self.neuron_stats or self.input_norms else None
         if self.neuron_stats and pairs.intermediate is not None:
-            if fused_stats_available(pairs.intermediate):  # one read of a, sums and maxima in registers
-                energy, peak = segment_square_stats(pairs.intermediate, pairs.gate * keep, lengths)
+            fused = fused_or_none(pairs.intermediate, pairs.gate * keep, lengths)  # one read of a, on CUDA
+            if fused is not None:
+                energy, peak = fused
                 peak.sqrt_()
             else:
                 # [P, I] (g a)^2 in float32: one promoting multiply, squared in place (no float copy of a, no |g a|)
@@ -271,8 +272,9 @@ class LayerStats:
             torch.maximum(acc["neuron_max"][set_index], peak, out=acc["neuron_max"][set_index])
         if self.input_norms and pairs.intermediate is not None and pairs.inputs is not None:
             for name, values in (("expert_input_energy", pairs.inputs), ("neuron_input_energy", pairs.intermediate)):
-                if fused_stats_available(values):  # the same kernel, scale = the padding mask (its maxima unused)
-                    energy = segment_square_stats(values, keep, lengths)[0]
+                fused = fused_or_none(values, keep, lengths)  # the same kernel, scale = the padding mask
+                if fused is not None:
+                    energy = fused[0]
                 else:
                     squares = values.float().square() * keep[:, None]
                     energy = torch.segment_reduce(squares, "sum", lengths=lengths, axis=0)
