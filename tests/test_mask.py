@@ -118,3 +118,39 @@ def test_bad_masks_are_refused_with_nothing_written(tmp_path) -> None:
         assert result.exit_code == 2, (argv, result.output)
         assert message in " ".join(result.output.split()), (argv, result.output)
         assert not (tmp_path / "out").exists()
+
+
+def test_routing_bias_masks_and_boosts_in_memory_and_restores() -> None:
+    """In memory, -inf through routing_bias routes exactly as the view's masked routing; a boost makes an expert
+    chosen for more tokens; the bias is restored on exit, also after an error; families without a bias refused."""
+    from moekit.edit import PlanError
+    from moekit.edit.mask import routing_bias
+    from moekit.tiny import build_tiny_model
+
+    model = build_tiny_model("deepseek_v3")
+    view = MoEModelView.from_model(model)
+    layer = view.layers[0]
+    hidden = torch.randn(300, layer.router_weight.shape[-1], generator=torch.Generator().manual_seed(0))
+    before = layer.correction_bias.detach().clone()
+    available = torch.ones(layer.num_experts, dtype=torch.bool)
+    available[list(MASKED)] = False
+    mask = torch.zeros(layer.num_experts)
+    mask[list(MASKED)] = float("-inf")
+    with routing_bias(view, {layer.index: mask}):
+        masked_index, masked_weights = _sorted_routing(layer, hidden)
+        want_index, want_weights = _sorted_routing(layer, hidden, available)
+        assert torch.equal(masked_index, want_index) and torch.equal(masked_weights, want_weights)
+    assert torch.equal(layer.correction_bias, before)
+    chosen = int((layer.route(hidden).index == 6).sum())
+    boost = torch.zeros(layer.num_experts)
+    boost[6] = 1.0
+    with routing_bias(view, {layer.index: boost}):
+        assert int((layer.route(hidden).index == 6).sum()) > chosen
+    with pytest.raises(RuntimeError), routing_bias(view, {layer.index: boost}):
+        raise RuntimeError("inside")
+    assert torch.equal(layer.correction_bias, before)
+    with pytest.raises(PlanError, match="entries"), routing_bias(view, {layer.index: torch.zeros(3)}):
+        pass
+    with pytest.raises(PlanError, match="no selection bias"), \
+            routing_bias(MoEModelView.from_model(build_tiny_model("qwen3_moe")), {0: torch.zeros(8)}):
+        pass

@@ -20,12 +20,16 @@ experts instead (a pruning plan; its card says it is a prune), otherwise it is r
     plan = make_mask_plan(view, masked, source, why="named by the user")
     mask_to_checkpoint(source, plan, out)   # streamed one decoder layer at a time
 
-In memory, ``MoELayer.route(hidden, available)`` is the masked routing for analyses; in-process masks and boosts
-of a running model (additive logit biases) are not built yet.
+In memory, ``MoELayer.route(hidden, available)`` is the masked routing for analyses, and ``routing_bias(view,
+{layer: bias[E]})`` adds to a loaded model's selection bias while a context lasts (-inf masks an expert, a
+positive value boosts it), restoring it on exit: for experiments such as steering, on the same families. Families
+without a selection bias have no in-process override yet (their routers select inside their own forward).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -193,5 +197,34 @@ def mask_to_checkpoint(source: str | Path, plan: dict[str, Any], out: str | Path
                                      reproduce=reproduce)
 
 
+@contextmanager
+def routing_bias(view: MoEModelView, biases: dict[int, torch.Tensor]) -> Iterator[None]:
+    """Add ``biases[layer]`` (``[E]``) to those MoE layers' selection bias (``mask_bias``: the correction bias, else
+    the router's logit bias) while the context lasts, in place on the loaded model, and restore the original values
+    on exit (also after an error). -inf masks an expert (exactly ``moekit mask``'s checkpoint); a positive value makes
+    the router choose it more (through the correction bias: the choice only, not the weights; through a logit bias:
+    both)."""
+    layers = {layer.index: layer for layer in view.layers}
+    if mask_mechanism(view) is None:
+        raise PlanError(f"{view.model_type} has no selection bias to add to; in-process routing overrides work on "
+                        "families with a correction bias or a router logit bias")
+    saved = []
+    try:
+        for index, bias in biases.items():
+            if index not in layers:
+                raise PlanError(f"layer {index} is not an MoE layer of this model (MoE layers: {sorted(layers)})")
+            target = mask_bias(layers[index])
+            if bias.numel() != target.numel():
+                raise PlanError(f"layer {index}: a routing bias has {target.numel()} entries, got {bias.numel()}")
+            saved.append((target, target.detach().clone()))
+            with torch.no_grad():
+                target.add_(bias.to(target.device, target.dtype).reshape(target.shape))
+        yield
+    finally:
+        with torch.no_grad():
+            for target, original in saved:
+                target.copy_(original)
+
+
 __all__ = ["MaskMap", "check_mask", "make_mask_plan", "mask_layer", "mask_mechanism", "mask_to_checkpoint",
-           "parse_mask", "plan_mask_map", "render_mask_card"]
+           "parse_mask", "plan_mask_map", "render_mask_card", "routing_bias"]
