@@ -784,7 +784,7 @@ def mask(
     """
     from moekit.arch import MoEModelView
     from moekit.edit import PlanError
-    from moekit.edit.mask import check_mask, make_mask_plan, mask_mechanism, parse_mask
+    from moekit.edit.mask import check_mask, make_mask_plan, make_mask_removal_plan, mask_mechanism, parse_mask
     from moekit.model_io import describe_source, load_structure
     from moekit.outputs import check_output
 
@@ -816,19 +816,9 @@ def mask(
             raise PlanError(f"{view.model_type} has no selection bias (correction bias or router logit bias) in which "
                             "a stock config can hold a mask: give --allow-remove to remove the experts instead (a "
                             "prune)")
-        from moekit.edit.card import prune_plan_record
-        from moekit.summary import summarize
-
-        counts = {len(set(masked.get(layer.index, []))) for layer in view.layers}
-        if len(counts) != 1:
-            raise PlanError(f"--allow-remove removes the masked experts, and stock configs hold one expert count: mask "
-                            f"the same number in every MoE layer (now {sorted(counts)})")
-        keep = {layer.index: [e for e in range(layer.num_experts) if e not in set(masked.get(layer.index, []))]
-                for layer in view.layers}
-        plan = prune_plan_record(source, summarize(view), keep, "routing-mask-removed",
-                                 {"chosen": why, "removed": "the family has no selection bias to hold a mask, so the "
-                                  "masked experts were removed (moekit mask --allow-remove)"})
-        what = f"remove {next(iter(counts))} experts per layer ({why}; no selection bias to hold a mask)"
+        plan = make_mask_removal_plan(view, masked, source, why)
+        what = (f"remove {plan['num_experts']['before'] - plan['num_experts']['after']} experts per layer ({why}; no "
+                "selection bias to hold a mask)")
     else:
         plan = make_mask_plan(view, masked, source, why)
         what = f"mask {sum(len(set(v)) for v in masked.values())} experts ({why}) through the {mask_mechanism(view)}"

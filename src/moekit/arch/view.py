@@ -24,7 +24,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from moekit.arch.experts import ExpertLayout, ExpertWeights, expert_parameter_count, layout_of
+from moekit.arch.experts import (
+    SHARED_MLP_PROJECTIONS,
+    ExpertLayout,
+    ExpertWeights,
+    expert_parameter_count,
+    layout_of,
+)
 from moekit.arch.families import FAMILIES, PROBE_CANDIDATES, FamilySpec, RouterCall, supported_model_types
 from moekit.arch.routing import RoutingSpec, compute_router_logits, select_experts
 from moekit.errors import UserError
@@ -196,8 +202,7 @@ class MoELayer:
         and ``down_proj`` linear layers (DeepSeek-V2/V3, GLM-4-MoE, Qwen2-MoE, Llama-4, ...): the form whose neurons
         moekit measures and selects (neuron m: row m of gate and up, column m of down); else None."""
         found = [(path, module) for path, module in self.shared.items()
-                 if all(isinstance(getattr(module, name, None), nn.Linear)
-                        for name in ("gate_proj", "up_proj", "down_proj"))]
+                 if all(isinstance(getattr(module, name, None), nn.Linear) for name in SHARED_MLP_PROJECTIONS)]
         return found[0] if len(found) == 1 else None
 
     @property

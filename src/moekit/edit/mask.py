@@ -86,9 +86,15 @@ def check_mask(view: MoEModelView, masked: MaskMap) -> None:
                             f"than the {layer.top_k} each token needs")
 
 
+def selection_bias_name(layer: MoELayer) -> str | None:
+    """The name (relative to the MoE block) of the tensor a mask writes to: the correction bias, else the router
+    bias; None without either."""
+    return layer.correction_bias_name or layer.router_bias_name
+
+
 def mask_bias(layer: MoELayer) -> torch.Tensor:
-    """The tensor a mask writes to (the correction bias, else the router bias)."""
-    bias = layer.correction_bias if layer.correction_bias_name is not None else layer.router_bias
+    """The tensor a mask writes to (``selection_bias_name``)."""
+    bias = layer._tensor(selection_bias_name(layer))
     if bias is None:
         raise PlanError(f"{layer.path}: no selection bias to express a mask")
     return bias
@@ -114,11 +120,28 @@ def make_mask_plan(view: MoEModelView, masked: MaskMap, source: str, why: str) -
     layers = {str(layer.index): {"kept": list(range(layer.num_experts)), "removed": [],
                                  "masked": sorted(set(masked.get(layer.index, [])))} for layer in view.layers}
     first = view.layers[0]
-    bias_name = first.correction_bias_name if mechanism == "correction_bias" else first.router_bias_name
-    details = {"mechanism": mechanism, "bias": bias_name, "value": "-inf", "chosen": why,
+    details = {"mechanism": mechanism, "bias": selection_bias_name(first), "value": "-inf", "chosen": why,
                "equals_removal": first.routing.kind in EQUALS_REMOVAL}
     return plan_envelope(MASK_PLAN_FORMAT, source, summarize(view), view.num_experts, "routing-mask", details, None,
                          layers)
+
+
+def make_mask_removal_plan(view: MoEModelView, masked: MaskMap, source: str, why: str) -> dict[str, Any]:
+    """For a family without a selection bias (``moekit mask --allow-remove``): a pruning plan that removes the masked
+    experts instead (the same number in every MoE layer, as stock configs need); its card says it is a prune."""
+    from moekit.edit.card import prune_plan_record
+    from moekit.summary import summarize
+
+    check_mask(view, masked)
+    counts = {len(set(masked.get(layer.index, []))) for layer in view.layers}
+    if len(counts) != 1:
+        raise PlanError(f"--allow-remove removes the masked experts, and stock configs hold one expert count: mask "
+                        f"the same number in every MoE layer (now {sorted(counts)})")
+    keep = {layer.index: [e for e in range(layer.num_experts) if e not in set(masked.get(layer.index, []))]
+            for layer in view.layers}
+    return prune_plan_record(source, summarize(view), keep, "routing-mask-removed",
+                             {"chosen": why, "removed": "the family has no selection bias to hold a mask, so the "
+                              "masked experts were removed (moekit mask --allow-remove)"})
 
 
 def plan_mask_map(plan: dict[str, Any], view: MoEModelView, origin: str = "plan") -> MaskMap:
@@ -184,8 +207,7 @@ def mask_to_checkpoint(source: str | Path, plan: dict[str, Any], out: str | Path
                 mask_layer(layer, masked[layer.index])
 
         def modules(layer: MoELayer) -> dict[str, Any]:  # the module holding the bias, written back
-            name = layer.correction_bias_name or layer.router_bias_name or ""
-            owner = name.rpartition(".")[0]
+            owner = (selection_bias_name(layer) or "").rpartition(".")[0]
             path = f"{layer.path}.{owner}" if owner else layer.path
             return {path: layer.block.get_submodule(owner) if owner else layer.block}
         return ExpertEdit(edit, modules=modules)
@@ -226,5 +248,6 @@ def routing_bias(view: MoEModelView, biases: dict[int, torch.Tensor]) -> Iterato
                 target.copy_(original)
 
 
-__all__ = ["MaskMap", "check_mask", "make_mask_plan", "mask_layer", "mask_mechanism", "mask_to_checkpoint",
-           "parse_mask", "plan_mask_map", "render_mask_card", "routing_bias"]
+__all__ = ["MaskMap", "check_mask", "make_mask_plan", "make_mask_removal_plan", "mask_layer", "mask_mechanism",
+           "mask_to_checkpoint", "parse_mask", "plan_mask_map", "render_mask_card", "routing_bias",
+           "selection_bias_name"]

@@ -434,6 +434,17 @@ def mask_layer_neurons(layer: Any, kept: list[list[int]]) -> None:
         write_expert_weights(layer.layout, layer.experts, expert, replace(w, down=down, **new))
 
 
+def plan_own_shared_width(plan: dict[str, Any], origin: str = "plan") -> int | None:
+    """The new width of shared experts sized by a key of their own, for a plan made with ``--shared`` (else None)."""
+    if not (plan.get("details") or {}).get("shrink_shared"):
+        return None
+    stated = plan.get("width")
+    width = (stated.get("shared") or {}).get("after") if isinstance(stated, dict) else None
+    if not isinstance(width, int) or isinstance(width, bool):
+        raise PlanError(f"{origin}: a plan made with --shared must give 'width': {{'shared': {{'after': N}}}}")
+    return width
+
+
 def plan_neuron_keep(plan: dict[str, Any], view: MoEModelView, origin: str = "plan") -> tuple[NeuronKeep, SharedKeep]:
     """A neuron plan's kept neurons (the routed experts', and the shared experts' where their width follows), checked
     against ``view`` (``check_neuron_removal``): the model after the plan's expert pruning (rows are the kept
@@ -442,11 +453,7 @@ def plan_neuron_keep(plan: dict[str, Any], view: MoEModelView, origin: str = "pl
         raise PlanError(f"{origin} is not a neuron plan (format {NEURON_PLAN_FORMAT!r})")
     layers = {int(k): v for k, v in plan["layers"].items()}
     stated = plan.get("width")
-    own_shared_width = None
-    if (plan.get("details") or {}).get("shrink_shared"):  # --shared: the shared experts' own width key changes too
-        own_shared_width = (stated.get("shared") or {}).get("after") if isinstance(stated, dict) else None
-        if not isinstance(own_shared_width, int) or isinstance(own_shared_width, bool):
-            raise PlanError(f"{origin}: a plan made with --shared must give 'width': {{'shared': {{'after': N}}}}")
+    own_shared_width = plan_own_shared_width(plan, origin)
     neurons: NeuronKeep = {}
     shared: SharedKeep = {}
     for index, entry in layers.items():
@@ -543,7 +550,7 @@ def neurons_to_checkpoint(source: str | Path, plan: dict[str, Any], out: str | P
             masks = plan_neuron_masks(plan, structure)
             return ExpertEdit(lambda layer: mask_layer_neurons(layer, masks[layer.index]))
         keep, shared = plan_neuron_keep(plan, structure)
-        own_shared_width = plan["width"]["shared"]["after"] if plan["details"].get("shrink_shared") else None
+        own_shared_width = plan_own_shared_width(plan)
         return ExpertEdit(lambda layer: _remove_layer_neurons(layer, keep, shared),
                           reshape=lambda view: _remove_neurons(view, keep, plan["width"]["after"], shared,
                                                                own_shared_width),
@@ -558,5 +565,5 @@ def neurons_to_checkpoint(source: str | Path, plan: dict[str, Any], out: str | P
 
 __all__ = ["NeuronKeep", "SharedKeep", "check_neuron_keep", "check_neuron_removal", "check_profile_holds",
            "following_shared_widths", "keep_top_neurons", "kept_width", "make_neuron_plan", "neurons_to_checkpoint",
-           "plan_neuron_keep", "prune_neurons", "render_neuron_card", "shared_width_key", "tensors_following_width",
-           "width_key"]
+           "plan_neuron_keep", "plan_own_shared_width", "prune_neurons", "render_neuron_card", "shared_width_key",
+           "tensors_following_width", "width_key"]

@@ -17,6 +17,7 @@ the torch path on the GPU and times both.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 
 import torch
@@ -61,13 +62,13 @@ _FAILED: list[str] = []  # why the kernel failed once in this process (then the 
 def fused_stats_available(tensor: torch.Tensor) -> bool:
     """Whether :func:`segment_square_stats` can run on ``tensor`` (CUDA, Triton importable, not turned off, not
     failed before in this process)."""
-    if tensor.device.type != "cuda" or os.environ.get("MOEKIT_FUSED_STATS", "1") == "0" or _FAILED:
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return (tensor.device.type == "cuda" and os.environ.get("MOEKIT_FUSED_STATS", "1") != "0" and not _FAILED
+            and _triton_importable())
+
+
+@functools.cache
+def _triton_importable() -> bool:  # asked once per process: the check runs for every layer of every batch
+    return importlib.util.find_spec("triton") is not None
 
 
 def fused_or_none(values: torch.Tensor, scale: torch.Tensor,
