@@ -51,7 +51,7 @@
 #                      the corpus's 49,152 token ids) with tiny settings: testbed script, then compare_methods.py for
 #                      one method, ratio and seed with one task; outputs in DIR (default /tmp/smollm2-upcycled-smoke).
 set -euo pipefail
-stage=${1:?usage: smollm2_upcycled.sh prepare|part N|build|compare|smoke [DIR]}
+stage=${1:?usage: smollm2_upcycled.sh prepare|part N|build|behaviour|compare|smoke [DIR]}
 here=gpu_carry/upcycle
 cache=${CACHE:-$HOME/.cache/moekit-upcycle}
 gguf_name=SmolLM2-135M-Instruct.Q4_1.gguf
@@ -246,6 +246,22 @@ EOF
   cp "$testbed/training.json" "$out/smollm2-upcycled8x2-training.json" 2>/dev/null || true
   # shellcheck disable=SC2046
   tar czf "$out/compare-logs.tar.gz" $(ls -d testbeds/*.log testbeds/compare 2>/dev/null)
+  exit $status
+fi
+
+if [ "$stage" = behaviour ]; then  # issue 18's measurements on the testbed build left (benchmarks/routing_behaviour.py)
+  out=${OUT:?set OUT (the device tool does)}
+  [ -f "$testbed/$plan_file" ] || { echo "no testbed at $testbed: run build first (in this lease)" >&2; exit 2; }
+  export PYTHONPATH="$PYTHONPATH:$cache/site"
+  status=0
+  # shellcheck disable=SC2086
+  timeout "${BEHAVIOUR_SECONDS:-560}" python benchmarks/routing_behaviour.py --model "$testbed" --corpus "$cache/corpus" \
+    --results "$out" --name "$(basename "$testbed")" --save-profile testbeds/behaviour-profile ${BEHAVIOUR_ARGS:-} \
+    > testbeds/behaviour.log 2>&1 || status=$?
+  tail -n 40 testbeds/behaviour.log
+  [ $status = 124 ] && { echo "stopped at BEHAVIOUR_SECONDS: the JSON holds the conditions measured" >&2; status=3; }
+  # shellcheck disable=SC2046
+  tar czf "$out/behaviour-profile.tar.gz" $(ls -d testbeds/behaviour-profile testbeds/behaviour.log 2>/dev/null)
   exit $status
 fi
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from moekit.arch import MoEModelView
 from moekit.cli import app
-from moekit.tiny import save_tiny_model
+from moekit.tiny import TINY_FAMILIES, save_tiny_model
 
 MASKED = (1, 5)
 
@@ -153,4 +153,55 @@ def test_routing_bias_masks_and_boosts_in_memory_and_restores() -> None:
         pass
     with pytest.raises(PlanError, match="no selection bias"), \
             routing_bias(MoEModelView.from_model(build_tiny_model("qwen3_moe")), {0: torch.zeros(8)}):
+        pass
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_routing_override_masks_equal_removal_and_restore_on_every_family(family) -> None:
+    """routing_override: a zero bias leaves the model's logits bit for bit; -inf on two experts in every layer gives
+    the logits of the model with those experts removed (every kind whose masked routing equals removal); a boost
+    makes an expert chosen more often; the original router is back after the context, also after an error."""
+    import copy
+
+    from moekit.edit import PlanError
+    from moekit.edit.mask import EQUALS_REMOVAL, routing_override
+    from moekit.edit.prune import prune_experts
+    from moekit.tiny import build_tiny_model
+
+    model = build_tiny_model(family).eval()
+    view = MoEModelView.from_model(model)
+    ids = random_ids()
+    mask = {}
+    for layer in view.layers:
+        mask[layer.index] = torch.zeros(layer.num_experts)
+        mask[layer.index][list(MASKED)] = float("-inf")
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+        with routing_override(view, {layer.index: torch.zeros(layer.num_experts) for layer in view.layers}):
+            assert torch.equal(model(input_ids=ids).logits, reference)
+        with routing_override(view, mask):
+            masked = model(input_ids=ids).logits
+            hidden = torch.randn(64, view.layers[0].router_weight.shape[-1], generator=torch.Generator().manual_seed(1))
+        assert torch.equal(model(input_ids=ids).logits, reference)
+        assert (masked - reference).abs().max() > 1e-3  # the mask changed the output
+        if view.layers[0].routing.kind in EQUALS_REMOVAL:
+            pruned = copy.deepcopy(model)
+            pruned_view = MoEModelView.from_model(pruned)
+            prune_experts(pruned_view, {layer.index: [e for e in range(layer.num_experts) if e not in MASKED]
+                                        for layer in pruned_view.layers})
+            torch.testing.assert_close(masked, pruned(input_ids=ids).logits, atol=2e-6, rtol=0)
+        layer = view.layers[0]
+        boost = torch.zeros(layer.num_experts)
+        boost[6] = 4.0
+        from moekit.arch.view import model_routing
+        chosen = int((model_routing(layer, hidden)[0] == 6).sum())
+        with routing_override(view, {layer.index: boost}):
+            assert int((model_routing(layer, hidden)[0] == 6).sum()) > chosen
+        with pytest.raises(RuntimeError), routing_override(view, {layer.index: boost}):
+            raise RuntimeError("inside")
+        assert int((model_routing(layer, hidden)[0] == 6).sum()) == chosen
+        assert torch.equal(model(input_ids=ids).logits, reference)
+    with pytest.raises(PlanError, match="entries"), routing_override(view, {layer.index: torch.zeros(3)}):
+        pass
+    with pytest.raises(PlanError, match="not an MoE layer"), routing_override(view, {99: boost}):
         pass

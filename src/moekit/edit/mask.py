@@ -248,6 +248,67 @@ def routing_bias(view: MoEModelView, biases: dict[int, torch.Tensor]) -> Iterato
                 target.copy_(original)
 
 
+@contextmanager
+def routing_override(view: MoEModelView, biases: dict[int, torch.Tensor]) -> Iterator[None]:
+    """Add ``biases[layer]`` (``[E]``) to those MoE layers' router *logits* while the context lasts, on every family
+    moekit reads, whether or not it has a selection bias: in-process masks (``-inf``) and boosts for experiments.
+
+    transformers 5's routers choose their experts inside their own forward, so a hook on their output cannot change
+    the choice. Instead the router's forward (or the block's ``route_tokens_to_experts``) is replaced, on this loaded
+    model only, by moekit's routing maths for the family (``moekit.arch.routing``, tested against every family's own
+    router) applied to ``logits + bias``; the original is restored on exit, also after an error. The logits handed
+    on for auxiliary losses are the unbiased ones. What the bias does is the family's maths on shifted logits: with a
+    softmax router (Mixtral, Qwen3-MoE, OLMoE, ...) it changes the choice and the gate weights; ``-inf`` takes an
+    expert out of the choice, which equals removing it from the model for every kind in ``EQUALS_REMOVAL`` (tested
+    against pruned models); with sigmoid scores (DeepSeek-V3, ...) the shift enters the gate weights too
+    (``routing_bias`` shifts only the choice, through the correction bias)."""
+    layers = {layer.index: layer for layer in view.layers}
+    patched: list[tuple[Any, str, Any]] = []
+    try:
+        for index, bias in biases.items():
+            if index not in layers:
+                raise PlanError(f"layer {index} is not an MoE layer of this model (MoE layers: {sorted(layers)})")
+            layer = layers[index]
+            if bias.numel() != layer.num_experts:
+                raise PlanError(f"layer {index}: a routing bias has {layer.num_experts} entries, got {bias.numel()}")
+            owner, name, replacement = _biased_router(layer, bias.reshape(-1))
+            patched.append((owner, name, owner.__dict__.get(name)))
+            setattr(owner, name, replacement)
+        yield
+    finally:
+        for owner, name, previous in reversed(patched):
+            if previous is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, previous)
+
+
+def _biased_router(layer: MoELayer, bias: torch.Tensor) -> tuple[Any, str, Any]:
+    """(object, attribute, function) that routes ``layer`` on logits + ``bias`` in the family's call convention."""
+    call = layer.call
+    if call.kind == "llama4":  # router(hidden) -> (scores [T, E]: sigmoid of the chosen logits, 0 elsewhere; logits)
+        def scores_forward(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = layer.router_logits(hidden)
+            chosen = layer.route_logits(logits + bias.to(logits.device, logits.dtype), hidden_dtype=hidden.dtype)
+            scores = torch.zeros_like(logits).scatter_(1, chosen.index, chosen.weights.to(logits.dtype))
+            return scores, logits
+        return layer.router, "forward", scores_forward
+
+    def routed(logits: torch.Tensor, hidden_dtype: torch.dtype | None) -> tuple[torch.Tensor, ...]:
+        chosen = layer.route_logits(logits + bias.to(logits.device, logits.dtype), hidden_dtype=hidden_dtype)
+        values = {"logits": logits, "index": chosen.index, "weights": chosen.weights}
+        return tuple(values[name] for name in call.order)
+
+    if call.kind == "block_routes":  # router(hidden) gives the logits, then block.route_tokens_to_experts chooses
+        def route_tokens_to_experts(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return routed(args[-1], args[0].dtype if call.takes_hidden else None)
+        return layer.block, "route_tokens_to_experts", route_tokens_to_experts
+
+    def forward(hidden: torch.Tensor, *rest: Any) -> tuple[torch.Tensor, ...]:
+        return routed(layer.router_logits(hidden), hidden.dtype)
+    return layer.router, "forward", forward
+
+
 __all__ = ["MaskMap", "check_mask", "make_mask_plan", "make_mask_removal_plan", "mask_layer", "mask_mechanism",
-           "mask_to_checkpoint", "parse_mask", "plan_mask_map", "render_mask_card", "routing_bias",
+           "mask_to_checkpoint", "parse_mask", "plan_mask_map", "render_mask_card", "routing_bias", "routing_override",
            "selection_bias_name"]
