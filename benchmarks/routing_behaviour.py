@@ -24,7 +24,7 @@ On one model (default: the upcycled SmolLM2-135M-Instruct testbed of ``benchmark
 4. Languages: per layer, routing similarity of each language to English (``routing_similarity``: 1 - JS divergence
    of the routing shares); steering as Multilingual Routing in MoE proposes: in the middle third of the MoE layers,
    +delta on the logits of the ``top_k`` experts English routes to most more than the language does
-   (``top_contrast_experts(profile, "en", lang, top_k)``), measured as held-out perplexity of each language (second
+   (``moekit.profile.contrast.steering_biases``), measured as held-out perplexity of each language (second
    half of the documents) and of English, delta in ``--steer``. Perplexity, not the paper's tasks: say so.
 
 Writes RESULTS/routing_behaviour-NAME.{json,md}, routing_behaviour-NAME-languages.png, and the profile (with
@@ -65,7 +65,7 @@ from moekit.eval.scoring import encode  # noqa: E402
 from moekit.model_io import load_model  # noqa: E402
 from moekit.plan import PlanRequest, make_prune_plan, plan_keep_map  # noqa: E402
 from moekit.profile import collect_profile  # noqa: E402
-from moekit.profile.contrast import routing_similarity, top_contrast_experts  # noqa: E402
+from moekit.profile.contrast import routing_similarity, steering_biases, top_contrast_experts  # noqa: E402
 
 DEFAULT_CRITERION = "easy_ep"  # moekit prune's default (benchmarks/results/method_summary.md)
 MIN_RESPONSE_SET = 8  # refused / complied sets smaller than this are not profiled
@@ -252,9 +252,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if languages and "en" in languages:
         similarity = routing_similarity(profile, "en", sets=languages)
         result["language_similarity"] = similarity
-        moe_layers = [layer.index for layer in view.layers]
-        third = len(moe_layers) // 3
-        middle = moe_layers[third: len(moe_layers) - third]
+        middle = list(steering_biases(profile, "en", languages[-1], 0.0, top_k))  # the default: the middle third
         steering: dict[str, Any] = {"middle_layers": middle, "experts_per_layer": top_k, "rows": {}}
         base = perplexities(model, lang_heldout, args.seq_len)
         steering["rows"]["none"] = base
@@ -263,8 +261,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for lang in languages:
                 if lang == "en":
                     continue
-                chosen = {k: v for k, v in top_contrast_experts(profile, "en", lang, top_k).items() if k in middle}
-                with routing_override(view, mask_of(view, chosen, delta)):
+                with routing_override(view, steering_biases(profile, "en", lang, delta, top_k)):
                     row[lang] = perplexities(model, {lang: lang_heldout[lang], "en": lang_heldout["en"]},
                                              args.seq_len)
             steering["rows"][f"+{delta:g}"] = row

@@ -47,6 +47,8 @@
 #   compare            there: compare_methods.py on the ratios of seed 0 that build did not reach (with the six
 #                      tasks) and on seeds 1 and 2 (perplexity only), side by side, at most COMPARE_SECONDS; the parts
 #                      combined into one result (a stopped run keeps the (seed, ratio) blocks it finished).
+#   behaviour          there: benchmarks/routing_behaviour.py on the testbed build left (BEHAVIOUR_SECONDS, BEHAVIOUR_ARGS):
+#                      refusal rates under masks and pruning, language similarity and steering (issue 18).
 #   smoke [DIR]        here, CPU: the whole path on a tiny dense Llama (moekit tiny-model llama, embeddings widened to
 #                      the corpus's 49,152 token ids) with tiny settings: testbed script, then compare_methods.py for
 #                      one method, ratio and seed with one task; outputs in DIR (default /tmp/smollm2-upcycled-smoke).
@@ -295,7 +297,11 @@ EOF
   python benchmarks/compare_methods.py --testbed "$dir/testbeds/smollm2-upcycled8x2" --corpus "$corpus" --no-targeted \
     --no-naee --methods frequency --seeds 0 --ratios 0.5 --seq-len 64 --calibration-tokens 256 --eval-tokens 256 \
     --tasks arc_easy --task-limit 4 --device cpu --out "$dir/compare"
-  ls -l "$dir/results" "$dir/testbeds/smollm2-upcycled8x2" "$dir/compare"
+  python benchmarks/routing_behaviour.py --model "$dir/testbeds/smollm2-upcycled8x2" --corpus "$corpus" --name smoke \
+    --results "$dir/behaviour" --save-profile "$dir/behaviour/profile" --requests 24 --new-tokens 4 --seq-len 64 \
+    --calibration-tokens 256 --eval-tokens 256 --language-tokens 512 --random-seeds 1 --steer 1 --ratios 0.5 \
+    --batch-size 8 --device cpu --dtype float32
+  ls -l "$dir/results" "$dir/testbeds/smollm2-upcycled8x2" "$dir/compare" "$dir/behaviour"
   exit 0
 fi
 echo "unknown stage $stage" >&2; exit 2

@@ -303,3 +303,32 @@ def test_routing_similarity_finds_the_shared_middle_layer(bilingual, tmp_path) -
         bad = runner.invoke(app, argv)
         assert bad.exit_code == 2 and message in " ".join(bad.output.split()), bad.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_steering_biases_promote_the_references_experts_where_asked(bilingual) -> None:
+    """steering_biases(en, xx) boosts the pair en routes to more than xx (layer 0: the planted pair), in the middle
+    third by default; through routing_override the 'xx' text then routes to en's pair in layer 0."""
+    from transformers import AutoModelForCausalLM
+
+    from moekit.data import CalibrationSet
+    from moekit.edit.mask import routing_override
+    from moekit.profile import collect_profile
+    from moekit.profile.contrast import ContrastError, steering_biases
+
+    profile = Profile.load(bilingual / "profile")
+    assert list(steering_biases(profile, "en", "xx", 1.0, 2)) == [1]  # the middle third of layers 0, 1, 2
+    biases = steering_biases(profile, "en", "xx", 200.0, 2, layers=[0])
+    want = torch.zeros(8)
+    want[planted_experts(0, 8)] = 200.0
+    assert list(biases) == [0] and torch.equal(biases[0], want)
+    with pytest.raises(ContrastError, match="not MoE layers"):
+        steering_biases(profile, "en", "xx", 1.0, 2, layers=[7])
+    model = AutoModelForCausalLM.from_pretrained(bilingual / "model").eval()
+    ids = torch.tensor([byte_tokenizer()(SECOND_HALF * 4)["input_ids"][:64]])
+    xx = [CalibrationSet("xx", ids, torch.ones_like(ids))]
+    plain = collect_profile(model, xx, batch_size=1, progress=False)
+    with routing_override(MoEModelView.from_model(model), biases):
+        steered = collect_profile(model, xx, batch_size=1, progress=False)
+    planted = planted_experts(0, 8)
+    share = lambda p: float(p.stat(0, "count", "xx")[planted].sum() / p.stat(0, "count", "xx").sum())  # noqa: E731
+    assert share(plain) < 0.1 and share(steered) == pytest.approx(1.0)

@@ -178,6 +178,31 @@ def routing_similarity(profile: Profile, reference: str, sets: list[str] | None 
             "measure": "1 - Jensen-Shannon divergence (bits) of the two sets' routing shares, per layer"}
 
 
+def steering_biases(profile: Profile, toward: str, away: str, delta: float, per_layer: int,
+                    layers: list[int] | None = None, prior: float = DEFAULT_PRIOR) -> dict[int, torch.Tensor]:
+    """Router-logit biases ``{layer: [E]}`` for ``moekit.edit.mask.routing_override`` that promote, in ``layers``
+    (default: the middle third of the MoE layers), the ``per_layer`` experts that set ``toward`` routes to most more
+    than set ``away`` (:func:`top_contrast_experts`) by ``delta``: the inference-time steering of Multilingual
+    Routing in MoE, which promotes in the middle layers the experts that English text activates (``toward="en"``,
+    ``away`` the language being read). The paper picks experts by English activation frequency on its task data;
+    this picks them by the contrast of the two sets' routing, from the profile alone."""
+    moe_layers = list(profile.fingerprint["moe_layers"])
+    if layers is None:
+        third = len(moe_layers) // 3
+        layers = moe_layers[third:len(moe_layers) - third] or moe_layers
+    unknown = [layer for layer in layers if layer not in moe_layers]
+    if unknown:
+        raise ContrastError(f"layers {unknown} are not MoE layers of the profile's model (MoE layers: {moe_layers})")
+    chosen = top_contrast_experts(profile, toward, away, per_layer, prior)
+    out = {}
+    for layer in layers:
+        bias = torch.zeros(profile.stat(layer, "count", toward).numel())
+        bias[chosen[layer]] = delta
+        out[layer] = bias
+    return out
+
+
 __all__ = ["CARRIED_FRACTIONS", "DEFAULT_PRIOR", "ContrastError", "check_contrast_sets", "contrast_layer",
            "contrast_profile", "experts_carrying", "js_divergence_bits", "log_odds_z", "routing_similarity",
+           "steering_biases",
            "top_contrast_experts"]
