@@ -69,6 +69,7 @@ from moekit.profile.contrast import routing_similarity, steering_biases, top_con
 
 DEFAULT_CRITERION = "easy_ep"  # moekit prune's default (benchmarks/results/method_summary.md)
 MIN_RESPONSE_SET = 8  # refused / complied sets smaller than this are not profiled
+PARALLEL = "parallel-"  # profile set names of the parallel text (the corpus has sets named en, de, ...)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -134,7 +135,7 @@ def language_sets(parallel: Path, languages: list[str], tokenizer: Any, seq_len:
         docs = [d["text"] for d in read_jsonl(parallel / f"{lang}.jsonl")]
         half = len(docs) // 2
         ids, mask, _ = pack_documents(docs[:half], tokenizer, seq_len, tokens, name=lang)
-        sets.append(CalibrationSet(lang, ids, mask, {"documents": half}))
+        sets.append(CalibrationSet(PARALLEL + lang, ids, mask, {"documents": half}))
         stream = []
         for doc in docs[half:]:
             stream.extend(encode(tokenizer, doc))
@@ -250,9 +251,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # languages
     if languages and "en" in languages:
-        similarity = routing_similarity(profile, "en", sets=languages)
+        similarity = routing_similarity(profile, PARALLEL + "en", sets=[PARALLEL + lang for lang in languages])
+        similarity["similarity"] = {name.removeprefix(PARALLEL): row for name, row in similarity["similarity"].items()}
         result["language_similarity"] = similarity
-        middle = list(steering_biases(profile, "en", languages[-1], 0.0, top_k))  # the default: the middle third
+        middle = list(steering_biases(profile, PARALLEL + "en", PARALLEL + languages[-1], 0.0, top_k))  # the default: the middle third
         steering: dict[str, Any] = {"middle_layers": middle, "experts_per_layer": top_k, "rows": {}}
         base = perplexities(model, lang_heldout, args.seq_len)
         steering["rows"]["none"] = base
@@ -261,7 +263,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for lang in languages:
                 if lang == "en":
                     continue
-                with routing_override(view, steering_biases(profile, "en", lang, delta, top_k)):
+                biases = steering_biases(profile, PARALLEL + "en", PARALLEL + lang, delta, top_k)
+                with routing_override(view, biases):
                     row[lang] = perplexities(model, {lang: lang_heldout[lang], "en": lang_heldout["en"]},
                                              args.seq_len)
             steering["rows"][f"+{delta:g}"] = row
@@ -319,7 +322,7 @@ def markdown(result: dict[str, Any]) -> str:
                     if key != "none":
                         cells.append(f"{row[lang][lang]:.2f} ({row[lang]['en']:.2f})")
                 lines.append(f"| {lang} | " + " | ".join(cells) + " |")
-            lines.append(f"| en | {steer['rows']['none']['en']:.2f} | | |")
+            lines.append(f"| en | {steer['rows']['none']['en']:.2f} |" + " |" * (len(steer["rows"]) - 1))
     return "\n".join(lines) + "\n"
 
 
