@@ -254,7 +254,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         similarity = routing_similarity(profile, PARALLEL + "en", sets=[PARALLEL + lang for lang in languages])
         similarity["similarity"] = {name.removeprefix(PARALLEL): row for name, row in similarity["similarity"].items()}
         result["language_similarity"] = similarity
-        middle = list(steering_biases(profile, PARALLEL + "en", PARALLEL + languages[-1], 0.0, top_k))  # the default: the middle third
+        # the layers steering_biases steers by default: the middle third
+        middle = list(steering_biases(profile, PARALLEL + "en", PARALLEL + languages[-1], 0.0, top_k))
         steering: dict[str, Any] = {"middle_layers": middle, "experts_per_layer": top_k, "rows": {}}
         base = perplexities(model, lang_heldout, args.seq_len)
         steering["rows"]["none"] = base
