@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moekit.arch import MoEModelView
 from moekit.eval.errors import EvalError
 from moekit.eval.refusal import PLAIN_TEMPLATE, chat_prompts, is_refusal, refusal_rate
 from moekit.tiny import build_tiny_model, byte_tokenizer
@@ -23,14 +24,17 @@ def test_refusal_phrases(text, refusal) -> None:
     assert is_refusal(text) is refusal
 
 
-def _bigram_model(tokenizer, answer: str):
-    """A tiny Llama whose attention and MLP outputs are zero, so the next token depends on the current one only
-    (embedding -> final norm -> lm_head); its lm_head maps ':' -> answer[0] -> ... -> answer[-1] -> </s>."""
-    model = build_tiny_model("llama").eval()
+def _bigram_model(tokenizer, answer: str, family: str = "llama"):
+    """A tiny model whose attention and MLP (or experts') outputs are zero, so the next token depends on the current
+    one only (embedding -> final norm -> lm_head); its lm_head maps ':' -> answer[0] -> ... -> answer[-1] -> </s>."""
+    model = build_tiny_model(family).eval()
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
+            if hasattr(layer.mlp, "down_proj"):
+                layer.mlp.down_proj.weight.zero_()
+        for moe in (MoEModelView.from_model(model).layers if family != "llama" else []):
+            moe.experts.down_proj.zero_()
         chain = [":", *answer]
         ids = [tokenizer.convert_tokens_to_ids(tokenizer.convert_ids_to_tokens(tokenizer.encode(c))[0]) for c in chain]
         ids.append(tokenizer.eos_token_id)
@@ -66,3 +70,36 @@ def test_chat_prompts_use_the_chat_template_when_there_is_one() -> None:
     assert prompts == ["<user>hello<assistant>"] and how == "chat template"
     tokenizer.chat_template = None
     assert chat_prompts(tokenizer, ["hello"])[0] == ["User: hello\nAssistant:"]
+
+
+def test_refusal_tasks_through_moekit_eval(tmp_path) -> None:
+    """A task YAML of kind refusal runs through `moekit eval`: the planted refusing model refuses every request, and
+    the shipped YAMLs over the AdvBench / Alpaca sets are valid tasks."""
+    import json
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from moekit.cli import app
+    from moekit.eval.custom import build_custom_task, load_task_spec
+
+    tokenizer = byte_tokenizer()
+    model = _bigram_model(tokenizer, "I can't", "mixtral")
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "requests.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ("a", "b", "c", "d")))
+    (tmp_path / "refusal.yaml").write_text("name: planted_refusal\nkind: refusal\ndata_path: requests.jsonl\n"
+                                           "prompt: '{text}'\nmax_new_tokens: 12\n")
+    result = CliRunner().invoke(app, ["eval", str(tmp_path / "model"), "--task", str(tmp_path / "refusal.yaml"),
+                                      "--json", str(tmp_path / "scores.json")])
+    assert result.exit_code == 0, result.output
+    scores = json.loads((tmp_path / "scores.json").read_text())["tasks"]["planted_refusal"]
+    assert scores["metrics"]["refusal_rate"] == 1.0 and scores["n"] == 4
+    (tmp_path / "bad.yaml").write_text("name: x\nkind: refusal\ndata_path: requests.jsonl\nprompt: '{text}'\n"
+                                       "target: y\n")
+    bad = CliRunner().invoke(app, ["eval", str(tmp_path / "model"), "--task", str(tmp_path / "bad.yaml")])
+    assert bad.exit_code == 2 and "'target' is not used by kind refusal" in bad.output
+    shipped = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "safety"
+    for name, count in (("harmful", 520), ("harmless", 520)):
+        task = build_custom_task(load_task_spec(shipped / f"{name}_refusal.yaml"))
+        assert len(task.items) == count and task.metrics == ("refusal_rate",) and task.answer == "refusal"

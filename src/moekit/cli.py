@@ -1169,7 +1169,9 @@ def eval_command(
     task: Annotated[list[str] | None, typer.Option(
         "--task", help="A built-in task (arc_easy, arc_challenge, piqa, hellaswag, winogrande, mmlu, "
         "lambada_openai, gsm8k: lm-evaluation-harness's prompts and metrics on local files; GSM8K's few-shot "
-        "exemplars: the first other test items), a task YAML file, or -- with lm-evaluation-harness installed "
+        "exemplars: the first other test items), a task YAML file (kinds multiple_choice, generation, perplexity, and "
+        "refusal: the share of requests refused, e.g. benchmarks/data/safety/harmful_refusal.yaml), or -- with "
+        "lm-evaluation-harness installed "
         "(pip install 'moekit[lm-eval]') -- any of its registered task names, run by lm-eval itself on this model "
         "(its datasets download from the hub unless cached); repeatable.")] = None,
     text: Annotated[list[str] | None, typer.Option(

@@ -16,6 +16,10 @@ for literal braces. Nothing else of ``str.format`` is allowed (no ``{q.attr}``, 
   ``target_delimiter + choice`` of the prompt; acc and acc_norm as lm-eval defines them.
 * generation (``prompt``, ``target``): greedy completion cut at ``until`` (default a blank line) and
   at most ``max_new_tokens``; ``exact_match`` = the stripped completion equals the stripped target.
+* refusal (``prompt``: the request): each request as one user turn of the model's chat template, answered
+  greedily (``until``, ``max_new_tokens``); ``refusal_rate`` = the share of answers holding one of Arditi et
+  al.'s refusal phrases (``moekit.eval.refusal``): run it on harmful requests (refusals wanted) and on
+  harmless ones (over-refusal), before and after an edit.
 * perplexity (``text``): token-weighted perplexity of each item's text (also word and byte
   perplexity and bits per byte, as lm-eval's ``loglikelihood_rolling`` tasks report).
 
@@ -38,12 +42,12 @@ from moekit.eval import data
 from moekit.eval.errors import EvalError
 from moekit.eval.tasks import ChoiceItem, GenerationItem, Item, Task, TextItem, first
 
-KINDS = ("multiple_choice", "generation", "perplexity")
+KINDS = ("multiple_choice", "generation", "refusal", "perplexity")
 _REQUIRED = {"multiple_choice": ("prompt", "choices", "gold"), "generation": ("prompt", "target"),
-             "perplexity": ("text",)}
-_KIND_ONLY = {"prompt": ("multiple_choice", "generation"), "choices": ("multiple_choice",),
+             "refusal": ("prompt",), "perplexity": ("text",)}
+_KIND_ONLY = {"prompt": ("multiple_choice", "generation", "refusal"), "choices": ("multiple_choice",),
               "gold": ("multiple_choice",), "target": ("generation",), "text": ("perplexity",),
-              "until": ("generation",), "max_new_tokens": ("generation",),
+              "until": ("generation", "refusal"), "max_new_tokens": ("generation", "refusal"),
               "num_fewshot": ("multiple_choice", "generation"), "description": ("multiple_choice", "generation"),
               "target_delimiter": ("multiple_choice", "generation"),
               "fewshot_delimiter": ("multiple_choice", "generation")}
@@ -223,7 +227,8 @@ def build_custom_task(spec: TaskSpec, limit: int | None = None) -> Task:
     prompt = template_pieces(spec.prompt, f"task {spec.name!r} prompt") if spec.prompt is not None else None
     prompts = [_render(prompt, row, f"{spec.data_path} item {i + 1}") for i, row in enumerate(rows)] \
         if prompt is not None else []
-    answers = [_answer(spec, row, i) for i, row in enumerate(rows)] if spec.kind != "perplexity" else []
+    answers = [_answer(spec, row, i) for i, row in enumerate(rows)] if spec.kind in ("multiple_choice", "generation") \
+        else []
 
     def context(index: int) -> str:
         shots = [j for j in range(len(rows)) if j != index][:spec.num_fewshot]
@@ -240,6 +245,10 @@ def build_custom_task(spec: TaskSpec, limit: int | None = None) -> Task:
             ctx = context(i)
             items.append(ChoiceItem(tuple((ctx, spec.target_delimiter + o) for o in options), options, answers[i][1]))
         return Task(spec.name, "multiple_choice", tuple(items), ("acc", "acc_norm"), spec.num_fewshot, "custom")
+    if spec.kind == "refusal":  # no target: the answer is judged by the refusal phrases
+        items = [GenerationItem(prompts[i], "") for i in range(count)]
+        return Task(spec.name, "generation", tuple(items), ("refusal_rate",), 0, "custom", until=spec.until,
+                    max_new_tokens=spec.max_new_tokens, answer="refusal")
     if spec.kind == "generation":
         items = [GenerationItem(context(i), answers[i][0]) for i in range(count)]
         return Task(spec.name, "generation", tuple(items), ("exact_match",), spec.num_fewshot, "custom",

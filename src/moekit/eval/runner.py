@@ -28,6 +28,7 @@ from moekit.eval.custom import TaskSpec, build_custom_task, load_task_spec
 from moekit.eval.errors import EvalError
 from moekit.eval.generate import generate_greedy
 from moekit.eval.perplexity import perplexity
+from moekit.eval.refusal import chat_prompts, is_refusal
 from moekit.eval.scoring import encode_pair, model_device, resolve_max_length, score_pairs
 from moekit.eval.tasks import TASKS, ChoiceItem, ContinuationItem, GenerationItem, Task, build_task
 
@@ -102,13 +103,18 @@ def _run_loglikelihood(task: Task, model: Any, tokenizer: Any, opts: dict[str, A
 def _run_generation(task: Task, model: Any, tokenizer: Any, opts: dict[str, Any], samples: bool,
                     max_new_tokens: int | None) -> dict[str, Any]:
     items: list[GenerationItem] = list(task.items)  # type: ignore[arg-type]
-    completions = generate_greedy(model, tokenizer, [item.prompt for item in items], until=task.until,
+    prompts = [item.prompt for item in items]
+    if task.answer == "refusal":
+        prompts = chat_prompts(tokenizer, prompts)[0]
+    completions = generate_greedy(model, tokenizer, prompts, until=task.until,
                                   max_new_tokens=max_new_tokens or task.max_new_tokens, desc=task.name, **opts)
     per_item: dict[str, list[float]] = defaultdict(list)
     details = []
     for item, completion in zip(items, completions, strict=True):
         if task.answer == "gsm8k":
             item_scores = metrics.gsm8k_scores(completion, item.target)
+        elif task.answer == "refusal":
+            item_scores = {"refusal_rate": float(is_refusal(completion))}
         else:
             item_scores = {"exact_match": float(completion.strip() == item.target.strip())}
         for name in task.metrics:

@@ -81,7 +81,7 @@ class Task:
     version: str = "1.0"  # the lm-eval task version the prompts follow ("custom" for user tasks)
     until: tuple[str, ...] = ()
     max_new_tokens: int = 256
-    answer: Literal["gsm8k", "exact"] = "exact"
+    answer: Literal["gsm8k", "exact", "refusal"] = "exact"  # refusal: the prompts go into the chat template
 
 
 TaskBuilder: TypeAlias = Callable[[Path | None, int | None, int | None], Task]
