@@ -332,3 +332,23 @@ def test_steering_biases_promote_the_references_experts_where_asked(bilingual) -
     planted = planted_experts(0, 8)
     share = lambda p: float(p.stat(0, "count", "xx")[planted].sum() / p.stat(0, "count", "xx").sum())  # noqa: E731
     assert share(plain) < 0.1 and share(steered) == pytest.approx(1.0)
+
+
+def test_similarity_sets_pick_sets_by_pattern(bilingual, tmp_path) -> None:
+    """--similarity-sets narrows the compared sets by shell pattern; a pattern matching no set is refused, listing
+    the sets, and nothing is written."""
+    from moekit.profile.contrast import ContrastError, matching_sets
+
+    profile = Profile.load(bilingual / "profile")
+    assert matching_sets(profile, ["x*"]) == ["xx"] and matching_sets(profile, ["*"]) == ["en", "xx"]
+    with pytest.raises(ContrastError, match="no calibration set matches 'zz\\*'.*en, xx"):
+        matching_sets(profile, ["zz*"])
+    runner = CliRunner()
+    analysed = runner.invoke(app, ["analyze", str(bilingual / "profile"), "--similarity-to", "en",
+                                   "--similarity-sets", "x*", "--json", "-"])
+    assert analysed.exit_code == 0, analysed.output
+    assert list(json.loads(analysed.output)["similarity"]["similarity"]) == ["xx"]
+    bad = runner.invoke(app, ["report", "--profile", str(bilingual / "profile"), "--similarity-to", "en",
+                              "--similarity-sets", "zz*", "--out", str(tmp_path / "r")])
+    assert bad.exit_code == 2 and "no calibration set matches" in bad.output
+    assert not (tmp_path / "r").exists()

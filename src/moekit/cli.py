@@ -973,6 +973,9 @@ def analyze(
     similarity_to: Annotated[str | None, typer.Option(
         "--similarity-to", metavar="SET", help="Also every other set's routing similarity to this one per layer (1 - "
         "JS divergence of their routing shares; e.g. each language to en on parallel text).")] = None,
+    similarity_sets: Annotated[list[str] | None, typer.Option(
+        "--similarity-sets", metavar="PATTERN", help="With --similarity-to: only the sets matching these names or "
+        "shell-style patterns (e.g. 'parallel-*'); repeatable. Default: every set.")] = None,
 ) -> None:
     """Explain routing from a profile: load balance, entropy, sparsity, super experts, specialisation.
 
@@ -995,7 +998,7 @@ def analyze(
     if similarity_to is not None:
         from moekit.profile.contrast import routing_similarity
 
-        report["similarity"] = routing_similarity(loaded, similarity_to)
+        report["similarity"] = routing_similarity(loaded, similarity_to, similarity_sets)
     if _json_to_stdout(json_out, report):
         return
     _print_analysis(report)
@@ -1344,6 +1347,9 @@ def report(
     similarity_to: Annotated[str | None, typer.Option(
         "--similarity-to", metavar="SET", help="With --profile: every set's routing similarity to this one per layer "
         "(e.g. each language to en on parallel text). Default: en when the profile has it.")] = None,
+    similarity_sets: Annotated[list[str] | None, typer.Option(
+        "--similarity-sets", metavar="PATTERN", help="The sets the similarity plot compares: names or shell-style "
+        "patterns (e.g. 'parallel-*'); repeatable. Default: every set.")] = None,
     title: Annotated[str, typer.Option(help="Report title.")] = "moekit report",
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace OUT if it holds an earlier moekit report.")] = False,
@@ -1394,7 +1400,7 @@ def report(
         pairs.append((a, b))
     demo_contrasts = inputs.pop("contrasts", [])
     md, html = build_report(out_dir, **inputs, overwrite=overwrite, inputs=read, contrasts=pairs or demo_contrasts,
-                            reference=similarity_to)
+                            reference=similarity_to, similarity_sets=similarity_sets)
     _wrote(f"{md} and {html}")
 
 

@@ -152,15 +152,28 @@ def top_contrast_experts(profile: Profile, a: str, b: str, per_layer: int,
     return out
 
 
+def matching_sets(profile: Profile, patterns: list[str]) -> list[str]:
+    """The profile's set names matching any of ``patterns`` (shell-style: ``parallel-*``), in the profile's order;
+    a pattern matching nothing is an error that lists the sets."""
+    from fnmatch import fnmatchcase
+
+    for pattern in patterns:
+        if not any(fnmatchcase(name, pattern) for name in profile.set_names):
+            raise ContrastError(f"no calibration set matches {pattern!r}; the profile's sets: "
+                                f"{', '.join(profile.set_names)}")
+    return [name for name in profile.set_names if any(fnmatchcase(name, p) for p in patterns)]
+
+
 def routing_similarity(profile: Profile, reference: str, sets: list[str] | None = None) -> dict[str, Any]:
     """Per MoE layer, how alike every other named set routes to ``reference`` (e.g. each language to English on
     parallel text: Multilingual Routing in MoE finds language-specific early and late layers and shared middle
     ones): similarity = 1 - the Jensen-Shannon divergence of the two sets' routing shares, in bits (1 = the same
-    distribution over experts, 0 = disjoint experts). JSON-serialisable."""
+    distribution over experts, 0 = disjoint experts). ``sets``: names or shell-style patterns of the sets compared
+    (default: all). JSON-serialisable."""
     if reference not in profile.set_names:
         raise ContrastError(f"no calibration set {reference!r} in this profile; its sets: "
                             f"{', '.join(profile.set_names)}")
-    others = [name for name in (sets or profile.set_names) if name != reference]
+    others = [name for name in (matching_sets(profile, sets) if sets else profile.set_names) if name != reference]
     if not others:
         raise ContrastError(f"routing similarity to {reference!r} needs at least one other set; the profile has "
                             f"{', '.join(profile.set_names)}")
@@ -203,6 +216,6 @@ def steering_biases(profile: Profile, toward: str, away: str, delta: float, per_
 
 
 __all__ = ["CARRIED_FRACTIONS", "DEFAULT_PRIOR", "ContrastError", "check_contrast_sets", "contrast_layer",
-           "contrast_profile", "experts_carrying", "js_divergence_bits", "log_odds_z", "routing_similarity",
-           "steering_biases",
+           "contrast_profile", "experts_carrying", "js_divergence_bits", "log_odds_z", "matching_sets",
+           "routing_similarity", "steering_biases",
            "top_contrast_experts"]

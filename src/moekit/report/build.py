@@ -100,7 +100,8 @@ def load_section(profile: Any, base: Path | None = None) -> Section:
     ])
 
 
-def routing_section(profile: Any, contrasts: Sequence[tuple[str, str]] = (), reference: str | None = None) -> Section:
+def routing_section(profile: Any, contrasts: Sequence[tuple[str, str]] = (), reference: str | None = None,
+                    similarity_sets: Sequence[str] | None = None) -> Section:
     """Each contrast (set A against set B: ``moekit.profile.contrast``; the profile's harmful against harmless sets
     when none is given and it has both), the co-activation of one layer (the most divergent one of the first
     contrast, else the middle MoE layer) and token- and chunk-level sparsity per layer."""
@@ -140,7 +141,7 @@ def routing_section(profile: Any, contrasts: Sequence[tuple[str, str]] = (), ref
     if reference is not None:
         from moekit.profile.contrast import routing_similarity
 
-        similarity = routing_similarity(profile, reference)
+        similarity = routing_similarity(profile, reference, list(similarity_sets or []) or None)
         blocks += [
             Text(f"Routing similarity of every set to {reference} per MoE layer: 1 - the Jensen-Shannon divergence "
                  "(bits) of their routing shares (1 = the same experts in the same proportions). On parallel text in "
@@ -386,7 +387,8 @@ def build_report(out_dir: str | Path, *, profile: Any = None, plans: Sequence[An
                  results: Sequence[ResultPoint | Mapping[str, Any]] = (), speed: Mapping[str, Any] | None = None,
                  samples: Sequence[Mapping[str, Any]] | None = None, title: str = "moekit report",
                  overwrite: bool = False, inputs: Sequence[str | Path | None] = (),
-                 contrasts: Sequence[tuple[str, str]] = (), reference: str | None = None) -> tuple[Path, Path]:
+                 contrasts: Sequence[tuple[str, str]] = (), reference: str | None = None,
+                 similarity_sets: Sequence[str] | None = None) -> tuple[Path, Path]:
     """Write ``report.md`` (figures in ``figures/``) and a self-contained ``report.html`` into the directory
     ``out_dir`` atomically; return both paths.
 
@@ -407,7 +409,7 @@ def build_report(out_dir: str | Path, *, profile: Any = None, plans: Sequence[An
                        sources=[*models, *(p for p in paths if Path(p).is_dir() and p is not profile)],
                        inputs=[*paths, *inputs])
     sections = report_sections(profile=profile, plans=plans, results=results, speed=speed, samples=samples, base=out,
-                               contrasts=contrasts, reference=reference)
+                               contrasts=contrasts, reference=reference, similarity_sets=similarity_sets)
     with writing_directory(out, "report") as tmp:
         write_report_files(tmp, title, sections)
     return out / "report.md", out / "report.html"
@@ -425,14 +427,15 @@ def _load_profile(path: str | Path) -> Any:
 def report_sections(*, profile: Any = None, plans: Sequence[Any] = (),
                     results: Sequence[ResultPoint | Mapping[str, Any]] = (), speed: Mapping[str, Any] | None = None,
                     samples: Sequence[Mapping[str, Any]] | None = None, base: Path | None = None,
-                    contrasts: Sequence[tuple[str, str]] = (), reference: str | None = None) -> list[Section]:
+                    contrasts: Sequence[tuple[str, str]] = (), reference: str | None = None,
+                    similarity_sets: Sequence[str] | None = None) -> list[Section]:
     """The report's sections (tables and figures) for what is given; every input is checked here. ``base``: the
     report's folder, to show local paths relative to it rather than as this machine's absolute paths."""
     sections: list[Section] = []
     if profile is not None:
         loaded = _load_profile(profile) if isinstance(profile, (str, Path)) else profile
         sections.append(load_section(loaded, base))
-        sections.append(routing_section(loaded, contrasts, reference))
+        sections.append(routing_section(loaded, contrasts, reference, similarity_sets))
     elif contrasts or reference:
         raise ReportError("--contrast and --similarity-to compare named sets of a profile: give --profile too")
     if plans:

@@ -336,15 +336,20 @@ def sparsity_lines(profile: Any) -> bytes:
 def similarity_lines(similarity: Mapping[str, Any]) -> bytes:
     """Routing similarity of every set to the reference set per MoE layer (``routing_similarity``)."""
     layers = similarity["layers"]
-    fig, ax = plt.subplots(figsize=(6.5, 3.4))
-    for name, values in similarity["similarity"].items():
-        ax.plot(layers, values, marker="o", label=name)
+    lines = similarity["similarity"]
+    fig, ax = plt.subplots(figsize=(7.5 if len(lines) > 6 else 6.5, 3.4))
+    colours = plt.get_cmap("tab10" if len(lines) <= 10 else "tab20")
+    styles = ("-", "--", ":", "-.")
+    for n, (name, values) in enumerate(lines.items()):  # past 10 lines a colour repeats only with another style
+        ax.plot(layers, values, marker="o", markersize=3, label=name, color=colours(n % colours.N),
+                linestyle=styles[(n // colours.N) % len(styles)])
     ax.set_xlabel("MoE layer")
     if len(layers) <= 24:
         ax.set_xticks(layers)
     ax.set_ylabel("1 - JS divergence (bits)")
     ax.set_ylim(0, 1.02)
     ax.set_title(f"routing similarity to {similarity['reference']} per layer", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside, not over, the lines
     fig.tight_layout()
     return to_png(fig)
