@@ -341,7 +341,7 @@ def test_similarity_sets_pick_sets_by_pattern(bilingual, tmp_path) -> None:
 
     profile = Profile.load(bilingual / "profile")
     assert matching_sets(profile, ["x*"]) == ["xx"] and matching_sets(profile, ["*"]) == ["en", "xx"]
-    with pytest.raises(ContrastError, match="no calibration set matches 'zz\\*'.*en, xx"):
+    with pytest.raises(ContrastError, match=r"no calibration set matches 'zz\*'.*en, xx"):
         matching_sets(profile, ["zz*"])
     runner = CliRunner()
     analysed = runner.invoke(app, ["analyze", str(bilingual / "profile"), "--similarity-to", "en",
