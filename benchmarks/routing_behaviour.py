@@ -17,7 +17,7 @@ On one model (default: the upcycled SmolLM2-135M-Instruct testbed of ``benchmark
    harmless ones (over-refusal) and held-out perplexity per corpus domain:
    original; in-process ablation of the top-N experts per layer of the harmful:harmless contrast (N = 1, 2;
    ``moekit.edit.mask.routing_override`` with -inf, which for this routing equals removing them); the top-2 of
-   refused:complied; N random experts per layer (3 seeds, the control); a boost of the top-2 harmful:harmless experts
+   refused:complied; a safety mask, the top-2 of complied:refused (the experts compliant answers use more); N random experts per layer (3 seeds, the control); a boost of the top-2 harmful:harmless experts
    (+``--boost`` logits, MASCing-style configuration); expert pruning by moekit's default criterion calibrated on the
    corpus domains only, 25% and 50%, without and with ``protect_contrast=("harmful", "harmless", 2)``, each plan's
    own contrast audit recorded.
@@ -221,6 +221,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with routing_override(view, mask_of(view, chosen, float("-inf"))):
             conditions["ablate top-2 refused:complied"] = measure(model, tokenizer, held_bad, held_good, heldout,
                                                                   args.seq_len, args.new_tokens, args.batch_size)
+        save()
+        # the safety mask (MASCing's direction): take out the experts compliant answers route to more than refusals
+        chosen = top_contrast_experts(profile, "complied", "refused", 2)
+        result["compliance_experts"] = {str(k): v for k, v in chosen.items()}
+        with routing_override(view, mask_of(view, chosen, float("-inf"))):
+            conditions["safety mask: top-2 complied:refused"] = measure(model, tokenizer, held_bad, held_good,
+                                                                        heldout, args.seq_len, args.new_tokens,
+                                                                        args.batch_size)
         save()
     for n in (1, 2):
         for seed in range(args.random_seeds):
