@@ -17,8 +17,9 @@ On one model (default: the upcycled SmolLM2-135M-Instruct testbed of ``benchmark
    harmless ones (over-refusal) and held-out perplexity per corpus domain:
    original; in-process ablation of the top-N experts per layer of the harmful:harmless contrast (N = 1, 2;
    ``moekit.edit.mask.routing_override`` with -inf, which for this routing equals removing them); the top-2 of
-   refused:complied; a safety mask, the top-2 of complied:refused (the experts compliant answers use more); N random experts per layer (3 seeds, the control); a boost of the top-2 harmful:harmless experts
-   (+``--boost`` logits, MASCing-style configuration); expert pruning by moekit's default criterion calibrated on the
+   refused:complied; a safety mask, the top-2 of complied:refused (the experts compliant answers use more); N
+   random experts per layer (3 seeds, the control); a boost of the top-2 harmful:harmless experts (+``--boost``
+   logits, MASCing-style configuration); expert pruning by moekit's default criterion calibrated on the
    corpus domains only, 25% and 50%, without and with ``protect_contrast=("harmful", "harmless", 2)``, each plan's
    own contrast audit recorded.
 4. Languages: per layer, routing similarity of each language to English (``routing_similarity``: 1 - JS divergence
