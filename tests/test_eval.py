@@ -314,7 +314,7 @@ def test_bad_task_yaml_gives_clear_errors(tmp_path):
     assert "unknown key(s) promt" in message and "valid keys: name, kind, data_path, prompt" in message
     assert "needs the field 'prompt'" in bad_spec(tmp_path, mc)
     assert "'kind' is missing" in bad_spec(tmp_path, "name: t\nprompt: x\n")
-    assert "not one of multiple_choice, generation, perplexity" in bad_spec(tmp_path, "name: t\nkind: mc\n")
+    assert "not one of multiple_choice, generation, refusal, perplexity" in bad_spec(tmp_path, "name: t\nkind: mc\n")
     assert "'choices' is not used by kind perplexity" in bad_spec(tmp_path, "name: t\nkind: perplexity\n"
                                                                              "text: \"{q}\"\nchoices: options\n")
     assert "lacks the field(s) question" in bad_spec(tmp_path, mc + "prompt: \"{question}\"\n")
