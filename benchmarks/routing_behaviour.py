@@ -162,7 +162,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     domains = sorted(load_manifest(args.corpus)["domains"])
     heldout = {d: stream_tokens(args.corpus, d, "heldout", args.seq_len, args.eval_tokens) for d in domains}
     result: dict[str, Any] = {
-        "model": args.model.name, "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
+        "model": args.model.name,
+        "device": torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.machine()})",
         "versions": {"moekit": moekit.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__},
         "requests": {"harmful_calibration": len(calib_bad), "harmful_heldout": len(held_bad),
@@ -208,39 +209,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     conditions: dict[str, Any] = {}
     result["conditions"] = conditions
 
-    conditions["original"] = measure(model, tokenizer, held_bad, held_good, heldout, args.seq_len, args.new_tokens,
-                                     args.batch_size)
-    save()
-    for n, chosen in safety.items():
-        with routing_override(view, mask_of(view, chosen, float("-inf"))):
-            conditions[f"ablate top-{n} harmful:harmless"] = measure(model, tokenizer, held_bad, held_good, heldout,
-                                                                     args.seq_len, args.new_tokens, args.batch_size)
+    def condition(name: str, biases: dict[int, torch.Tensor] | None = None, on: Any = None) -> dict[str, Any]:
+        """Measure ``on`` (default: the model, routed with ``biases`` added to its router logits) as ``name``."""
+        with routing_override(view, biases or {}):
+            conditions[name] = measure(model if on is None else on, tokenizer, held_bad, held_good, heldout,
+                                       args.seq_len, args.new_tokens, args.batch_size)
         save()
+        return conditions[name]
+
+    ablate = float("-inf")
+    condition("original")
+    for n, chosen in safety.items():
+        condition(f"ablate top-{n} harmful:harmless", mask_of(view, chosen, ablate))
     if response_driven:
         chosen = top_contrast_experts(profile, "refused", "complied", 2)
         result["response_experts"] = {str(k): v for k, v in chosen.items()}
-        with routing_override(view, mask_of(view, chosen, float("-inf"))):
-            conditions["ablate top-2 refused:complied"] = measure(model, tokenizer, held_bad, held_good, heldout,
-                                                                  args.seq_len, args.new_tokens, args.batch_size)
-        save()
+        condition("ablate top-2 refused:complied", mask_of(view, chosen, ablate))
         # the safety mask (MASCing's direction): take out the experts compliant answers route to more than refusals
         chosen = top_contrast_experts(profile, "complied", "refused", 2)
         result["compliance_experts"] = {str(k): v for k, v in chosen.items()}
-        with routing_override(view, mask_of(view, chosen, float("-inf"))):
-            conditions["safety mask: top-2 complied:refused"] = measure(model, tokenizer, held_bad, held_good,
-                                                                        heldout, args.seq_len, args.new_tokens,
-                                                                        args.batch_size)
-        save()
+        condition("safety mask: top-2 complied:refused", mask_of(view, chosen, ablate))
     for n in (1, 2):
         for seed in range(args.random_seeds):
-            with routing_override(view, mask_of(view, random_experts(view, n, seed), float("-inf"))):
-                conditions[f"ablate random-{n} seed {seed}"] = measure(model, tokenizer, held_bad, held_good, heldout,
-                                                                       args.seq_len, args.new_tokens, args.batch_size)
-            save()
-    with routing_override(view, mask_of(view, safety[2], args.boost)):
-        conditions[f"boost top-2 harmful:harmless +{args.boost:g}"] = measure(
-            model, tokenizer, held_bad, held_good, heldout, args.seq_len, args.new_tokens, args.batch_size)
-    save()
+            condition(f"ablate random-{n} seed {seed}", mask_of(view, random_experts(view, n, seed), ablate))
+    condition(f"boost top-2 harmful:harmless +{args.boost:g}", mask_of(view, safety[2], args.boost))
     for ratio in args.ratios:
         for protect in (None, ("harmful", "harmless", 2)):
             request = PlanRequest(method=args.criterion, ratio=ratio, set_weights=general, protect_contrast=protect)
@@ -248,13 +240,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             clone = copy.deepcopy(model)
             prune_experts(MoEModelView.from_model(clone), plan_keep_map(plan))
             name = f"prune {args.criterion} {ratio:g}" + (" protect harmful:harmless:2" if protect else "")
-            entry = measure(clone, tokenizer, held_bad, held_good, heldout, args.seq_len, args.new_tokens,
-                            args.batch_size)
+            entry = condition(name, on=clone)
             entry["audit"] = [{"contrast": f"{a['a']}:{a['b']}", "per_layer": a["per_layer"],
                                "removed": a["not_kept_count"], "of": a["of"]}
                               for a in plan["details"].get("contrast_audits", [])]
             entry["experts_kept_per_layer"] = len(next(iter(plan["layers"].values()))["kept"])
-            conditions[name] = entry
             del clone
             save()
 
