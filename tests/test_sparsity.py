@@ -82,7 +82,9 @@ def test_input_norms_match_an_independent_computation_and_change_no_other_statis
             assert torch.equal(stats[name], tensor), (index, name)
         got = stats["expert_input_energy"][0]
         assert float(hidden[index].max()) > 0
-        assert torch.allclose(got, hidden[index], rtol=1e-5, atol=1e-9)
+        # float32 sums against a float64 reference: an expert with almost no input energy differs by round-off of
+        # the layer's scale, not of its own (seen on DBRX under transformers 5.25: 7.5631e-05 vs 7.5628e-05)
+        assert torch.allclose(got, hidden[index], rtol=1e-5, atol=1e-7 * float(hidden[index].max()))
         assert float(stats["neuron_input_energy"][0].max()) > 0
         if swiglu:
             assert torch.allclose(stats["neuron_input_energy"][0], neurons[index], rtol=1e-4, atol=1e-9)
