@@ -95,6 +95,7 @@ def test_refusal_tasks_through_moekit_eval(tmp_path) -> None:
     assert result.exit_code == 0, result.output
     scores = json.loads((tmp_path / "scores.json").read_text())["tasks"]["planted_refusal"]
     assert scores["metrics"]["refusal_rate"] == 1.0 and scores["n"] == 4
+    assert scores["prompt_template"].startswith("plain template") and "Arditi" in scores["refusal_rule"]
     (tmp_path / "bad.yaml").write_text("name: x\nkind: refusal\ndata_path: requests.jsonl\nprompt: '{text}'\n"
                                        "target: y\n")
     bad = CliRunner().invoke(app, ["eval", str(tmp_path / "model"), "--task", str(tmp_path / "bad.yaml")])

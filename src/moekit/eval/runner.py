@@ -104,8 +104,9 @@ def _run_generation(task: Task, model: Any, tokenizer: Any, opts: dict[str, Any]
                     max_new_tokens: int | None) -> dict[str, Any]:
     items: list[GenerationItem] = list(task.items)  # type: ignore[arg-type]
     prompts = [item.prompt for item in items]
+    template = None
     if task.answer == "refusal":
-        prompts = chat_prompts(tokenizer, prompts)[0]
+        prompts, template = chat_prompts(tokenizer, prompts)
     completions = generate_greedy(model, tokenizer, prompts, until=task.until,
                                   max_new_tokens=max_new_tokens or task.max_new_tokens, desc=task.name, **opts)
     per_item: dict[str, list[float]] = defaultdict(list)
@@ -123,6 +124,9 @@ def _run_generation(task: Task, model: Any, tokenizer: Any, opts: dict[str, Any]
             details.append({"completion": completion, "target": item.target, **item_scores})
     values, errors = _summary(per_item)
     out: dict[str, Any] = {"metrics": values, "stderr": errors}
+    if template is not None:  # what a refusal rate means depends on how the requests were put to the model
+        out["prompt_template"] = template
+        out["refusal_rule"] = "an answer holding one of moekit.eval.refusal.REFUSAL_PHRASES (Arditi et al. 2024)"
     if samples:
         out["samples"] = details
     return out
