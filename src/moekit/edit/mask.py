@@ -261,7 +261,9 @@ def routing_override(view: MoEModelView, biases: dict[int, torch.Tensor]) -> Ite
     softmax router (Mixtral, Qwen3-MoE, OLMoE, ...) it changes the choice and the gate weights; ``-inf`` takes an
     expert out of the choice, which equals removing it from the model for every kind in ``EQUALS_REMOVAL`` (tested
     against pruned models); with sigmoid scores (DeepSeek-V3, ...) the shift enters the gate weights too
-    (``routing_bias`` shifts only the choice, through the correction bias)."""
+    (``routing_bias`` shifts only the choice, through the correction bias). A profile collected inside the context
+    counts the overridden choices and gate weights, while its router-probability statistics (``router_mass``,
+    entropy) are of the unbiased logits."""
     layers = {layer.index: layer for layer in view.layers}
     patched: list[tuple[Any, str, Any]] = []
     try:
