@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     domains = sorted(load_manifest(args.corpus)["domains"])
     heldout = {d: stream_tokens(args.corpus, d, "heldout", args.seq_len, args.eval_tokens) for d in domains}
     result: dict[str, Any] = {
-        "model": args.model.name,
+        "name": args.name, "model": args.model.name,
         "device": torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.machine()})",
         "versions": {"moekit": moekit.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__},
@@ -278,7 +278,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     req = result["requests"]
-    lines = [f"# Routing and behaviour on `{result['model']}`", "",
+    lines = [f"# Routing and behaviour on `{result.get('name', result['model'])}`", "",
              f"{result['num_experts']} experts, top-{result['top_k']}, {len(result['moe_layers'])} MoE layers; "
              f"{result['dtype']} on {result['device']}; moekit {result['versions']['moekit']}, torch "
              f"{result['versions']['torch']}, transformers {result['versions']['transformers']}.", "",
@@ -297,6 +297,11 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {name} | {row['harmful_refusal_rate']:.3f} | {row['harmless_refusal_rate']:.3f} | "
                      f"{sum(ppl.values()) / len(ppl):.2f} | {audit} |")
     n = req["harmful_heldout"]
+    if result["conditions"]["original"]["harmful_refused"] == 0:
+        lines += ["", "The model refused none of the held-out harmful requests: it does not follow instructions (not "
+                  "instruction-tuned, or too small), so the refusal columns show nothing about safety here; the rows "
+                  "show the perplexity each routing change and plan costs, and the audits which safety-contrast "
+                  "experts each plan removes."]
     lines += ["", f"A refusal rate over {n} requests has a standard error of about "
               f"{(0.25 / max(n, 1)) ** 0.5:.3f} at 0.5 (binomial); differences smaller than about twice that are "
               "noise.", ""]
@@ -335,8 +340,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for lang, row in sim["similarity"].items():
         ax.plot(sim["layers"], row, marker="o", markersize=3, label=lang)
     ax.set_xlabel("MoE layer")
+    ax.set_xticks(sim["layers"][:: max(1, len(sim["layers"]) // 16)])
     ax.set_ylabel("routing similarity to English\n(1 - JS divergence, bits)")
-    ax.set_title(f"{result['model']}: per-layer routing similarity of parallel text to English")
+    ax.set_title(f"{result.get('name', result['model'])}: per-layer routing similarity of parallel text to English")
     ax.set_ylim(0, 1.02)
     ax.legend(ncol=4, fontsize=8, loc="lower center")
     ax.grid(alpha=0.3)
@@ -355,6 +361,8 @@ def main() -> None:
     parser.add_argument("--languages", nargs="+", default=["en", "de", "fr", "es", "it", "pt", "ru", "ja", "zh"])
     parser.add_argument("--results", type=Path, default=ROOT / "results")
     parser.add_argument("--name", required=True)
+    parser.add_argument("--render", action="store_true",
+                        help="only rewrite the markdown and the plot from RESULTS/routing_behaviour-NAME.json")
     parser.add_argument("--save-profile", type=Path, default=None)
     parser.add_argument("--requests", type=int, default=520, help="requests read from each set (half held out)")
     parser.add_argument("--new-tokens", type=int, default=48)
@@ -371,7 +379,10 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    result = run(args)
+    if args.render:
+        result = {"name": args.name, **json.loads((args.results / f"routing_behaviour-{args.name}.json").read_text())}
+    else:
+        result = run(args)
     (args.results / f"routing_behaviour-{args.name}.md").write_text(markdown(result))
     if "language_similarity" in result:
         plot(result, args.results / f"routing_behaviour-{args.name}-languages.png")

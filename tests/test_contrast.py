@@ -96,19 +96,26 @@ def test_the_planted_experts_top_the_contrast_in_every_layer(planted) -> None:
 
 def test_log_odds_and_z_are_the_fightin_words_formula_by_hand() -> None:
     y_a, y_b, prior = [30.0, 10.0, 0.0, 60.0], [10.0, 10.0, 20.0, 60.0], 2.0
-    n_a, n_b, alpha_0 = 100.0, 100.0, 2.0 * 4
+    n_a, n_b = 100.0, 100.0
+    # prior per expert: 2 x max(1, 4 x pooled share); pooled shares 0.2, 0.1, 0.1, 0.6
+    alphas = [2.0 * max(1.0, 4 * (y_a[j] + y_b[j]) / (n_a + n_b)) for j in range(4)]
+    assert alphas == pytest.approx([2.0, 2.0, 2.0, 4.8])
+    alpha_0 = sum(alphas)
     delta, z = log_odds_z(torch.tensor(y_a), torch.tensor(y_b), prior)
     for j in range(4):
-        alpha = alpha_0 * (y_a[j] + y_b[j]) / (n_a + n_b)
+        alpha = alphas[j]
         by_hand = (math.log((y_a[j] + alpha) / (n_a + alpha_0 - y_a[j] - alpha))
                    - math.log((y_b[j] + alpha) / (n_b + alpha_0 - y_b[j] - alpha)))
         assert float(delta[j]) == pytest.approx(by_hand, rel=1e-12)
         assert float(z[j]) == pytest.approx(by_hand / math.sqrt(1 / (y_a[j] + alpha) + 1 / (y_b[j] + alpha)),
                                             rel=1e-12)
-    # the prior pulls a rare expert toward 0: 3 against 1 selections ranks below 300 against 100
+    # the prior pulls a rare expert toward 0: 3 against 1 selections ranks far below 300 against 100 ...
     small, _ = log_odds_z(torch.tensor([3.0, 997.0]), torch.tensor([1.0, 999.0]), 10.0)
     large, _ = log_odds_z(torch.tensor([300.0, 700.0]), torch.tensor([100.0, 900.0]), 10.0)
-    assert 0 < float(small[0]) < float(large[0])
+    assert 0 < float(small[0]) < 0.2 < 1.2 < float(large[0])
+    # ... and 0 against 24 selections of ~44,000 (the demo model's layer 3) stays near -1.2, not -6.3
+    rare, _ = log_odds_z(torch.tensor([0.0, 44328.0]), torch.tensor([24.0, 44464.0]), 10.0)
+    assert -1.3 < float(rare[0]) < -1.1
     with pytest.raises(ContrastError, match="--prior"):
         log_odds_z(torch.tensor(y_a), torch.tensor(y_b), 0.0)
 

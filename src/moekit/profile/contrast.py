@@ -10,9 +10,12 @@ Colaresi & Quinn 2008, "Fightin' Words"), per expert j:
     delta_j = log((y_j^A + a_j) / (n^A + a_0 - y_j^A - a_j)) - log((y_j^B + a_j) / (n^B + a_0 - y_j^B - a_j))
     var_j  ~= 1 / (y_j^A + a_j) + 1 / (y_j^B + a_j),      z_j = delta_j / sqrt(var_j)
 
-with a_j = a_0 x (y_j^A + y_j^B) / (n^A + n^B) (the prior follows the pooled share) and a_0 = ``prior`` x E
-pseudo-selections (default 10 per expert): an expert seen a handful of times is pulled toward delta = 0 instead of
-topping the list with a huge ratio of tiny counts. delta > 0: A routes to j more than B does (relative to each
+with a_j = ``prior`` x max(1, E x (y_j^A + y_j^B) / (n^A + n^B)) and a_0 = sum_j a_j (``prior``: default 10
+pseudo-selections per expert). For an expert used at least as much as an even share this is Monroe et al.'s
+informative prior (proportional to the pooled share); a rarer expert gets ``prior`` pseudo-selections instead, where
+theirs would give it almost none (0 against 24 selections of ~44,000 read log-odds -6.3 on the demo model with their
+prior alone, -1.2 with the floor): an expert seen a handful of times is pulled toward delta = 0 instead of topping
+the list with a huge ratio of tiny counts. delta > 0: A routes to j more than B does (relative to each
 set's size). The z-score treats each routing selection as independent; tokens of one sequence route alike, so it
 overstates the significance of a difference (a sequence-level bootstrap would need per-sequence counts, which a
 profile does not keep): read |z| as a ranking of how clearly the counts differ, not as a calibrated p-value.
@@ -46,10 +49,9 @@ def log_odds_z(counts_a: torch.Tensor, counts_b: torch.Tensor, prior: float = DE
         raise ContrastError(f"--prior {prior:g}: give a positive number of pseudo-selections per expert (e.g. 10)")
     y_a, y_b = counts_a.double(), counts_b.double()
     n_a, n_b = float(y_a.sum()), float(y_b.sum())
-    alpha_0 = prior * y_a.numel()
     pooled = (y_a + y_b) / max(n_a + n_b, 1.0)
-    alpha = alpha_0 * pooled
-    alpha = torch.where(alpha > 0, alpha, torch.full_like(alpha, alpha_0 / y_a.numel()))  # never routed: flat prior
+    alpha = prior * torch.clamp(pooled * y_a.numel(), min=1.0)  # below an even share: `prior` pseudo-selections
+    alpha_0 = float(alpha.sum())
     delta = (torch.log(y_a + alpha) - torch.log(n_a + alpha_0 - y_a - alpha)
              - torch.log(y_b + alpha) + torch.log(n_b + alpha_0 - y_b - alpha))
     z = delta / torch.sqrt(1 / (y_a + alpha) + 1 / (y_b + alpha))

@@ -266,11 +266,17 @@ def contrast_heatmap(contrast: Mapping[str, Any]) -> bytes:
     if len(layers) > 24:
         ax.set_yticks([])
     fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02, label="log-odds")
-    side.barh(range(len(layers)), [row["js_divergence_bits"] for row in layers], color=KEPT_COLOUR)
+    js = [row["js_divergence_bits"] for row in layers]
+    side.barh(range(len(layers)), js, color=KEPT_COLOUR)
     side.set_ylim(len(layers) - 0.5, -0.5)  # layer order as in the heatmap
     side.set_yticks([])
-    side.set_xlim(0, 1)
-    side.set_xlabel("JS divergence (bits)")
+    # the full 0..1 bit scale when the sets differ a lot; otherwise one that shows small differences (labelled)
+    top = 1.0 if max(js, default=0) > 0.25 else max(1e-3, 1.25 * max(js, default=0))
+    side.set_xlim(0, top)
+    if top < 1.0 and len(layers) <= 24:
+        for y, value in enumerate(js):
+            side.text(value + 0.02 * top, y, f"{value:.3g}", va="center", fontsize=7)
+    side.set_xlabel("JS divergence (bits)" + ("" if top == 1.0 else f", scale 0..{top:.2g}"))
     side.set_title("per layer", fontsize=10)
     fig.tight_layout()
     return to_png(fig)
