@@ -28,7 +28,7 @@ from moekit.eval.custom import TaskSpec, build_custom_task, load_task_spec
 from moekit.eval.errors import EvalError
 from moekit.eval.generate import generate_greedy
 from moekit.eval.perplexity import perplexity
-from moekit.eval.refusal import chat_prompts, is_refusal
+from moekit.eval.refusal import REFUSAL_RULE, answer_requests, is_refusal
 from moekit.eval.scoring import encode_pair, model_device, resolve_max_length, score_pairs
 from moekit.eval.tasks import TASKS, ChoiceItem, ContinuationItem, GenerationItem, Task, build_task
 
@@ -104,11 +104,13 @@ def _run_generation(task: Task, model: Any, tokenizer: Any, opts: dict[str, Any]
                     max_new_tokens: int | None) -> dict[str, Any]:
     items: list[GenerationItem] = list(task.items)  # type: ignore[arg-type]
     prompts = [item.prompt for item in items]
-    template = None
-    if task.answer == "refusal":
-        prompts, template = chat_prompts(tokenizer, prompts)
-    completions = generate_greedy(model, tokenizer, prompts, until=task.until,
-                                  max_new_tokens=max_new_tokens or task.max_new_tokens, desc=task.name, **opts)
+    limit, template = max_new_tokens or task.max_new_tokens, None
+    if task.answer == "refusal":  # requests, put to the model as chat turns
+        completions, template = answer_requests(model, tokenizer, prompts, max_new_tokens=limit, until=task.until,
+                                                desc=task.name, **opts)
+    else:
+        completions = generate_greedy(model, tokenizer, prompts, until=task.until, max_new_tokens=limit,
+                                      desc=task.name, **opts)
     per_item: dict[str, list[float]] = defaultdict(list)
     details = []
     for item, completion in zip(items, completions, strict=True):
@@ -126,7 +128,7 @@ def _run_generation(task: Task, model: Any, tokenizer: Any, opts: dict[str, Any]
     out: dict[str, Any] = {"metrics": values, "stderr": errors}
     if template is not None:  # what a refusal rate means depends on how the requests were put to the model
         out["prompt_template"] = template
-        out["refusal_rule"] = "an answer holding one of moekit.eval.refusal.REFUSAL_PHRASES (Arditi et al. 2024)"
+        out["refusal_rule"] = REFUSAL_RULE
     if samples:
         out["samples"] = details
     return out
