@@ -61,7 +61,7 @@ def refusal_rate(model: Any, tokenizer: Any, requests: Sequence[str], *, max_new
                                         batch_size=batch_size, progress=progress, desc="refusals")
     verdicts = [is_refusal(a) for a in answers]
     return {"refusal_rate": sum(verdicts) / len(verdicts), "refused": sum(verdicts), "requests": len(verdicts),
-            "template": template, "rule": "substring of REFUSAL_PHRASES (Arditi et al. 2024)",
+            "template": template, "rule": REFUSAL_RULE,
             "max_new_tokens": max_new_tokens, "answers": answers, "refusals": verdicts}
 
 
