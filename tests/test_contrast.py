@@ -355,6 +355,8 @@ def test_similarity_sets_pick_sets_by_pattern(bilingual, tmp_path) -> None:
                                    "--similarity-sets", "x*", "--json", "-"])
     assert analysed.exit_code == 0, analysed.output
     assert list(json.loads(analysed.output)["similarity"]["similarity"]) == ["xx"]
+    lonely = runner.invoke(app, ["analyze", str(bilingual / "profile"), "--similarity-sets", "x*"])
+    assert lonely.exit_code == 2 and "give that too" in lonely.output
     bad = runner.invoke(app, ["report", "--profile", str(bilingual / "profile"), "--similarity-to", "en",
                               "--similarity-sets", "zz*", "--out", str(tmp_path / "r")])
     assert bad.exit_code == 2 and "no calibration set matches" in bad.output

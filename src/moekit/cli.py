@@ -991,6 +991,8 @@ def analyze(
     from moekit.profile.analyze import analyze_profile
 
     _check_json_out(json_out, overwrite, [profile], [])
+    if similarity_sets and similarity_to is None:
+        raise typer.BadParameter("--similarity-sets chooses the sets compared with --similarity-to SET: give that too")
     loaded = Profile.load(profile)
     for name in sets or []:
         loaded.set_index(name)
