@@ -1370,8 +1370,9 @@ def report(
     from moekit.report import ReportError, build_report, report_inputs_from_demo, result_point
     from moekit.report.inputs import read_json
 
-    if (contrast or similarity_to) and profile is None and demo_dir is None:
-        raise ReportError("--contrast and --similarity-to compare named sets of a profile: give --profile too")
+    if (contrast or similarity_to or similarity_sets) and profile is None and demo_dir is None:
+        raise ReportError("--contrast, --similarity-to and --similarity-sets compare named sets of a profile: give "
+                          "--profile too")
     inputs: dict[str, Any] = report_inputs_from_demo(demo_dir) if demo_dir else {}
     read: list[Any] = [demo_dir, speed_json]
     if profile is not None:
