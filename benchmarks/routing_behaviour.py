@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["calibration_harmful_refusal_rate"] = round(answers["refusal_rate"], 4)
 
     sets = [corpus_set(args.corpus, d, args.seq_len, args.calibration_tokens) for d in domains]
-    sets += [request_rows("harmful", tokenizer, chat_prompts(tokenizer, calib_bad)[0], args.seq_len),
+    sets += [request_rows("harmful", tokenizer, prompts_bad, args.seq_len),
              request_rows("harmless", tokenizer, chat_prompts(tokenizer, calib_good)[0], args.seq_len)]
     response_driven = len(refused) >= MIN_RESPONSE_SET and len(complied) >= MIN_RESPONSE_SET
     if response_driven:

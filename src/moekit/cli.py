@@ -1368,11 +1368,11 @@ def report(
       moekit report --profile prof --plan pruned/ --result orig:original:0=o.json --result r:reap:0.5=r.json --out r
     """
     from moekit.report import ReportError, build_report, report_inputs_from_demo, result_point
+    from moekit.report.build import require_profile_for_sets
     from moekit.report.inputs import read_json
 
-    if (contrast or similarity_to or similarity_sets) and profile is None and demo_dir is None:
-        raise ReportError("--contrast, --similarity-to and --similarity-sets compare named sets of a profile: give "
-                          "--profile too")
+    if profile is None and demo_dir is None:  # before any input is read
+        require_profile_for_sets(contrast, similarity_to, similarity_sets)
     inputs: dict[str, Any] = report_inputs_from_demo(demo_dir) if demo_dir else {}
     read: list[Any] = [demo_dir, speed_json]
     if profile is not None:

@@ -288,16 +288,20 @@ def routing_override(view: MoEModelView, biases: dict[int, torch.Tensor]) -> Ite
 def _biased_router(layer: MoELayer, bias: torch.Tensor) -> tuple[Any, str, Any]:
     """(object, attribute, function) that routes ``layer`` on logits + ``bias`` in the family's call convention."""
     call = layer.call
+
+    def choose(logits: torch.Tensor, hidden_dtype: torch.dtype | None) -> Any:
+        return layer.route_logits(logits + bias.to(logits.device, logits.dtype), hidden_dtype=hidden_dtype)
+
     if call.kind == "llama4":  # router(hidden) -> (scores [T, E]: sigmoid of the chosen logits, 0 elsewhere; logits)
         def scores_forward(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             logits = layer.router_logits(hidden)
-            chosen = layer.route_logits(logits + bias.to(logits.device, logits.dtype), hidden_dtype=hidden.dtype)
+            chosen = choose(logits, hidden.dtype)
             scores = torch.zeros_like(logits).scatter_(1, chosen.index, chosen.weights.to(logits.dtype))
             return scores, logits
         return layer.router, "forward", scores_forward
 
     def routed(logits: torch.Tensor, hidden_dtype: torch.dtype | None) -> tuple[torch.Tensor, ...]:
-        chosen = layer.route_logits(logits + bias.to(logits.device, logits.dtype), hidden_dtype=hidden_dtype)
+        chosen = choose(logits, hidden_dtype)
         values = {"logits": logits, "index": chosen.index, "weights": chosen.weights}
         return tuple(values[name] for name in call.order)
 

@@ -424,6 +424,14 @@ def _load_profile(path: str | Path) -> Any:
         raise ReportError(str(err)) from None
 
 
+def require_profile_for_sets(contrasts: Sequence[Any] | None, reference: str | None,
+                             similarity_sets: Sequence[str] | None) -> None:
+    """Without a profile, contrasts and similarities have no named sets to compare: refuse them."""
+    if contrasts or reference or similarity_sets:
+        raise ReportError("--contrast, --similarity-to and --similarity-sets compare named sets of a profile: give "
+                          "--profile too")
+
+
 def report_sections(*, profile: Any = None, plans: Sequence[Any] = (),
                     results: Sequence[ResultPoint | Mapping[str, Any]] = (), speed: Mapping[str, Any] | None = None,
                     samples: Sequence[Mapping[str, Any]] | None = None, base: Path | None = None,
@@ -436,8 +444,8 @@ def report_sections(*, profile: Any = None, plans: Sequence[Any] = (),
         loaded = _load_profile(profile) if isinstance(profile, (str, Path)) else profile
         sections.append(load_section(loaded, base))
         sections.append(routing_section(loaded, contrasts, reference, similarity_sets))
-    elif contrasts or reference:
-        raise ReportError("--contrast and --similarity-to compare named sets of a profile: give --profile too")
+    else:
+        require_profile_for_sets(contrasts, reference, similarity_sets)
     if plans:
         sections.append(scores_section([load_plan(p) for p in plans], base))
     if results:
