@@ -58,7 +58,8 @@ def main() -> None:
     result: dict[str, Any] = {
         "name": args.name, "model": (args.gguf or args.model).name, "dtype": "float32",
         "device": f"CPU ({platform.machine()})",
-        "versions": {"moekit": moekit.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "versions": {"moekit": moekit.__version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__},
         "template": chat_prompts(tokenizer, ["x"])[1], "new_tokens": args.new_tokens,
         "refusal_phrases": list(REFUSAL_PHRASES), "sets": {}}
     for name in ("harmful", "harmless"):

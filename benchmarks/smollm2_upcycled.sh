@@ -48,6 +48,9 @@
 #   compare            there: compare_methods.py on the ratios of seed 0 that build did not reach (with the six
 #                      tasks) and on seeds 1 and 2 (perplexity only), side by side, at most COMPARE_SECONDS; the parts
 #                      combined into one result (a stopped run keeps the (seed, ratio) blocks it finished).
+#   rebuild            there: the testbed again after the machine went cold (REBUILD_STEPS: build's step count, or
+#                      fewer when time is short; light measurements), then behaviour or compare in the same call, e.g.
+#                      REBUILD_STEPS=250 bash benchmarks/smollm2_upcycled.sh rebuild && ... behaviour (2026-12-07).
 #   behaviour          there: benchmarks/routing_behaviour.py on the testbed build left (BEHAVIOUR_SECONDS, BEHAVIOUR_ARGS):
 #                      refusal rates under masks and pruning, language similarity and steering (issue 18).
 #   smoke [DIR]        here, CPU: the whole path on a tiny dense Llama (moekit tiny-model llama, embeddings widened to
