@@ -157,9 +157,7 @@ compare_run() {  # compare_run TAG SECONDS ARGS...: one compare_methods.py run o
 }
 part_json() { echo "testbeds/compare/compare_methods-$(basename "$testbed")-$1.json"; }
 
-if [ "$stage" = build ]; then
-  begin=$(date +%s)
-  out=${OUT:?set OUT (the device tool does)}
+assemble() {  # the last part stashed, every part checked there, the GGUF reassembled and checked, gguf installed
   stash
   parts=$(grep -c ' gguf.xz.part' "$cache/SHA256SUMS")
   for n in $(seq 1 "$parts"); do
@@ -170,6 +168,12 @@ if [ "$stage" = build ]; then
   (cd "$cache" && grep "  $gguf_name\$" SHA256SUMS | sha256sum -c -) || exit 1
   python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$cache/site" \
     "$cache"/whl/*.whl
+}
+
+if [ "$stage" = build ]; then
+  begin=$(date +%s)
+  out=${OUT:?set OUT (the device tool does)}
+  assemble
   export PYTHONPATH="$PYTHONPATH:$cache/site" MOEKIT_EVAL_DATA="$cache/eval"
   python -c "import torch, transformers, gguf; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
   mkdir -p testbeds/results testbeds/compare
@@ -261,15 +265,7 @@ if [ "$stage" = rebuild ]; then  # the testbed again in a fresh lease (build's r
   # 8,192 tokens per domain), so that behaviour or compare can follow in the same call; its record comes back as
   # smollm2_upcycled8x2-rebuild.{json,md} (balance and divergence, to compare with build's).
   out=${OUT:?set OUT (the device tool does)}
-  stash
-  parts=$(grep -c ' gguf.xz.part' "$cache/SHA256SUMS")
-  for n in $(seq 1 "$parts"); do
-    [ -f "$cache/gguf.xz.part$n" ] || { echo "part $n is not in $cache: run 'part $n' first (machine cold?)" >&2; exit 2; }
-  done
-  for n in $(seq 1 "$parts"); do cat "$cache/gguf.xz.part$n"; done | xz -d > "$cache/$gguf_name"
-  (cd "$cache" && grep "  $gguf_name\$" SHA256SUMS | sha256sum -c -) || exit 1
-  python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$cache/site" \
-    "$cache"/whl/*.whl
+  assemble
   export PYTHONPATH="$PYTHONPATH:$cache/site" MOEKIT_EVAL_DATA="$cache/eval"
   mkdir -p testbeds/rebuild-results
   status=0
