@@ -21,17 +21,12 @@ from typing import Any
 
 import torch
 import transformers
+from routing_behaviour import request_split  # the same held-out split
 
 import moekit
 from moekit.eval.refusal import REFUSAL_PHRASES, chat_prompts, refusal_rate
 
 ROOT = Path(__file__).resolve().parent
-
-
-def read_requests(path: Path, count: int) -> list[str]:
-    """The held-out half of the first ``count`` requests of ``path``, as routing_behaviour.py splits them."""
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [r["text"] for r in rows][:count][1::2]
 
 
 def main() -> None:
@@ -63,7 +58,7 @@ def main() -> None:
         "template": chat_prompts(tokenizer, ["x"])[1], "new_tokens": args.new_tokens,
         "refusal_phrases": list(REFUSAL_PHRASES), "sets": {}}
     for name in ("harmful", "harmless"):
-        requests = read_requests(args.safety / f"{name}.jsonl", args.requests)
+        requests = request_split(args.safety, name, args.requests)[1]
         start = time.perf_counter()
         measured = refusal_rate(model, tokenizer, requests, max_new_tokens=args.new_tokens,
                                 batch_size=args.batch_size, progress=True)

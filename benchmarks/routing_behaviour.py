@@ -77,6 +77,12 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def request_split(safety: Path, name: str, count: int) -> tuple[list[str], list[str]]:
+    """(calibration, held-out): the even- and odd-numbered of the first ``count`` requests of SAFETY/NAME.jsonl."""
+    texts = [r["text"] for r in read_jsonl(safety / f"{name}.jsonl")][:count]
+    return texts[0::2], texts[1::2]
+
+
 def request_rows(name: str, tokenizer: Any, texts: list[str], max_len: int) -> CalibrationSet:
     """One right-padded row per text (its own sequence: requests do not see each other)."""
     ids = [encode(tokenizer, t)[:max_len] for t in texts]
@@ -155,10 +161,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         tokenizer.pad_token = tokenizer.eos_token
     view = MoEModelView.from_model(model)
     top_k = view.layers[0].top_k
-    harmful = [r["text"] for r in read_jsonl(args.safety / "harmful.jsonl")][: args.requests]
-    harmless = [r["text"] for r in read_jsonl(args.safety / "harmless.jsonl")][: args.requests]
-    calib_bad, held_bad = harmful[0::2], harmful[1::2]
-    calib_good, held_good = harmless[0::2], harmless[1::2]
+    calib_bad, held_bad = request_split(args.safety, "harmful", args.requests)
+    calib_good, held_good = request_split(args.safety, "harmless", args.requests)
     domains = sorted(load_manifest(args.corpus)["domains"])
     heldout = {d: stream_tokens(args.corpus, d, "heldout", args.seq_len, args.eval_tokens) for d in domains}
     result: dict[str, Any] = {

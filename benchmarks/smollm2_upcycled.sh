@@ -274,7 +274,9 @@ if [ "$stage" = rebuild ]; then  # the testbed again in a fresh lease (build's r
     --results testbeds/rebuild-results --stages recovered --recovery-seconds 0 --steps "${REBUILD_STEPS:?}" \
     --limit 50 --eval-tokens 8192 ${TESTBED_ARGS:-} > testbeds/rebuild.log 2>&1 || status=$?
   tr '\r' '\n' < testbeds/rebuild.log | grep -v 'it/s]' | tail -n 12 || true
-  for f in testbeds/rebuild-results/smollm2_upcycled8x2.*; do cp "$f" "$out/smollm2_upcycled8x2-rebuild.${f##*.}"; done
+  for f in testbeds/rebuild-results/smollm2_upcycled8x2.*; do  # none when the script stopped before measuring
+    [ -f "$f" ] && cp "$f" "$out/smollm2_upcycled8x2-rebuild.${f##*.}"
+  done
   exit $status
 fi
 
