@@ -17,9 +17,41 @@
 # compare: three calibration seeds, 25/50/75%, every criterion (one process per testbed) and NAEE (one process per
 # testbed and seed; with cached expert outputs also on qwen3-128x8, where block forwards were ~50k per layer).
 set -euo pipefail
-stage=${1:?usage: balanced_testbeds.sh train|compare|solo NAME COEFS|merge NAME:COEF ...|neurons NAME:COEF ...|sparsity NAME:COEF ...}
+stage=${1:?usage: balanced_testbeds.sh prepare-corpus|corpus-part N|train|compare|solo NAME COEFS|merge NAME:COEF ...|neurons NAME:COEF ...|sparsity NAME:COEF ...}
 corpus=${CORPUS:-benchmarks/corpus/out}  # CORPUS: a subset (benchmarks/corpus/subset.py) to fit the 64 MiB transfer
 minutes=${MINUTES:-6.5}
+carried=gpu_carry/corpus  # prepare-corpus's parts (git-ignored), sent one per call
+corpus_cache=${CORPUS_CACHE:-$HOME/moekit-corpus}  # there: outside the working tree, kept while the machine is warm
+
+if [ "$stage" = prepare-corpus ]; then
+  # bash benchmarks/balanced_testbeds.sh prepare-corpus (here): the corpus subset the testbed records name (8M training
+  # tokens per domain; TRAIN_TOKENS), tarred and split into parts of PART_BYTES (default 17.5 MB) so that each call's
+  # working tree stays under the device tool's 64 MiB; sha256 of each part in $carried/SHA256SUMS. Then, in one lease:
+  #   call N: command "bash benchmarks/balanced_testbeds.sh corpus-part N" carry ["$carried/SHA256SUMS", "$carried/part0N"]
+  #   (the last part unpacks the subset), then e.g. CORPUS=\$HOME/moekit-corpus/subset ... solo NAME COEFS
+  [ ! -e "$carried" ] || { echo "$carried exists: remove it first (it is only staged parts)" >&2; exit 2; }
+  tmp=$(mktemp -d)
+  python benchmarks/corpus/subset.py --corpus "$corpus" --out "$tmp/subset" --train-tokens "${TRAIN_TOKENS:-8000000}"
+  mkdir -p "$carried"
+  tar cf - -C "$tmp" subset | split -b "${PART_BYTES:-17500000}" -d - "$carried/part"
+  rm -rf "$tmp"
+  (cd "$carried" && sha256sum part* > SHA256SUMS && cat SHA256SUMS)
+  exit 0
+fi
+
+if [ "$stage" = corpus-part ]; then  # there: check and keep carried part N; once all are kept, unpack the subset
+  n=${2:?usage: balanced_testbeds.sh corpus-part N}
+  part=$(printf 'part%02d' "$n")
+  mkdir -p "$corpus_cache"
+  cp "$carried/SHA256SUMS" "$carried/$part" "$corpus_cache/"
+  (cd "$corpus_cache" && grep " $part\$" SHA256SUMS | sha256sum -c -)
+  if (cd "$corpus_cache" && sha256sum --quiet -c SHA256SUMS > /dev/null 2>&1); then
+    (cd "$corpus_cache" && cat part* | tar xf - && rm part*)
+    echo "unpacked $corpus_cache/subset"
+  fi
+  exit 0
+fi
+
 out=${OUT:?set OUT (the device tool does)}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p testbeds "$out"
