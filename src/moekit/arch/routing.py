@@ -236,7 +236,7 @@ def select_experts(spec: RoutingSpec, logits: torch.Tensor, correction_bias: tor
             if int(available.sum()) < spec.top_k:
                 raise ValueError(f"only {int(available.sum())} experts available but top_k={spec.top_k}")
         elif (available.dim() != logits.dim() or available.shape[-1] != experts
-              or torch.broadcast_shapes(available.shape, logits.shape) != logits.shape):
+              or any(m not in (1, n) for m, n in zip(available.shape, logits.shape, strict=True))):
             raise ValueError(f"mask has shape {tuple(available.shape)}, expected ({experts},) or a shape that "
                              f"broadcasts to the logits' {tuple(logits.shape)}")
     index, weights = ROUTING_KINDS.get(spec.kind)(spec, logits, correction_bias, available)
