@@ -22,9 +22,16 @@ remove the same number from every group unless regrouping is allowed.
 
 Evaluating a candidate: where every expert's output on every calibration token of the layer fits in
 ``CACHE_BYTES`` (2 GiB), they are computed once (``ExpertOutputCache``) and a candidate costs the family's
-routing of the cached router logits with its experts masked plus a gather -- not a block forward; the losses
-agree with block forwards to float round-off (tested on every family). Otherwise (and for Llama-4) the block
-runs per candidate. Lu et al.'s code runs the model per candidate; the result is the same search.
+routing of the cached router logits with its experts masked plus a weighted sum of the chosen experts' cached
+outputs -- not a block forward; the losses agree with block forwards to float round-off (tested on every family).
+The search scores its candidates from the cache in lists -- the single removals, each beam or greedy step's
+candidates, the exhaustive search's subsets in slabs of ``EXHAUSTIVE_SLAB`` -- through
+``ExpertOutputCache.losses``, which routes a batch of candidates at once (one availability mask per candidate)
+within a memory budget (``LOSSES_BYTES``, 256 MiB) and syncs with the host once per list instead of once per
+candidate; the losses equal one ``ExpertOutputCache.loss`` call per candidate to float round-off, and the
+search's candidates, order and choice are unchanged (``search_layer(..., batched=False)`` scores them one by one).
+Without a cache (and for Llama-4) the block runs per candidate. Lu et al.'s code runs the model per candidate;
+the result is the same search.
 
 Calibration tokens: ``max_tokens`` in all, split over the named sets by their weights (``--set-weights``;
 equal by default), each set's first tokens in order; the tokens used per set are recorded.
