@@ -125,3 +125,39 @@ def test_mask_must_leave_top_k_experts():
 def test_unknown_kind_lists_valid_kinds():
     with pytest.raises(KeyError, match="softmax_topk"):
         run(RoutingSpec("nope", 2, 4), LOGITS)
+
+
+PER_ROW_SPECS = [RoutingSpec("softmax_topk", 2, 8), RoutingSpec("softmax_topk", 3, 8, renormalize="sum"),
+                 RoutingSpec("softmax_topk", 2, 8, renormalize="lp", lp_norm=2.0, scaling=1.5),
+                 RoutingSpec("softmax_topk", 2, 8, n_group=4, topk_group=2, group_score="max"),
+                 RoutingSpec("topk_softmax", 2, 8), RoutingSpec("sigmoid_topk", 2, 8, renormalize="sum", scaling=2.5),
+                 RoutingSpec("sigmoid_topk", 2, 8, renormalize="sum", n_group=4, topk_group=2, norm_eps=1e-20),
+                 RoutingSpec("softmax_biased_topk", 2, 8, norm_min=1e-12),
+                 RoutingSpec("sparsemixer", 2, 8, jitter_eps=0.01), RoutingSpec("topk_sigmoid", 1, 8)]
+
+
+@pytest.mark.parametrize("spec", PER_ROW_SPECS, ids=lambda s: s.describe())
+def test_one_mask_per_candidate_routes_each_as_its_own_mask(spec: RoutingSpec):
+    """Logits [C, T, E] with masks [C, 1, E] (NAEE's batched candidates): candidate c's rows are routed as with
+    its [E] mask alone."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 8, generator=gen)
+    bias = torch.randn(8, generator=gen) * 0.5 if spec.kind in ("sigmoid_topk", "softmax_biased_topk") else None
+    masks = torch.ones(4, 8, dtype=torch.bool)
+    for c, dropped in enumerate([[], [0, 3], [7, 6, 5], [1, 2, 4, 6]]):
+        masks[c, dropped] = False
+    index, weights = select_experts(spec, logits.expand(4, 5, 8), bias, masks[:, None, :])
+    assert index.shape == weights.shape == (4, 5, spec.top_k)
+    for c in range(4):
+        alone_index, alone_weights = select_experts(spec, logits, bias, masks[c])
+        assert torch.equal(index[c], alone_index)
+        torch.testing.assert_close(weights[c], alone_weights, rtol=1e-6, atol=1e-7)
+        assert masks[c].gather(0, index[c].reshape(-1)).all()  # no masked expert chosen
+
+
+def test_per_candidate_mask_must_broadcast_to_the_logits():
+    spec = RoutingSpec("softmax_topk", 2, 4)
+    with pytest.raises(ValueError, match="broadcasts"):
+        select_experts(spec, torch.zeros(3, 2, 4), None, torch.ones(3, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="broadcasts"):
+        select_experts(spec, torch.zeros(3, 2, 4), None, torch.ones(2, 1, 4, dtype=torch.bool))

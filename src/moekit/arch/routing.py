@@ -2,7 +2,8 @@
 
 Each routing kind reproduces one family's own expert selection and gate weights (tested against
 the model's own router on every supported family). Each takes an optional ``available`` mask
-(bool ``[E]``, ``True`` = expert may be chosen): a masked expert's logit is set to ``-inf``
+(bool ``[E]``, ``True`` = expert may be chosen; or one mask per row, broadcast against the logits, see
+``select_experts``): a masked expert's logit is set to ``-inf``
 *before* the family's own softmax / sigmoid / normalisation, and it is also excluded from any
 biased selection score. For every kind this equals the routing of a model whose masked experts
 were removed (the softmax over the kept logits equals the masked softmax; sigmoid is element-wise)
@@ -94,17 +95,18 @@ def _mask_choice(choice: torch.Tensor, available: torch.Tensor | None) -> torch.
 
 
 def _group_mask(spec: RoutingSpec, choice: torch.Tensor, fill: float) -> torch.Tensor:
-    """Keep only the experts of the ``topk_group`` best groups (contiguous index blocks)."""
-    tokens, num_experts = choice.shape
+    """Keep only the experts of the ``topk_group`` best groups (contiguous index blocks); ``choice`` is
+    ``[..., E]``."""
+    *rows, num_experts = choice.shape
     per_group = num_experts // spec.n_group
-    grouped = choice.view(tokens, spec.n_group, per_group)
+    grouped = choice.reshape(*rows, spec.n_group, per_group)
     if spec.group_score == "top2_sum":
-        group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)  # [T, n_group]
+        group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)  # [..., n_group]
     else:
         group_scores = grouped.max(dim=-1).values
     group_idx = torch.topk(group_scores, k=spec.topk_group, dim=-1, sorted=False)[1]
-    group_keep = torch.zeros_like(group_scores).scatter_(1, group_idx, 1).bool()
-    expert_keep = group_keep.unsqueeze(-1).expand(-1, -1, per_group).reshape(tokens, num_experts)
+    group_keep = torch.zeros_like(group_scores).scatter_(-1, group_idx, 1).bool()
+    expert_keep = group_keep.unsqueeze(-1).expand(*group_keep.shape, per_group).reshape(choice.shape)
     return choice.masked_fill(~expert_keep, fill)
 
 
@@ -148,7 +150,7 @@ def sigmoid_topk(spec: RoutingSpec, logits: torch.Tensor, bias: torch.Tensor | N
     if spec.group_limited:
         choice = _group_mask(spec, choice, NEG_INF)
     index = torch.topk(choice, k=spec.top_k, dim=-1, sorted=False)[1]  # [T, k]
-    weights = scores.gather(1, index)
+    weights = scores.gather(-1, index)
     return index, _scale(spec, _renormalize(spec, weights))
 
 
@@ -214,17 +216,29 @@ def compute_router_logits(spec: RoutingSpec, hidden: torch.Tensor, weight: torch
 def select_experts(spec: RoutingSpec, logits: torch.Tensor, correction_bias: torch.Tensor | None = None,
                    available: torch.Tensor | None = None, hidden_dtype: torch.dtype | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k expert indices ``[T, k]`` and final gate weights ``[T, k]`` from logits ``[T, E]``.
+    """Top-k expert indices ``[..., k]`` and final gate weights ``[..., k]`` from logits ``[..., E]`` (``[T, E]``
+    as the router gives them, or with leading dimensions added, e.g. ``[C, T, E]``: each row is routed on its own).
+
+    ``available``: bool ``[E]``, one mask for every row (checked to leave at least ``top_k`` experts); or a mask
+    of as many dimensions as the logits that broadcasts to their shape (e.g. ``[C, 1, E]`` against ``[C, T, E]``:
+    one mask per candidate). The per-row form is not counted here -- that would cost a host sync per call -- so
+    its caller makes sure every row leaves ``top_k`` experts (``ExpertOutputCache.losses`` does).
 
     The weights come back in the dtype the family's router returns them in
     (``spec.weights_dtype``: float32, the logits' dtype or the hidden states' dtype).
     """
     if available is not None:
         available = available.bool()
-        if available.shape != (logits.shape[-1],):
-            raise ValueError(f"mask has shape {tuple(available.shape)}, expected ({logits.shape[-1]},)")
-        if int(available.sum()) < spec.top_k:
-            raise ValueError(f"only {int(available.sum())} experts available but top_k={spec.top_k}")
+        experts = logits.shape[-1]
+        if available.dim() == 1:
+            if available.shape != (experts,):
+                raise ValueError(f"mask has shape {tuple(available.shape)}, expected ({experts},)")
+            if int(available.sum()) < spec.top_k:
+                raise ValueError(f"only {int(available.sum())} experts available but top_k={spec.top_k}")
+        elif (available.dim() != logits.dim() or available.shape[-1] != experts
+              or any(m not in (1, n) for m, n in zip(available.shape, logits.shape, strict=True))):
+            raise ValueError(f"mask has shape {tuple(available.shape)}, expected ({experts},) or a shape that "
+                             f"broadcasts to the logits' {tuple(logits.shape)}")
     index, weights = ROUTING_KINDS.get(spec.kind)(spec, logits, correction_bias, available)
     if spec.weights_dtype == "logits":
         weights = weights.to(logits.dtype)

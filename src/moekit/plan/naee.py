@@ -22,9 +22,16 @@ remove the same number from every group unless regrouping is allowed.
 
 Evaluating a candidate: where every expert's output on every calibration token of the layer fits in
 ``CACHE_BYTES`` (2 GiB), they are computed once (``ExpertOutputCache``) and a candidate costs the family's
-routing of the cached router logits with its experts masked plus a gather -- not a block forward; the losses
-agree with block forwards to float round-off (tested on every family). Otherwise (and for Llama-4) the block
-runs per candidate. Lu et al.'s code runs the model per candidate; the result is the same search.
+routing of the cached router logits with its experts masked plus a weighted sum of the chosen experts' cached
+outputs -- not a block forward; the losses agree with block forwards to float round-off (tested on every family).
+The search scores its candidates from the cache in lists -- the single removals, each beam or greedy step's
+candidates, the exhaustive search's subsets in slabs of ``EXHAUSTIVE_SLAB`` -- through
+``ExpertOutputCache.losses``, which routes a batch of candidates at once (one availability mask per candidate)
+within a memory budget (``LOSSES_BYTES``, 256 MiB) and syncs with the host once per list instead of once per
+candidate; the losses equal one ``ExpertOutputCache.loss`` call per candidate to float round-off, and the
+search's candidates, order and choice are unchanged (``search_layer(..., batched=False)`` scores them one by one).
+Without a cache (and for Llama-4) the block runs per candidate. Lu et al.'s code runs the model per candidate;
+the result is the same search.
 
 Calibration tokens: ``max_tokens`` in all, split over the named sets by their weights (``--set-weights``;
 equal by default), each set's first tokens in order; the tokens used per set are recorded.
@@ -40,6 +47,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -116,6 +124,7 @@ def reconstruction_loss(view: MoEModelView, layer: MoELayer, inputs: torch.Tenso
 
 
 CACHE_BYTES = 2 << 30  # largest cache of every expert's output on every token of one layer (else block forwards)
+LOSSES_BYTES = 256 << 20  # ExpertOutputCache.losses: intermediates of one batch of candidates
 
 
 class ExpertOutputCache:
@@ -188,6 +197,70 @@ class ExpertOutputCache:
         return total
 
 
+    def losses(self, candidates: Sequence[Sequence[int]], reference: torch.Tensor, chunk: int = 4096,
+               max_bytes: int = LOSSES_BYTES) -> list[float]:
+        """``loss(dropped, reference)`` of every dropped set in ``candidates``, scored many at a time.
+
+        A batch of C candidates on t tokens routes the cached logits expanded to ``[C, t, E]`` with one
+        availability mask per candidate (``[C, 1, E]``, the family's own ``route_logits``), sums the chosen
+        experts' cached outputs with their gate weights in one ``embedding_bag`` per batch (no ``[C, t, k, H]``
+        gather), adds ``rest`` and takes the norm of the difference per candidate. C and t are chosen so that a
+        batch's intermediates (``_row_bytes`` per candidate-token, an estimate) stay within ``max_bytes``
+        (default ``LOSSES_BYTES``, 256 MiB); t never crosses the loss's ``chunk`` boundaries, and where even one
+        candidate on a whole chunk exceeds the budget the chunk's norm is assembled from its pieces' squared
+        norms. The losses stay on the device until the end: one host sync per call. Agrees with ``loss`` for
+        each candidate to float round-off (the same chunks and norms, summed in another order)."""
+        experts, top_k = self.layer.num_experts, self.layer.top_k
+        if not candidates:
+            return []
+        dropped = [list(d) for d in candidates]
+        rows = torch.repeat_interleave(torch.arange(len(dropped)), torch.tensor([len(d) for d in dropped]))
+        mask = torch.ones(len(dropped), experts, dtype=torch.bool)
+        mask[rows, torch.tensor([e for d in dropped for e in d], dtype=torch.long)] = False  # as loss() indexes
+        fewest = int(mask.sum(dim=1).min())
+        if fewest < top_k:
+            raise ValueError(f"only {fewest} experts available but top_k={top_k}")
+        device = self.logits.device
+        mask = mask.to(device)
+        tokens = reference.shape[0]
+        budget = max(1, max_bytes // self._row_bytes())
+        block = min(chunk, tokens, budget)  # tokens per batch
+        width = max(1, budget // block)  # candidates per batch
+        total = torch.zeros(len(dropped), dtype=torch.float64, device=device)
+        with torch.inference_mode():
+            for first in range(0, len(dropped), width):
+                available = mask[first:first + width, None, :]  # [C, 1, E]
+                for start in range(0, tokens, chunk):
+                    stop = min(start + chunk, tokens)
+                    norms = [self._batch_norms(available, b, min(b + block, stop), reference)
+                             for b in range(start, stop, block)]
+                    norm = norms[0] if len(norms) == 1 else torch.stack(norms).square().sum(dim=0).sqrt()
+                    total[first:first + width] += norm.double()
+        return total.tolist()
+
+    def _row_bytes(self) -> int:
+        """Estimated bytes of ``losses``' intermediates per candidate and token: the routing's ``[E]`` rows
+        (masked logits, probabilities, selection scores, group masks), the top-k index and weights, and the
+        ``[H]`` output, its sum with ``rest``, the float32 difference and its square."""
+        experts, top_k = self.layer.num_experts, self.layer.top_k
+        hidden, size = self.outputs.shape[-1], self.outputs.element_size()
+        return 20 * experts + 48 * top_k + hidden * (2 * size + 12)
+
+    def _batch_norms(self, available: torch.Tensor, start: int, stop: int, reference: torch.Tensor
+                     ) -> torch.Tensor:
+        """``[C]``: ||out - reference||_F on tokens ``start:stop`` for each candidate mask of ``available``."""
+        t, experts = stop - start, self.layer.num_experts
+        logits = self.logits[start:stop].expand(available.shape[0], t, experts)
+        routing = self.layer.route_logits(logits, available, self.outputs.dtype)  # index, weights [C, t, k]
+        table = self.outputs[start:stop].reshape(t * experts, -1)  # row i * E + e: expert e on token i
+        flat = routing.index + (torch.arange(t, device=table.device) * experts)[:, None]
+        top_k = flat.shape[-1]
+        routed = F.embedding_bag(flat.reshape(-1, top_k), table, mode="sum",
+                                 per_sample_weights=routing.weights.to(table.dtype).reshape(-1, top_k))
+        out = routed.view(available.shape[0], t, -1) + self.rest[start:stop]
+        return torch.linalg.vector_norm(out.float() - reference[start:stop].float(), dim=(1, 2))
+
+
 def _allowed(dropped: tuple[int, ...], groups: int, size: int, quota: int) -> bool:
     if groups <= 1:
         return True
@@ -206,11 +279,13 @@ def block_outputs(layer: MoELayer, inputs: torch.Tensor) -> torch.Tensor:
 def search_layer(view: MoEModelView, layer: MoELayer, inputs: torch.Tensor, remove: int, *, search: str = "auto",
                  protected: Iterable[int] = (), groups: int = 1, exhaustive_limit: int = 5000,
                  beam_width: int = 4, reference: torch.Tensor | None = None,
-                 cache_bytes: int = CACHE_BYTES) -> LayerSearchResult:
+                 cache_bytes: int = CACHE_BYTES, batched: bool = True) -> LayerSearchResult:
     """Choose ``remove`` experts of ``layer`` to drop, minimising the reconstruction loss on ``inputs`` against
     ``reference`` (default: the unpruned block's output on ``inputs``; progressive mode passes the original
     model's block output on the original inputs). Candidates are scored from an ``ExpertOutputCache`` when one
-    fits in ``cache_bytes`` (0: always run the block)."""
+    fits in ``cache_bytes`` (0: always run the block): each list of candidates (the single removals, a slab of
+    the exhaustive search's subsets, one beam step's) at once through ``ExpertOutputCache.losses``, or, with
+    ``batched=False``, one ``ExpertOutputCache.loss`` call per candidate (the same search, for comparison)."""
     if search not in SEARCHES:
         raise ValueError(f"unknown NAEE search {search!r}; valid: {', '.join(SEARCHES)}")
     num_experts = layer.num_experts
@@ -227,29 +302,42 @@ def search_layer(view: MoEModelView, layer: MoELayer, inputs: torch.Tensor, remo
 
     cache = ExpertOutputCache.build(layer, inputs, unpruned, cache_bytes) if cached else None
 
-    def loss(dropped: tuple[int, ...]) -> float:
+    def losses(subsets: list[tuple[int, ...]]) -> list[float]:
         nonlocal evaluated
-        evaluated += 1
+        evaluated += len(subsets)
         if cache is not None:
-            return cache.loss(dropped, reference)
-        return reconstruction_loss(view, layer, inputs, reference, dropped)
+            if batched:
+                return cache.losses(subsets, reference)
+            return [cache.loss(d, reference) for d in subsets]
+        return [reconstruction_loss(view, layer, inputs, reference, d) for d in subsets]
 
-    single = [loss((e,)) for e in range(num_experts)]
+    single = losses([(e,) for e in range(num_experts)])
     if search == "auto":
         search = "exhaustive" if math.comb(len(candidates), remove) <= exhaustive_limit else "beam"
-    if search == "exhaustive":
-        best = min((loss(d), d) for d in itertools.combinations(candidates, remove) if _allowed(d, groups, size, quota))
+    if search == "exhaustive":  # in slabs of subsets, so that a forced exhaustive search holds few at a time
+        allowed = (d for d in itertools.combinations(candidates, remove) if _allowed(d, groups, size, quota))
+        best = min(min(zip(losses(slab), slab, strict=True)) for slab in _slabs(allowed, EXHAUSTIVE_SLAB))
     else:
         width = 1 if search == "greedy" else beam_width
         beam: list[tuple[float, tuple[int, ...]]] = [(0.0, ())]
         for _ in range(remove):
             grown = {tuple(sorted((*d, e))) for _, d in beam for e in candidates if e not in d}
-            scored = sorted((loss(d), d) for d in grown if _allowed(d, groups, size, quota))
-            beam = scored[:width]
+            step = [d for d in grown if _allowed(d, groups, size, quota)]
+            beam = sorted(zip(losses(step), step, strict=True))[:width]
         best = beam[0]
     dropped = set(best[1])
     return LayerSearchResult(layer.index, [e for e in range(num_experts) if e not in dropped], best[0], single,
                              search, evaluated, "cached expert outputs" if cache is not None else "block forward")
+
+
+EXHAUSTIVE_SLAB = 4096  # subsets of the exhaustive search scored per ``losses`` call
+
+
+def _slabs(items: Iterable[tuple[int, ...]], size: int) -> Iterable[list[tuple[int, ...]]]:
+    """``items`` in consecutive lists of ``size`` (the last shorter)."""
+    iterator = iter(items)
+    while slab := list(itertools.islice(iterator, size)):
+        yield slab
 
 
 def check_search_options(search: str, max_tokens: int, batch_size: int, beam_width: int = 4) -> None:
