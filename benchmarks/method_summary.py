@@ -73,10 +73,11 @@ def markdown(summary: dict[str, Any]) -> str:
              "seeds) and, in brackets, the rank among the profile criteria in that testbed and ratio. Written by "
              "`benchmarks/method_summary.py` from " + ", ".join(f"`{s}`" for s in summary["sources"].values()) +
              ". NAEE is shown, not ranked (it runs the model instead of reading a profile).", ""]
-    header = ["testbed", "ratio", "seeds", *methods, "naee"]
+    header = ["testbed", "ratio", "seeds (fewest-most of its methods)", *methods, "naee"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * 3 + "---:|" * (len(methods) + 1)]
     for cell in summary["cells"]:
-        seeds = max(v["seeds"] for v in cell["methods"].values())
+        counts = sorted({v["seeds"] for v in cell["methods"].values()})
+        seeds = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
         values = [f"{cell['methods'][m]['mean']:.3f} ({cell['rank'][m]})" if m in cell["rank"] else "-"
                   for m in methods]
         naee = cell["methods"].get("naee")
@@ -93,8 +94,10 @@ def markdown(summary: dict[str, Any]) -> str:
     lines += ["", f"Lowest mean rank: **{summary['choice']}**.", "",
               "What this does not show: these are small testbeds trained for minutes (perplexity far above released "
               "models'); differences between neighbouring ranks are often inside the spread over calibration seeds "
-              "(see each comparison's ranking); `qwen3-128x8`'s comparison is incomplete (stopped by its time limit: "
-              "two seeds at 25%, one at 50% and 75%, no NAEE); `deepseek3-32x4` has one seed; `demo-qwen3-16x4` (the "
+              "(see each comparison's ranking); `qwen3-128x8`'s comparison (its testbed regenerated on an H100 from a "
+              "corpus built with older Debian sources for code_c, code_java and en) stopped at its time limit: three "
+              "seeds at 25%, two at 50% and 75% (NAEE three at 25% and 50%, none at 75%); `deepseek3-32x4` has one "
+              "seed; `demo-qwen3-16x4` (the "
               "bundled model) was compared on CPU on 8,192 held-out tokens per domain (the others: 65,536 on a "
               "GPU).", ""]
     return "\n".join(lines)
