@@ -17,16 +17,14 @@
 # compare: three calibration seeds, 25/50/75%, every criterion (one process per testbed) and NAEE (one process per
 # testbed and seed; with cached expert outputs also on qwen3-128x8, where block forwards were ~50k per layer).
 #
-# NEXT GPU LEASE (qwen3-128x8 complete, with NAEE; NAEE now scores candidates in batches from the expert-output
-# cache): here, once: bash benchmarks/balanced_testbeds.sh prepare-corpus; then back to back in one lease (the
-# machine goes back ~30 s after a reply):
+# qwen3-128x8 complete with NAEE (2026-12-08, an H100; results/compare_methods-qwen3-128x8.md, its regenerated
+# testbed results/testbeds/qwen3-128x8-regenerated-h100.json): here, once: bash benchmarks/balanced_testbeds.sh
+# prepare-corpus; then back to back in one lease (the machine goes back ~30 s after a reply):
 #   1. command "bash benchmarks/balanced_testbeds.sh corpus-part 0" carry ["gpu_carry/corpus/SHA256SUMS", "gpu_carry/corpus/part00"]
-#   2. command "bash benchmarks/balanced_testbeds.sh corpus-part 1" carry ["gpu_carry/corpus/SHA256SUMS", "gpu_carry/corpus/part01"]
-#   3. command "CORPUS=$HOME/moekit-corpus/subset TRAIN_ARGS='--steps 464' COMPARE_SECONDS=360
-#              COMPARE_ARGS=--no-targeted bash benchmarks/balanced_testbeds.sh solo qwen3-128x8 0.3"   timeout_s 600
-#      (the recorded testbed: 464 steps, which 2 minutes gave on an H200; --steps keeps the count on an H100 too;
-#      no domain-targeted rows: they took most of the last run's 280 s -- the ones it measured, seed 0, stay in
-#      compare_methods-qwen3-128x8.md: rename that pair to *-2seeds before copying the new one in)
+#   2. command "bash benchmarks/balanced_testbeds.sh corpus-part 1 && CORPUS=$HOME/moekit-corpus/subset
+#              TRAIN_ARGS='--steps 464' COMPARE_SECONDS=360 COMPARE_ARGS=--no-targeted
+#              bash benchmarks/balanced_testbeds.sh solo qwen3-128x8 0.3"   carry [SHA256SUMS, part01]  timeout_s 600
+#      (555 s on the H100; 360 s of comparison reached three seeds at 25%, two at 50% and 75%, NAEE none at 75%)
 set -euo pipefail
 stage=${1:?usage: balanced_testbeds.sh prepare-corpus|corpus-part N|train|compare|solo NAME COEFS|merge NAME:COEF ...|neurons NAME:COEF ...|sparsity NAME:COEF ...}
 corpus=${CORPUS:-benchmarks/corpus/out}  # CORPUS: a subset (benchmarks/corpus/subset.py) to fit the 64 MiB transfer

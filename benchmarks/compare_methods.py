@@ -62,7 +62,7 @@ import transformers
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "corpus"))
 sys.path.insert(0, str(ROOT))
-from shards import load_manifest  # noqa: E402
+from shards import corpus_fingerprint, load_manifest  # noqa: E402
 from train_moe import stream_perplexity, stream_tokens  # noqa: E402
 
 from moekit.arch import MoEModelView  # noqa: E402
@@ -189,6 +189,7 @@ def compare(testbed: Path, corpus: Path, seq_len: int, calibration_tokens: int, 
     model = load_model(testbed, dtype=torch.float32, device=device)
     view = MoEModelView.from_model(model)
     domains = sorted(load_manifest(corpus)["domains"])
+    fingerprint = corpus_fingerprint(load_manifest(corpus))
     heldout = {d: stream_tokens(corpus, d, "heldout", seq_len, eval_tokens) for d in domains}
     original = perplexities(model, heldout, seq_len)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_path or testbed)) if tasks else None
@@ -239,6 +240,7 @@ def compare(testbed: Path, corpus: Path, seq_len: int, calibration_tokens: int, 
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "python": platform.python_version()},
             "testbed_record": testbed_record(testbed),
+            "corpus_fingerprint": fingerprint,
             "complete": complete,
             **extra,
         }
@@ -323,7 +325,7 @@ def combine(parts: list[dict[str, Any]]) -> dict[str, Any]:
     GPU): their rows together; the runs must agree on the testbed, the measurement and the original model."""
     first = parts[0]
     same = ("testbed", "domains", "original_perplexity", "calibration_tokens_per_domain", "eval_tokens_per_domain",
-            "seq_len", "testbed_record")
+            "seq_len", "testbed_record", "corpus_fingerprint")
     for part in parts[1:]:
         for key in same:
             if part.get(key) != first.get(key):
@@ -350,6 +352,25 @@ def testbed_record(testbed: Path) -> dict[str, Any] | None:
         return None
     record = json.loads(path.read_text())
     return {"recipe": record.get("recipe"), "balance_bar_met": (record.get("balance") or {}).get("bar_met")}
+
+
+def corpus_line(measured: dict[str, Any] | None, trained: dict[str, Any] | None) -> str:
+    """Whether the calibration and held-out text measured here is the text the testbed's training record names
+    (``shards.corpus_fingerprint``): the corpus is rebuilt from the Debian archive's current packages, so a later
+    build can hold other documents."""
+    if measured is None:
+        return "Corpus: not fingerprinted (a run from before fingerprints were recorded)."
+    splits = ("calibration", "heldout")
+    digest = ", ".join(f"{s} {measured['splits'].get(s, '?')[:12]}" for s in splits)
+    if trained is None:
+        return f"Corpus: {digest}; the testbed's training record has no corpus fingerprint to compare with."
+    differ = [s for s in splits if measured["splits"].get(s) != trained["splits"].get(s)]
+    if not differ:
+        return f"Corpus: {digest}, the same calibration and held-out text as the testbed's training corpus."
+    versions = sorted(f"{k} {trained['sources'].get(k)} -> {v}" for k, v in measured["sources"].items()
+                      if trained["sources"].get(k) != v)
+    return (f"Corpus: {digest}. **Differs** from the testbed's training corpus in {' and '.join(differ)}"
+            + (f" (source versions: {'; '.join(versions)})" if versions else "") + ".")
 
 
 def general_summary(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -387,6 +408,7 @@ def markdown(result: dict[str, Any]) -> str:
              f"tokens per domain (1.000 = no loss). Calibration: {result['calibration_tokens_per_domain']:,} tokens "
              f"per domain (windows drawn by the calibration seed), all domains weighted equally, seeds "
              f"{', '.join(map(str, seeds))}. Super experts protected (moekit's default). Device {result['device']}."]
+    lines += ["", corpus_line(result.get("corpus_fingerprint"), (record.get("recipe") or {}).get("corpus_fingerprint"))]
     if merged:
         lines += ["", f"Merging methods ({', '.join(merged)}): each layer merged into as many experts as the pruned "
                       "rows of the same ratio keep (the same bytes on disk); their profiles also collected the "

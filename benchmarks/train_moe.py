@@ -53,7 +53,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "corpus"))
-from shards import load_manifest, load_split  # noqa: E402
+from shards import corpus_fingerprint, load_manifest, load_split  # noqa: E402
 
 from moekit.arch import MoEModelView  # noqa: E402
 from moekit.data import CalibrationSet  # noqa: E402
@@ -284,6 +284,7 @@ def train(name: str, corpus: Path, out: Path, minutes: float, steps: int | None,
                    "tokens_seen": step * batch_size * seq_len, "lr": lr, "seed": seed, "domains": domains,
                    "mixture": "uniform over domains", "corpus_manifest": f"{corpus.as_posix()}/manifest.json",
                    "corpus_subset": load_manifest(corpus).get("subset"),
+                   "corpus_fingerprint": corpus_fingerprint(load_manifest(corpus)),
                    "balancing": "DeepSeek-V3 correction-bias updates" if has_bias else
                    {"per-layer": "Switch loss per MoE layer, averaged over layers (per_layer_balance_loss)",
                     "pooled": "transformers' load_balancing_loss_func (counts pooled over layers)"}[balancing],

@@ -50,6 +50,7 @@ def test_training_script_runs_a_few_steps(tmp_path, monkeypatch) -> None:
     assert (tmp_path / "out" / "tiny-test" / "loss.png").is_file()
     saved = json.loads((tmp_path / "out" / "tiny-test" / "training.json").read_text())
     assert saved["loss_curve"][0]["step"] == 0
+    assert saved["recipe"]["corpus_fingerprint"] == shards.corpus_fingerprint(shards.load_manifest(corpus))
 
 
 def test_corpus_subset_cuts_training_text_and_keeps_the_rest(tmp_path) -> None:
@@ -66,6 +67,41 @@ def test_corpus_subset_cuts_training_text_and_keeps_the_rest(tmp_path) -> None:
                               shards.load_split(corpus, "prose", split).tokens)
     with pytest.raises(FileExistsError):
         subset.write_subset(corpus, tmp_path / "small", train_tokens=450)
+
+
+def test_corpus_fingerprint_follows_the_text_of_each_split(tmp_path) -> None:
+    subset = pytest.importorskip("subset")
+    corpus = tiny_corpus(tmp_path / "corpus")
+    full = shards.corpus_fingerprint(shards.load_manifest(corpus))
+    assert set(full["splits"]) == {"train", "calibration", "heldout"}
+    assert shards.corpus_fingerprint(shards.load_manifest(corpus)) == full  # deterministic
+    cut = shards.corpus_fingerprint(subset.write_subset(corpus, tmp_path / "small", train_tokens=450))
+    assert cut["splits"]["train"] != full["splits"]["train"]
+    assert {s: cut["splits"][s] for s in ("calibration", "heldout")} == \
+        {s: full["splits"][s] for s in ("calibration", "heldout")}
+    # one held-out document changed in one domain: only that split's digest moves
+    manifest = shards.load_manifest(corpus)
+    docs = [np.full(200, 7).tolist() for _ in range(4)]
+    manifest["domains"]["prose"]["splits"]["heldout"]["shards"] = shards.write_split(corpus, "prose", "heldout", docs)
+    changed = shards.corpus_fingerprint(manifest)
+    assert changed["splits"]["heldout"] != full["splits"]["heldout"]
+    assert changed["splits"]["calibration"] == full["splits"]["calibration"]
+
+
+def test_comparison_says_when_its_corpus_is_not_the_testbeds() -> None:
+    compare_methods = pytest.importorskip("compare_methods")
+    trained = {"splits": {"train": "a" * 64, "calibration": "b" * 64, "heldout": "c" * 64},
+               "sources": {"linux-c": "6.1.192-2", "go-src": "1.19.8-2"}}
+    same = {"splits": {"train": "d" * 64, "calibration": "b" * 64, "heldout": "c" * 64},
+            "sources": dict(trained["sources"])}
+    assert "the same calibration and held-out text" in compare_methods.corpus_line(same, trained)
+    other = {"splits": {"train": "a" * 64, "calibration": "b" * 64, "heldout": "e" * 64},
+             "sources": {"linux-c": "6.1.176-1", "go-src": "1.19.8-2"}}
+    line = compare_methods.corpus_line(other, trained)
+    assert "**Differs**" in line and "heldout" in line and "calibration" not in line.split("Differs")[1]
+    assert "linux-c 6.1.192-2 -> 6.1.176-1" in line and "go-src" not in line
+    assert "no corpus fingerprint" in compare_methods.corpus_line(same, None)
+    assert "not fingerprinted" in compare_methods.corpus_line(None, trained)
 
 
 def _balance_loss(layers: tuple, top_k: int = 1) -> float:

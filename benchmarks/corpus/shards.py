@@ -137,6 +137,27 @@ def load_manifest(out_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def corpus_fingerprint(manifest: dict) -> dict:
+    """What a corpus holds, in a few lines a record can carry: per split, a sha256 over every shard's name and
+    sha256 (all domains), and the package version of every source.
+
+    Two builds agree on a split exactly when its digest agrees. The build takes the Debian archive's current
+    version of each package, so a later build can hold other text; a subset (``subset.py``) cuts the train split
+    and keeps calibration and held-out, so their digests still match the corpus it was cut from.
+    """
+    lines: dict[str, list[str]] = {}
+    sources: dict[str, str | None] = {}
+    for domain in sorted(manifest["domains"]):
+        info = manifest["domains"][domain]
+        for split, sinfo in info["splits"].items():
+            lines.setdefault(split, []).extend(f"{s['file']} {s['sha256']}" for s in sinfo["shards"])
+        for source in info.get("sources", []):
+            sources[source["source"]] = source.get("version")
+    return {"splits": {split: hashlib.sha256("\n".join(sorted(v)).encode()).hexdigest()
+                       for split, v in sorted(lines.items())},
+            "sources": dict(sorted(sources.items()))}
+
+
 def load_split(out_dir: str | Path, domain: str, split: str, verify: bool = True) -> TokenSplit:
     """Load all shards of one domain's split (train / calibration / heldout) as a TokenSplit.
 
