@@ -147,6 +147,69 @@ def test_expert_divergence_starts_at_copies_and_grows_with_training() -> None:
     assert curve[-1]["step"] == 6 and curve[-1]["mean_pairwise_cosine"] < curve[0]["mean_pairwise_cosine"] - 1e-4
 
 
+# --- Drop-Upcycling: partial re-initialisation ------------------------------------------------------------
+
+
+def test_reinit_ratio_redraws_that_share_of_each_experts_neurons_and_keeps_the_rest() -> None:
+    """Every expert re-draws round(r * I) neurons of its own -- the same neurons in the gate rows, up rows and
+    down columns -- from the statistics of the weights they replace; every other weight stays the dense FFN's."""
+    dense = _dense(LlamaConfig)
+    inter = SHAPE["intermediate_size"]
+    moe = upcycle_dense(dense, 4, 2, seed=3, reinit_ratio=0.5)
+    plain = upcycle_dense(_dense(LlamaConfig), 4, 2, seed=3)
+    chosen_sets = []
+    for index, layer in enumerate(moe.model.layers):
+        mlp = dense.model.layers[index].mlp
+        gate, up, down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+        experts = layer.mlp.experts
+        assert torch.equal(layer.mlp.gate.weight, plain.model.layers[index].mlp.gate.weight)  # routers as before
+        for e in range(4):
+            new_gate, new_up = experts.gate_up_proj[e, :inter], experts.gate_up_proj[e, inter:]
+            new_down = experts.down_proj[e]
+            changed = [(new_gate[i] != gate[i]).all() for i in range(inter)]
+            same = [torch.equal(new_gate[i], gate[i]) for i in range(inter)]
+            assert all(c or s for c, s in zip(changed, same, strict=True))  # a neuron is redrawn whole or kept whole
+            rows = torch.tensor([i for i in range(inter) if changed[i]])
+            assert rows.numel() == inter // 2
+            kept = torch.tensor([i for i in range(inter) if same[i]])
+            for new, old in ((new_up, up), (new_down.T, down.T)):  # the same neurons in up and down
+                assert torch.equal(new[kept], old[kept]) and (new[rows] != old[rows]).all()
+            for new, old in ((new_gate, gate), (new_up, up), (new_down.T, down.T)):
+                drawn, replaced = new[rows].detach(), old[rows].detach()
+                assert abs(drawn.mean() - replaced.mean()) < 0.2 * replaced.std()
+                assert drawn.std() == pytest.approx(float(replaced.std()), rel=0.1)
+            chosen_sets.append(tuple(rows.tolist()))
+    assert len(set(chosen_sets)) == len(chosen_sets)  # each expert chose its own neurons
+    view = MoEModelView.from_model(moe)
+    from moekit.score.similarity import expert_divergence
+
+    # two experts share the dense weights only on the neurons neither redrew, (1 - r)^2 of them in expectation;
+    # redrawn weights are independent with mean ~0, so the pairwise cosine is about (1 - 0.5)^2 = 0.25 (copies: 1)
+    cosine = expert_divergence(view)["mean_pairwise_cosine"]
+    assert cosine == pytest.approx(0.25, abs=0.08)
+    again = upcycle_dense(_dense(LlamaConfig), 4, 2, seed=3, reinit_ratio=0.5)
+    assert torch.equal(again.model.layers[1].mlp.experts.down_proj, moe.model.layers[1].mlp.experts.down_proj)
+
+
+def test_reinit_ratio_cli_records_it_and_refuses_bad_values(tmp_path) -> None:
+    dense = _dense(LlamaConfig)
+    dense.save_pretrained(tmp_path / "dense")
+    byte_tokenizer().save_pretrained(tmp_path / "dense")
+    result = runner.invoke(app, ["upcycle", str(tmp_path / "dense"), "--experts", "4", "--reinit-ratio", "0.25",
+                                 "--out", str(tmp_path / "moe")])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "moe" / "moekit_plan.json").read_text())
+    assert record["reinit_ratio"] == 0.25 and record["reinit"]["neurons_per_expert"] == 24
+    assert record["step0_max_logit_difference"] > 1e-3 and "not exact at step 0" in result.output
+    for bad in ("1.5", "-0.1"):
+        out = runner.invoke(app, ["upcycle", str(tmp_path / "dense"), "--experts", "4", "--reinit-ratio", bad,
+                                  "--out", str(tmp_path / "bad")])
+        assert out.exit_code == 2 and "--reinit-ratio" in out.stderr and not (tmp_path / "bad").exists()
+    moe_dup = runner.invoke(app, ["upcycle", str(tmp_path / "moe"), "--factor", "2", "--reinit-ratio", "0.5",
+                                  "--out", str(tmp_path / "dup")])
+    assert moe_dup.exit_code == 2 and "Drop-Upcycling" in moe_dup.stderr and not (tmp_path / "dup").exists()
+
+
 # --- utility-based (non-uniform) duplication ---------------------------------------------------------------
 
 def test_utility_copies_give_one_copy_each_and_the_rest_by_utility() -> None:

@@ -1548,6 +1548,10 @@ def upcycle(
         "--utility-tokens", help="--utility-data: tokens per set (one forward and backward pass per 4 sequences).")]
     = 16384,
     seq_len: Annotated[int, typer.Option("--seq-len", help="--utility-data: tokens per packed sequence.")] = 512,
+    reinit_ratio: Annotated[float, typer.Option(
+        "--reinit-ratio", help="Dense model: Drop-Upcycling -- this share of every expert's FFN neurons (its own "
+        "random choice, seeded) drawn anew from the statistics of the weights they replace, so the experts differ "
+        "from the start and can specialise in training (the paper uses 0.5). Not exact at step 0.")] = 0.0,
 ) -> None:
     """Upcycle: copy a dense model's FFN into experts, or duplicate an MoE's experts (no training here).
 
@@ -1560,11 +1564,13 @@ def upcycle(
     each token picks copies of fewer experts. The record gives the measured logit difference.
     With --utility-data, copies go to the experts with the largest gradient importance (first-order
     Taylor score on that text; never exact at step 0: unequal copies change the router's softmax).
-    Then train with moekit recover, which breaks the symmetry between the copies.
+    Then train with moekit recover, which breaks the symmetry between the copies. Copies diverge
+    slowly; --reinit-ratio (Drop-Upcycling) starts them apart at the cost of step-0 exactness.
 
     \b
     Examples:
       moekit upcycle ./smollm2-135m --experts 8 --top-k 2 --out ./smollm2-8x
+      moekit upcycle ./smollm2-135m --experts 8 --top-k 2 --reinit-ratio 0.5 --out ./smollm2-8x-drop
       moekit upcycle ./olmoe --factor 2 --utility-data code=./code.jsonl --out ./olmoe-2x
     """
     from moekit.data import DataSpec
@@ -1577,7 +1583,7 @@ def upcycle(
     path, record = upcycle_to_checkpoint(model, out_dir, experts=experts, factor=factor, top_k=top_k,
                                          router_std=router_std, seed=seed, dtype=dtype, overwrite=overwrite,
                                          utility_data=utility_data, utility_tokens=utility_tokens, seq_len=seq_len,
-                                         progress=True)
+                                         progress=True, reinit_ratio=reinit_ratio)
     difference = record["step0_max_logit_difference"]
     if record["mode"] == "duplicate" and record["duplication"] == "utility":
         _note(f"duplicated by utility: not exact at step 0 (logits moved by up to {difference:.3g}); train it with "
@@ -1585,6 +1591,9 @@ def upcycle(
     elif record["mode"] == "duplicate" and difference > 1e-3:
         _note(f"not exact at step 0: the logits moved by up to {difference:.3g} (each token now picks copies of "
               f"fewer experts); --top-k {record['factor'] * record['top_k']['before']} keeps the model exact")
+    if record["mode"] == "dense" and record.get("reinit_ratio"):
+        _note(f"{record['reinit_ratio']:.0%} of each expert's neurons re-initialised (Drop-Upcycling): not exact at "
+              f"step 0 (logits moved by up to {difference:.3g}); train it with moekit recover")
     what = (f"{record['experts']} copies of the FFN per layer, top-{record['top_k']}" if record["mode"] == "dense"
             else f"{record['experts']['before']} -> {record['experts']['after']} experts per layer, "
                  f"top-{record['top_k']['after']}")

@@ -9,6 +9,16 @@ the experts are equal, so the upcycled model computes the dense model at step 0 
 (tested). Llama and Mistral become stock Mixtral checkpoints, Qwen3 stock Qwen3-MoE ones. Training
 (``moekit recover``) is what breaks the symmetry between the copies.
 
+**Partial re-initialisation** (``reinit_ratio`` r > 0; Drop-Upcycling, Nakamura et al., ICLR 2025, "Drop-Upcycling:
+Training Sparse Mixture of Experts with Partial Re-initialization"): after the copy, every expert draws its own
+random set S of round(r * I) of the I intermediate neurons, and those neurons' rows of the gate and up projections
+and columns of the down projection are drawn anew from a normal distribution with the mean and std of the entries
+they replace (per matrix and expert). The experts then differ from the start, so that training can make them
+specialise instead of keeping near-copies; the model no longer computes the dense one at step 0 (the measured
+logit difference is recorded). Where it differs from the paper's reference code: one set S per expert serves all
+three matrices (the paper's description: a neuron's weights are dropped together), drawn from moekit's seeded
+generator.
+
 **E -> m*E** (expert upcycling, as in "Expert Upcycling: Shifting the Compute-Efficient Frontier of
 Mixture-of-Experts"; the duplication rule here is uniform): every expert of every MoE layer is
 duplicated ``factor`` times (copies next to each other, so group-limited layouts would keep their
@@ -93,14 +103,41 @@ def upcycled_config(dense: Any, experts: int, top_k: int) -> Any:
                            "architectures": [architecture]})
 
 
+def check_reinit_ratio(reinit_ratio: float) -> None:
+    if not 0.0 <= reinit_ratio <= 1.0:
+        raise UpcycleError(f"--reinit-ratio {reinit_ratio} must be between 0 (plain copies) and 1 (every neuron "
+                           "drawn anew)")
+
+
+def reinit_neurons(gate_up: torch.Tensor, down: torch.Tensor, ratio: float, generator: torch.Generator
+                   ) -> torch.Tensor:
+    """Drop-Upcycling's re-initialisation of one expert, in place: ``gate_up`` [2I, H] (gate rows, then up rows)
+    and ``down`` [H, I]. Returns the re-initialised neuron indices (sorted)."""
+    inter = down.shape[1]
+    chosen = torch.randperm(inter, generator=generator)[: round(ratio * inter)].sort().values
+    if chosen.numel() == 0:
+        return chosen
+    rows = chosen.to(gate_up.device)
+    for part in (gate_up[:inter], gate_up[inter:]):
+        old = part[rows].float()
+        drawn = torch.randn(old.shape, generator=generator) * old.std(unbiased=False).item() + old.mean().item()
+        part[rows] = drawn.to(part.dtype).to(part.device)
+    old = down[:, rows].float()
+    drawn = torch.randn(old.shape, generator=generator) * old.std(unbiased=False).item() + old.mean().item()
+    down[:, rows] = drawn.to(down.dtype).to(down.device)
+    return chosen
+
+
 def upcycle_dense(dense: PreTrainedModel, experts: int, top_k: int, router_std: float | None = None,
-                  seed: int = 0) -> PreTrainedModel:
+                  seed: int = 0, reinit_ratio: float = 0.0) -> PreTrainedModel:
     """The MoE whose every expert is a copy of ``dense``'s FFN (see the module doc); ``router_std`` None: the
-    dense config's ``initializer_range``."""
+    dense config's ``initializer_range``; ``reinit_ratio`` > 0: that share of every expert's neurons drawn anew
+    (Drop-Upcycling, see the module doc)."""
     config = upcycled_config(dense.config, experts, top_k)
     std = float(getattr(dense.config, "initializer_range", 0.02)) if router_std is None else float(router_std)
     if std < 0:
         raise UpcycleError(f"--router-std {router_std} must be at least 0")
+    check_reinit_ratio(reinit_ratio)
     first = next(dense.parameters())
     moe = AutoModelForCausalLM.from_config(config, dtype=first.dtype).to(first.device)
     dense_state = dense.state_dict()
@@ -117,6 +154,14 @@ def upcycle_dense(dense: PreTrainedModel, experts: int, top_k: int, router_std: 
             router = layer.mlp.gate.weight
             drawn = torch.randn(router.shape, generator=generator) * std
             router.copy_(drawn.to(router.dtype))
+        if reinit_ratio > 0:
+            # drawn after every router, from a generator of its own, so the routers match plain upcycling's
+            drop = torch.Generator().manual_seed(seed + 1)
+            for layer in moe.model.layers:
+                weights = layer.mlp.experts
+                for expert in range(experts):
+                    reinit_neurons(weights.gate_up_proj.data[expert], weights.down_proj.data[expert], reinit_ratio,
+                                   drop)
     return moe.eval()
 
 
@@ -245,7 +290,8 @@ def upcycle_to_checkpoint(source: str | Path, out: str | Path, *, experts: int |
                           factor: int | None = None, top_k: int | None = None, router_std: float | None = None,
                           seed: int = 0, dtype: str = "auto", overwrite: bool = False,
                           utility_data: list[str] | None = None, utility_tokens: int = 16384,
-                          seq_len: int = 512, progress: bool = False) -> tuple[Path, dict[str, Any]]:
+                          seq_len: int = 512, progress: bool = False, reinit_ratio: float = 0.0
+                          ) -> tuple[Path, dict[str, Any]]:
     """Upcycle the model at ``source`` and write a stock checkpoint to ``out``: a dense model into ``experts``
     copies of its FFN (top-``top_k``, default 2), or an MoE's experts ``factor`` times (``top_k`` default:
     unchanged), uniformly or, with ``utility_data`` (``NAME=PATH`` sets, ``utility_tokens`` tokens each, packed
@@ -268,6 +314,10 @@ def upcycle_to_checkpoint(source: str | Path, out: str | Path, *, experts: int |
     if not dense and (factor is None or experts is not None):
         raise UpcycleError(f"{source} is not a dense {'/'.join(sorted(UPCYCLE_FAMILIES))} model: to duplicate an "
                            "MoE's experts give --factor M (and --top-k), not --experts")
+    check_reinit_ratio(reinit_ratio)
+    if reinit_ratio > 0 and not dense:
+        raise UpcycleError("--reinit-ratio re-initialises the copies of a dense FFN (Drop-Upcycling); it does not "
+                           "apply to duplicating an MoE's experts (--factor)")
     if dense:
         upcycled_config(config, experts or 0, top_k or 2)  # errors before any weight loads
     # the utility data is read and tokenised before any weight loads (a missing tokenizer or empty file fails fast)
@@ -281,14 +331,21 @@ def upcycle_to_checkpoint(source: str | Path, out: str | Path, *, experts: int |
     reference = probe_logits(model)
     if dense:
         assert experts is not None
-        moe = upcycle_dense(model, experts, top_k or 2, router_std, seed)
+        moe = upcycle_dense(model, experts, top_k or 2, router_std, seed, reinit_ratio)
         difference = float((probe_logits(moe) - reference).abs().max())
         record = {"format": "moekit.upcycle/1", "mode": "dense", "source": describe_source(source),
                   "experts": experts, "top_k": top_k or 2,
                   "router_std": router_std if router_std is not None else getattr(config, "initializer_range", 0.02),
-                  "seed": seed, "step0_max_logit_difference": difference}
+                  "seed": seed, "reinit_ratio": reinit_ratio, "step0_max_logit_difference": difference}
+        if reinit_ratio > 0:
+            record["reinit"] = {"method": "Drop-Upcycling (Nakamura et al. 2025)", "neurons_per_expert":
+                                round(reinit_ratio * int(config.intermediate_size)),
+                                "distribution": "normal with the mean and std of the entries replaced, per matrix "
+                                "and expert", "seed": seed + 1}
         what = (f"every FFN copied into {experts} experts, top-{top_k or 2} routing, router drawn with std "
-                f"{record['router_std']} (seed {seed})")
+                f"{record['router_std']} (seed {seed})"
+                + (f", {reinit_ratio:.0%} of each expert's neurons re-initialised (Drop-Upcycling)"
+                   if reinit_ratio > 0 else ""))
     else:
         assert factor is not None
         before = MoEModelView.from_model(model)
