@@ -17,7 +17,9 @@ it is measured, and a later run with a subset of stages keeps the other stages' 
 - ``dense``: the original (GGUF Q4_1 dequantised to float32 by transformers' GGUF loader; needs ``gguf``);
 - ``step0``: ``upcycle_dense`` with ``--experts`` experts and ``--top-k`` per token, random router, no training. It
   computes the dense model (largest logit difference on held-out text recorded), so its tasks are not measured
-  unless ``--step0-tasks`` (they equal the dense model's); perplexity, balance, specialisation and divergence are;
+  unless ``--step0-tasks`` (they equal the dense model's); perplexity, balance, specialisation and divergence are.
+  With ``--reinit-ratio`` r > 0 (Drop-Upcycling) it does not compute the dense model: that share of each expert's
+  neurons is redrawn, and step 0 measures what that costs before training;
 - ``recovered``: the upcycled model after ``moekit.recover`` training every weight, saved at once to
   ``OUT/smollm2-upcycled<E>x<K>`` (stock Mixtral, bf16, upcycle and recovery record in ``moekit_plan.json``), then
   measured as saved (the bf16 weights), then the recipe and balance written to its ``training.json`` (what
@@ -232,7 +234,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def save(stage: str, result: dict[str, Any]) -> None:
         record["stages"][stage] = result
         record.update({
-            "experts": args.experts, "top_k": args.top_k, "limit": args.limit,
+            "experts": args.experts, "top_k": args.top_k, "reinit_ratio": args.reinit_ratio, "limit": args.limit,
             "eval_tokens_per_domain": args.eval_tokens, "seq_len": args.seq_len, "domains": domains,
             "source": (f"{args.gguf.name} (GGUF Q4_1 dequantised to float32)" if args.gguf is not None
                        else f"{args.dense} (a local dense model: smoke test, not the testbed)"),
@@ -254,7 +256,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         save("dense", measure(dense, *measure_args))
     if "step0" in args.stages:
         start = time.perf_counter()
-        model = upcycle_dense(dense, args.experts, args.top_k, args.router_std, args.seed)
+        model = upcycle_dense(dense, args.experts, args.top_k, args.router_std, args.seed, args.reinit_ratio)
         result = {"step0_max_logit_difference": step0_difference(model, dense, args.corpus, domains, args.seq_len)}
         if args.step0_tasks:
             result.update(measure(model, *measure_args))
@@ -279,7 +281,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 steps, choice = args.steps, None
                 if args.recovery_seconds:
                     steps, choice = timed_steps(dense, teacher, sets, args)
-                model = upcycle_dense(dense, args.experts, args.top_k, args.router_std, args.seed)
+                model = upcycle_dense(dense, args.experts, args.top_k, args.router_std, args.seed, args.reinit_ratio)
                 settings = RecoverySettings(train="all", steps=steps, batch_size=args.batch_size, lr=args.lr,
                                             warmup=args.warmup, balance_coef=args.balance_coef, seed=args.seed,
                                             log_every=args.log_every)
@@ -346,7 +348,7 @@ def timed_steps(dense: nn.Module, teacher: nn.Module | None, sets: list, args: a
                 probe: int = 8) -> tuple[int, dict[str, Any]]:
     """The number of recovery steps that fit in ``--recovery-seconds``, from ``probe`` steps of the same training on a
     throw-away upcycled model (the first two steps, which warm the kernels up, not counted)."""
-    model = upcycle_dense(dense, args.experts, args.top_k, args.router_std, args.seed)
+    model = upcycle_dense(dense, args.experts, args.top_k, args.router_std, args.seed, args.reinit_ratio)
     settings = RecoverySettings(train="all", steps=probe, batch_size=args.batch_size, lr=args.lr, warmup=1,
                                 balance_coef=args.balance_coef, seed=args.seed + 1, log_every=1)
     curve = recover_training(model, sets, settings, teacher=teacher, progress=False)["loss_curve"]
@@ -367,11 +369,13 @@ def write_testbed(model: nn.Module, recovery: dict[str, Any], args: argparse.Nam
     weights in float32, so what is measured next is what compare_methods.py will load."""
     std = args.router_std if args.router_std is not None else getattr(model.config, "initializer_range", 0.02)
     upcycle = {"format": "moekit.upcycle/1", "mode": "dense", "source": source, "experts": args.experts,
-               "top_k": args.top_k, "router_std": std, "seed": args.seed}
+               "top_k": args.top_k, "router_std": std, "seed": args.seed, "reinit_ratio": args.reinit_ratio}
     teacher = source if args.objective != "ce" else None
     plan = recovery_record(source, teacher, recovery, upcycle, seq_len=args.seq_len)
+    reinit = (f"; {args.reinit_ratio:.0%} of each expert's neurons redrawn (Drop-Upcycling)" if args.reinit_ratio
+              else "")
     card = (f"# {out.name}\n\nSmolLM2-135M-Instruct upcycled by moekit (`upcycle_dense`: every expert a copy of the "
-            f"FFN, {args.experts} experts, top-{args.top_k}, random router), then trained "
+            f"FFN{reinit}, {args.experts} experts, top-{args.top_k}, random router), then trained "
             f"{recovery['steps_done']} steps on the corpus with {objective_text(args)}, lr {args.lr:g}, per-layer "
             f"balance loss {args.balance_coef:g}. "
             "Made by benchmarks/smollm2_upcycled_testbed.py; records in moekit_plan.json and training.json.\n")
@@ -579,7 +583,8 @@ def time_steps(args: argparse.Namespace) -> None:
     times = {}
     for label, build in (("moefy16x8", lambda: moefy_model(dense, 16, 8, "centroid", 0)[0]),
                          (f"upcycled{args.experts}x{args.top_k}",
-                          lambda: upcycle_dense(dense, args.experts, args.top_k, args.router_std, 0))):
+                          lambda: upcycle_dense(dense, args.experts, args.top_k, args.router_std, 0,
+                                                args.reinit_ratio))):
         model = build().train()
         teacher = teacher_for(args.objective, dense, args.ce_weight) if label.startswith("upcycled") else dense
         seconds = []
@@ -620,6 +625,9 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--router-std", type=float, default=None,
                         help="std of the random router (default: the dense config's initializer_range, 0.02)")
+    parser.add_argument("--reinit-ratio", type=float, default=0.0,
+                        help="Drop-Upcycling: share of every expert's neurons redrawn at upcycling (default 0: copies; "
+                             "moekit upcycle --reinit-ratio)")
     parser.add_argument("--objective", choices=OBJECTIVES, default="mix",
                         help="mix: --ce-weight x cross-entropy + the rest distillation (default); ce: cross-entropy; "
                              "kl: distillation only (cannot break the copies' symmetry)")

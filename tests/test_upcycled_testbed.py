@@ -67,3 +67,29 @@ def test_mixed_target_refuses_weights_outside_zero_one() -> None:
     for weight in (0.0, 1.0):
         with pytest.raises(SystemExit, match="ce-weight"):
             testbed.MixedTarget(FixedLogits(torch.zeros(1, 2, 3)), weight)
+
+
+def _step0_run(ratio: float, scale: float, eval_tokens: int = 4096) -> dict:
+    return {"reinit_ratio": ratio, "experts": 8, "top_k": 2, "domains": ["a", "b"], "seq_len": 1024,
+            "eval_tokens_per_domain": eval_tokens, "source": "s", "device": "cpu",
+            "versions": {"torch": "t", "transformers": "x"},
+            "stages": {"step0": {"heldout_perplexity": {"a": 10.0 * scale, "b": 4.0 * scale ** 3},
+                                 "step0_max_logit_difference": ratio,
+                                 "divergence": {"mean_pairwise_cosine": (1 - ratio) ** 2, "max_pairwise_cosine": 1},
+                                 "balance": {"layers": [{"max_violation": 0.4}, {"max_violation": 0.9}]}}}}
+
+
+def test_drop_upcycling_step0_table_compares_every_ratio_with_plain_copies() -> None:
+    summary_script = pytest.importorskip("drop_upcycling_step0")
+    summary = summary_script.summarise([_step0_run(0.5, 2.0), _step0_run(0.0, 1.0)])
+    zero, half = summary["rows"]
+    assert zero["reinit_ratio"] == 0 and zero["geomean_perplexity_over_copies"] == pytest.approx(1.0)
+    # domain a: x2, domain b: x8 -> geometric mean 4
+    assert half["perplexity_over_copies"] == {"a": pytest.approx(2.0), "b": pytest.approx(8.0)}
+    assert half["geomean_perplexity_over_copies"] == pytest.approx(4.0)
+    assert half["max_violation_range"] == [0.4, 0.9]
+    assert "| 0.5 | 4.00 |" in summary_script.markdown(summary)
+    with pytest.raises(SystemExit, match="--reinit-ratio 0"):
+        summary_script.summarise([_step0_run(0.5, 2.0)])
+    with pytest.raises(SystemExit, match="eval_tokens_per_domain"):
+        summary_script.summarise([_step0_run(0.0, 1.0), _step0_run(0.5, 2.0, eval_tokens=8)])
