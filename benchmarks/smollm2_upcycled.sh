@@ -48,8 +48,9 @@
 #                     --name smollm2_upcycled8x2-reinit0.1' bash benchmarks/smollm2_upcycled.sh build"
 #                     carry [SHA256SUMS, gguf.xz.part4]  timeout_s 600   (~8 min; its results come back named
 #                     smollm2_upcycled8x2-reinit0.1*, the testbed stays in testbeds/smollm2-upcycled8x2-reinit0.1)
-#      then at once  command "TESTBED=testbeds/smollm2-upcycled8x2-reinit0.1 NAEE=1 bash benchmarks/smollm2_upcycled.sh
-#                     compare"  timeout_s 600  carry []
+#      then at once  command "TESTBED=testbeds/smollm2-upcycled8x2-reinit0.1 TESTBED_ARGS='--reinit-ratio 0.1
+#                     --name smollm2_upcycled8x2-reinit0.1' NAEE=1 bash benchmarks/smollm2_upcycled.sh compare"
+#                     timeout_s 600  carry []   (the same TESTBED_ARGS: compare measures the testbed if build could not)
 #    ~21 min of device time with the start: this alone in a session's 30 minutes.
 #
 # Stages:
