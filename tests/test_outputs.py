@@ -272,3 +272,30 @@ def test_plans_written_into_checkpoints_hold_no_absolute_paths(tmp_path) -> None
         (work / "pruned" / "model.safetensors").read_bytes()
     # the plan file is this machine's working file: apply reads its absolute paths
     assert json.loads(plan_file.read_text())["source"]["model"] == str((work / "tiny").resolve())
+
+
+def test_written_checkpoints_are_readable_as_the_umask_allows(tmp_path: Path) -> None:
+    """transformers' save_pretrained writes model.safetensors mode 0600 (a private temporary file): moekit's
+    outputs follow the umask instead, as a plain open would, so another account can read a checkpoint."""
+    import os
+    import stat
+    import tempfile
+
+    from moekit.outputs import writing_directory
+
+    previous = os.umask(0o022)
+    try:
+        with writing_directory(tmp_path / "out", "checkpoint") as tmp:
+            handle, name = tempfile.mkstemp(dir=tmp)  # 0600, as transformers' writer leaves it
+            os.close(handle)
+        assert stat.S_IMODE((tmp_path / "out" / Path(name).name).stat().st_mode) == 0o644
+        result = runner.invoke(app, ["tiny-model", "llama", "--out", str(tmp_path / "tiny")])
+        assert result.exit_code == 0, result.output
+        assert stat.S_IMODE((tmp_path / "tiny" / "model.safetensors").stat().st_mode) == 0o644
+        os.umask(0o077)  # a user who keeps files private keeps them private
+        with writing_directory(tmp_path / "private", "checkpoint") as tmp:
+            handle, name = tempfile.mkstemp(dir=tmp)
+            os.close(handle)
+        assert stat.S_IMODE((tmp_path / "private" / Path(name).name).stat().st_mode) == 0o600
+    finally:
+        os.umask(previous)

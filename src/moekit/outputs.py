@@ -258,7 +258,34 @@ def writing_directory(out: str | Path, kind: OutputKind) -> Iterator[Path]:
     with _held_temporary(out, Path.mkdir) as tmp:
         yield tmp
         (tmp / MARKER_FILE).write_text(_marker(kind))
+        _follow_umask(tmp)
         _replace(tmp, out)
+
+
+def _current_umask() -> int:
+    """The process umask, read from /proc where it can be (setting it to read it back races other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _follow_umask(tmp: Path) -> None:
+    """Give every file written into ``tmp`` the permissions a plain ``open`` would: some writers (transformers'
+    ``save_pretrained`` among them) write through private temporary files, mode 0600, which would leave a checkpoint
+    that another account on the machine (a serving process, a colleague) cannot read. Only missing read/write bits
+    the umask allows are added; nothing is taken away."""
+    allowed = 0o666 & ~_current_umask()
+    for path in tmp.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            mode = path.stat().st_mode & 0o7777
+            if mode | allowed != mode:
+                path.chmod(mode | allowed)
 
 
 def _replace(tmp: Path, out: Path) -> None:
