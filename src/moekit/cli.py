@@ -1551,7 +1551,10 @@ def upcycle(
     reinit_ratio: Annotated[float, typer.Option(
         "--reinit-ratio", help="Dense model: Drop-Upcycling -- this share of every expert's FFN neurons (its own "
         "random choice, seeded) drawn anew from the statistics of the weights they replace, so the experts differ "
-        "from the start and can specialise in training (the paper uses 0.5). Not exact at step 0.")] = 0.0,
+        "from the start and can specialise in training; their pairwise cosine starts near (1 - R)^2. Not exact at "
+        "step 0: the paper uses 0.5 for training on hundreds of billions of tokens; on SmolLM2-135M 0.1 costs 2.5x "
+        "the perplexity before training, 0.5 everything (benchmarks/results/smollm2_upcycled8x2-reinit-step0.md).")] \
+        = 0.0,
 ) -> None:
     """Upcycle: copy a dense model's FFN into experts, or duplicate an MoE's experts (no training here).
 
@@ -1570,7 +1573,7 @@ def upcycle(
     \b
     Examples:
       moekit upcycle ./smollm2-135m --experts 8 --top-k 2 --out ./smollm2-8x
-      moekit upcycle ./smollm2-135m --experts 8 --top-k 2 --reinit-ratio 0.5 --out ./smollm2-8x-drop
+      moekit upcycle ./smollm2-135m --experts 8 --top-k 2 --reinit-ratio 0.1 --out ./smollm2-8x-drop
       moekit upcycle ./olmoe --factor 2 --utility-data code=./code.jsonl --out ./olmoe-2x
     """
     from moekit.data import DataSpec
@@ -1594,7 +1597,10 @@ def upcycle(
     if record["mode"] == "dense" and record.get("reinit_ratio"):
         _note(f"{record['reinit_ratio']:.0%} of each expert's neurons re-initialised (Drop-Upcycling): not exact at "
               f"step 0 (logits moved by up to {difference:.3g}); train it with moekit recover")
-    what = (f"{record['experts']} copies of the FFN per layer, top-{record['top_k']}" if record["mode"] == "dense"
+    copies = (f"{record['experts']} experts per layer from the FFN, {record['reinit_ratio']:.0%} of each redrawn"
+              if record["mode"] == "dense" and record.get("reinit_ratio") else f"{record.get('experts')} copies of "
+              "the FFN per layer")
+    what = (f"{copies}, top-{record['top_k']}" if record["mode"] == "dense"
             else f"{record['experts']['before']} -> {record['experts']['after']} experts per layer, "
                  f"top-{record['top_k']['after']}")
     _wrote(f"{path}: {what}; largest logit difference to the source at step 0 {difference:.3g}")
