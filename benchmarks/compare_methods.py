@@ -188,8 +188,9 @@ def compare(testbed: Path, corpus: Path, seq_len: int, calibration_tokens: int, 
     measured."""
     model = load_model(testbed, dtype=torch.float32, device=device)
     view = MoEModelView.from_model(model)
-    domains = sorted(load_manifest(corpus)["domains"])
-    fingerprint = corpus_fingerprint(load_manifest(corpus))
+    manifest = load_manifest(corpus)
+    domains = sorted(manifest["domains"])
+    fingerprint = corpus_fingerprint(manifest)
     heldout = {d: stream_tokens(corpus, d, "heldout", seq_len, eval_tokens) for d in domains}
     original = perplexities(model, heldout, seq_len)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_path or testbed)) if tasks else None

@@ -256,7 +256,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         save("dense", measure(dense, *measure_args))
     if "step0" in args.stages:
         start = time.perf_counter()
-        model = upcycle_dense(dense, args.experts, args.top_k, args.router_std, args.seed, args.reinit_ratio)
+        model = upcycled(dense, args)
         result = {"step0_max_logit_difference": step0_difference(model, dense, args.corpus, domains, args.seq_len)}
         if args.step0_tasks:
             result.update(measure(model, *measure_args))
@@ -281,7 +281,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 steps, choice = args.steps, None
                 if args.recovery_seconds:
                     steps, choice = timed_steps(dense, teacher, sets, args)
-                model = upcycle_dense(dense, args.experts, args.top_k, args.router_std, args.seed, args.reinit_ratio)
+                model = upcycled(dense, args)
                 settings = RecoverySettings(train="all", steps=steps, batch_size=args.batch_size, lr=args.lr,
                                             warmup=args.warmup, balance_coef=args.balance_coef, seed=args.seed,
                                             log_every=args.log_every)
@@ -344,11 +344,17 @@ def step_deadline(seconds: float | None) -> Iterator[dict[str, Any]]:
         tqdm.auto.tqdm = real
 
 
+def upcycled(dense: nn.Module, args: argparse.Namespace, seed: int | None = None) -> nn.Module:
+    """``upcycle_dense`` with the options' experts, top-k, router std and re-initialisation (seed: ``--seed``)."""
+    return upcycle_dense(dense, args.experts, args.top_k, args.router_std, args.seed if seed is None else seed,
+                         args.reinit_ratio)
+
+
 def timed_steps(dense: nn.Module, teacher: nn.Module | None, sets: list, args: argparse.Namespace,
                 probe: int = 8) -> tuple[int, dict[str, Any]]:
     """The number of recovery steps that fit in ``--recovery-seconds``, from ``probe`` steps of the same training on a
     throw-away upcycled model (the first two steps, which warm the kernels up, not counted)."""
-    model = upcycle_dense(dense, args.experts, args.top_k, args.router_std, args.seed, args.reinit_ratio)
+    model = upcycled(dense, args)
     settings = RecoverySettings(train="all", steps=probe, batch_size=args.batch_size, lr=args.lr, warmup=1,
                                 balance_coef=args.balance_coef, seed=args.seed + 1, log_every=1)
     curve = recover_training(model, sets, settings, teacher=teacher, progress=False)["loss_curve"]
@@ -583,8 +589,7 @@ def time_steps(args: argparse.Namespace) -> None:
     times = {}
     for label, build in (("moefy16x8", lambda: moefy_model(dense, 16, 8, "centroid", 0)[0]),
                          (f"upcycled{args.experts}x{args.top_k}",
-                          lambda: upcycle_dense(dense, args.experts, args.top_k, args.router_std, 0,
-                                                args.reinit_ratio))):
+                          lambda: upcycled(dense, args, seed=0))):
         model = build().train()
         teacher = teacher_for(args.objective, dense, args.ce_weight) if label.startswith("upcycled") else dense
         seconds = []

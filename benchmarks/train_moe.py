@@ -221,7 +221,8 @@ def train(name: str, corpus: Path, out: Path, minutes: float, steps: int | None,
     config.router_aux_loss_coef = aux_coef
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device)
     view = MoEModelView.from_model(model)
-    domains = sorted(load_manifest(corpus)["domains"])
+    manifest = load_manifest(corpus)
+    domains = sorted(manifest["domains"])
     sampler = DomainSampler(corpus, domains, "train", device)
     gen = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
@@ -283,8 +284,8 @@ def train(name: str, corpus: Path, out: Path, minutes: float, steps: int | None,
                    "micro_batches": micro_batches, "seq_len": seq_len,
                    "tokens_seen": step * batch_size * seq_len, "lr": lr, "seed": seed, "domains": domains,
                    "mixture": "uniform over domains", "corpus_manifest": f"{corpus.as_posix()}/manifest.json",
-                   "corpus_subset": load_manifest(corpus).get("subset"),
-                   "corpus_fingerprint": corpus_fingerprint(load_manifest(corpus)),
+                   "corpus_subset": manifest.get("subset"),
+                   "corpus_fingerprint": corpus_fingerprint(manifest),
                    "balancing": "DeepSeek-V3 correction-bias updates" if has_bias else
                    {"per-layer": "Switch loss per MoE layer, averaged over layers (per_layer_balance_loss)",
                     "pooled": "transformers' load_balancing_loss_func (counts pooled over layers)"}[balancing],

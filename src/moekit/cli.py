@@ -1594,15 +1594,17 @@ def upcycle(
     elif record["mode"] == "duplicate" and difference > 1e-3:
         _note(f"not exact at step 0: the logits moved by up to {difference:.3g} (each token now picks copies of "
               f"fewer experts); --top-k {record['factor'] * record['top_k']['before']} keeps the model exact")
-    if record["mode"] == "dense" and record.get("reinit_ratio"):
+    if record["mode"] == "dense" and record["reinit_ratio"]:
         _note(f"{record['reinit_ratio']:.0%} of each expert's neurons re-initialised (Drop-Upcycling): not exact at "
               f"step 0 (logits moved by up to {difference:.3g}); train it with moekit recover")
-    copies = (f"{record['experts']} experts per layer from the FFN, {record['reinit_ratio']:.0%} of each redrawn"
-              if record["mode"] == "dense" and record.get("reinit_ratio") else f"{record.get('experts')} copies of "
-              "the FFN per layer")
-    what = (f"{copies}, top-{record['top_k']}" if record["mode"] == "dense"
-            else f"{record['experts']['before']} -> {record['experts']['after']} experts per layer, "
-                 f"top-{record['top_k']['after']}")
+    if record["mode"] == "dense" and record["reinit_ratio"]:
+        what = (f"{record['experts']} experts per layer from the FFN, {record['reinit_ratio']:.0%} of each redrawn, "
+                f"top-{record['top_k']}")
+    elif record["mode"] == "dense":
+        what = f"{record['experts']} copies of the FFN per layer, top-{record['top_k']}"
+    else:
+        what = (f"{record['experts']['before']} -> {record['experts']['after']} experts per layer, "
+                f"top-{record['top_k']['after']}")
     _wrote(f"{path}: {what}; largest logit difference to the source at step 0 {difference:.3g}")
 
 

@@ -119,13 +119,16 @@ def reinit_neurons(gate_up: torch.Tensor, down: torch.Tensor, ratio: float, gene
         return chosen
     rows = chosen.to(gate_up.device)
     for part in (gate_up[:inter], gate_up[inter:]):
-        old = part[rows].float()
-        drawn = torch.randn(old.shape, generator=generator) * old.std(unbiased=False).item() + old.mean().item()
-        part[rows] = drawn.to(part.dtype).to(part.device)
-    old = down[:, rows].float()
-    drawn = torch.randn(old.shape, generator=generator) * old.std(unbiased=False).item() + old.mean().item()
-    down[:, rows] = drawn.to(down.dtype).to(down.device)
+        part[rows] = _drawn_like(part[rows], generator)
+    down[:, rows] = _drawn_like(down[:, rows], generator)
     return chosen
+
+
+def _drawn_like(replaced: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Normal draws of ``replaced``'s shape, dtype and device, with the mean and std of its entries."""
+    stats = replaced.float()
+    drawn = torch.randn(stats.shape, generator=generator) * stats.std(unbiased=False).item() + stats.mean().item()
+    return drawn.to(dtype=replaced.dtype, device=replaced.device)
 
 
 def upcycle_dense(dense: PreTrainedModel, experts: int, top_k: int, router_std: float | None = None,
